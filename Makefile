@@ -1,0 +1,49 @@
+# The two commands (README): `make repro` runs the pipeline on the defaults, `make test` the tests.
+# Both create the virtual environment in .venv on first use.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+SHARED_CIFAR := ../shared/datasets/cifar10-jpg.tar.gz
+# The quick run: whole pipeline on the shared CIFAR-10, narrow model, 2 CPU cores, < 5 minutes.
+QUICK := -S data.source=$(SHARED_CIFAR) -S model.width=16 -S train.batch_size=256 \
+	-S train.epochs=6 -S lr_find.num_iter=40 -S base.device=cpu
+
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: env repro quick test test-fast lint format mlflow-ui clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+env: $(STAMP)
+
+repro: $(STAMP)  ## the main job: the whole pipeline on params.yaml's defaults
+	dvc repro
+
+quick: $(STAMP)  ## the quick run (CPU, shared CIFAR-10), recorded as a DVC experiment
+	dvc exp run $(QUICK)
+
+lint: $(STAMP)
+	ruff check .
+	ruff format --check .
+
+test: lint  ## lint, then every test (the slow end-to-end ones included)
+	pytest
+
+test-fast: lint
+	pytest -m "not slow"
+
+format: $(STAMP)
+	ruff check --fix .
+	ruff format .
+
+mlflow-ui: $(STAMP)  ## browse the runs at http://127.0.0.1:5000
+	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

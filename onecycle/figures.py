@@ -1,0 +1,173 @@
+"""Figures: each function takes data and returns a matplotlib Figure (never shows it).
+
+The caller saves it, logs it to MLflow, or both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+
+def lr_find_figure(
+    lrs: Sequence[float],
+    losses: Sequence[float],
+    smooth: Sequence[float],
+    suggestions: dict[str, float],
+    chosen: str,
+    val_losses: Sequence[float] | None = None,
+    log_x: bool = True,
+) -> Figure:
+    fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
+    ax.plot(lrs, losses, color="0.7", lw=1, label="mini-batch loss")
+    ax.plot(lrs, smooth, color="C0", lw=2, label="smoothed loss (EMA)")
+    if val_losses:
+        ax.plot(lrs, val_losses, color="C2", lw=1.5, label="held-out loss")
+    styles = {"valley": "C3", "steepest": "C1", "min_div10": "C4"}
+    for name, lr in suggestions.items():
+        if name not in styles or not np.isfinite(lr):
+            continue
+        lw, ls = (2.5, "-") if name == chosen else (1.2, "--")
+        tag = " (chosen)" if name == chosen else ""
+        ax.axvline(lr, color=styles[name], lw=lw, ls=ls, label=f"{name}: {lr:.3g}{tag}")
+    if log_x:
+        ax.set_xscale("log")
+    finite = np.asarray(smooth)[np.isfinite(smooth)]
+    if len(finite):
+        lo, hi = finite.min(), finite[0]
+        ax.set_ylim(lo - 0.1 * (hi - lo + 1e-3), max(hi, lo) + 0.6 * (hi - lo + 1e-3))
+    ax.set_xlabel("learning rate (log scale)" if log_x else "learning rate")
+    ax.set_ylabel("training loss (cross-entropy)")
+    ax.set_title("LR range test")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper left", fontsize=9)
+    return fig
+
+
+def history_figure(epochs, train_loss, test_loss, train_acc, test_acc) -> Figure:
+    """Loss and accuracy per epoch; test values may be None where not evaluated."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
+
+    def points(xs, ys):
+        pairs = [(x, y) for x, y in zip(xs, ys, strict=True) if y is not None]
+        return ([p[0] for p in pairs], [p[1] for p in pairs])
+
+    ax1.plot(epochs, train_loss, "o-", label="train (augmented)")
+    ax1.plot(*points(epochs, test_loss), "s-", label="test")
+    ax1.set(title="Loss per epoch", xlabel="epoch", ylabel="cross-entropy loss")
+    ax2.plot(epochs, [100 * a for a in train_acc], "o-", label="train (augmented)")
+    te = points(epochs, test_acc)
+    ax2.plot(te[0], [100 * a for a in te[1]], "s-", label="test")
+    if te[1]:
+        ax2.annotate(
+            f"{100 * te[1][-1]:.2f}%",
+            (te[0][-1], 100 * te[1][-1]),
+            textcoords="offset points",
+            xytext=(-10, 8),
+            ha="right",
+        )
+    ax2.set(title="Accuracy per epoch", xlabel="epoch", ylabel="accuracy (%)")
+    for ax in (ax1, ax2):
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    return fig
+
+
+def schedule_figure(steps, lrs, momentums, steps_per_epoch: int | None = None) -> Figure:
+    fig, ax1 = plt.subplots(figsize=(8, 4.2), layout="constrained")
+    x = np.asarray(steps, float) / steps_per_epoch if steps_per_epoch else np.asarray(steps)
+    ax1.plot(x, lrs, color="C0", lw=2, label="learning rate")
+    ax1.set_xlabel("epoch" if steps_per_epoch else "step")
+    ax1.set_ylabel("learning rate", color="C0")
+    ax2 = ax1.twinx()
+    ax2.plot(x, momentums, color="C1", lw=2, ls="--", label="momentum")
+    ax2.set_ylabel("momentum", color="C1")
+    ax1.set_title("Schedule over the steps taken (stepped every batch)")
+    ax1.grid(True, alpha=0.3)
+    fig.legend(loc="upper right", bbox_to_anchor=(0.88, 0.9))
+    return fig
+
+
+def image_grid(
+    images: np.ndarray,
+    titles: Sequence[str],
+    title: str,
+    cols: int = 8,
+    colors: Sequence[str] | None = None,
+) -> Figure:
+    """uint8 (N, H, W, 3) images in a grid with a caption under each."""
+    n = len(images)
+    rows = max(1, int(np.ceil(n / cols)))
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(1.6 * cols, 1.85 * rows + 0.5), layout="constrained", squeeze=False
+    )
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(images[i], interpolation="nearest")
+            ax.set_title(titles[i], fontsize=8, color=colors[i] if colors else "black")
+    fig.suptitle(title)
+    return fig
+
+
+def confusion_figure(cm: np.ndarray, classes: Sequence[str]) -> Figure:
+    """Counts and row-normalised (recall) heatmaps side by side."""
+    k = len(classes)
+    size = max(5.5, 0.55 * k + 2)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size), layout="constrained")
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    for ax, mat, title, fmt in (
+        (axes[0], cm, f"Confusion matrix (counts, {int(cm.sum()):,} test images)", "d"),
+        (axes[1], norm, "Row-normalised (fraction of each true class)", ".2f"),
+    ):
+        im = ax.imshow(mat, cmap="Blues")
+        fig.colorbar(im, ax=ax, shrink=0.8)
+        ax.set(
+            xticks=range(k),
+            yticks=range(k),
+            xlabel="predicted class",
+            ylabel="true class",
+            title=title,
+        )
+        ax.set_xticklabels(classes, rotation=45, ha="right")
+        ax.set_yticklabels(classes)
+        if k <= 20:
+            thresh = mat.max() / 2
+            for i in range(k):
+                for j in range(k):
+                    ax.text(
+                        j,
+                        i,
+                        format(mat[i, j], fmt),
+                        ha="center",
+                        va="center",
+                        fontsize=7 if k > 10 else 8,
+                        color="white" if mat[i, j] > thresh else "black",
+                    )
+    return fig
+
+
+def per_class_accuracy_figure(acc: dict[str, float]) -> Figure:
+    """Per-class accuracy, sorted ascending so the weak classes stand out at the top."""
+    items = sorted(acc.items(), key=lambda kv: kv[1])
+    names, vals = [k for k, _ in items], [100 * v for _, v in items]
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(items) + 1.5), layout="constrained")
+    mean = float(np.mean(vals))
+    colors = ["C3" if v < mean else "C0" for v in vals]
+    ax.barh(names, vals, color=colors)
+    ax.axvline(mean, color="0.3", ls="--", lw=1, label=f"mean {mean:.1f}%")
+    for i, v in enumerate(vals):
+        ax.text(v + 0.3, i, f"{v:.1f}%", va="center", fontsize=8)
+    ax.set(
+        xlabel="test accuracy (%)",
+        title="Per-class accuracy (red: below the mean)",
+        xlim=(min(vals) - 5 if vals else 0, 101),
+    )
+    ax.legend(loc="lower right")
+    return fig

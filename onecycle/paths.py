@@ -1,0 +1,28 @@
+"""Every file the pipeline passes between stages, named once (dvc.yaml declares the same paths;
+tests/test_pipeline_files.py checks that the two agree)."""
+
+from pathlib import Path
+
+RAW_DIR = Path("data/raw")  # download cache (not a DVC out: a rerun must not download again)
+PREPARED_DIR = Path("data/prepared")  # uint8 images + labels + classes + mean/std
+DATA_METRICS = Path("metrics/data.json")
+
+LR_FIND_METRICS = Path("metrics/lr_find.json")  # max_lr + every method's suggestion
+LR_FIND_CURVE = Path("metrics/lr_find_curve.csv")  # lr, loss, smooth_loss per step
+LR_FIND_RUN = Path("runs/lr_find.json")  # MLflow run of the sweep (train links to it)
+
+MODEL = Path("models/model.pt")  # weights only
+TRAIN_METRICS = Path("metrics/train.json")
+TRAIN_HISTORY = Path("metrics/train_history.csv")  # per epoch
+TRAIN_SCHEDULE = Path("metrics/train_schedule.csv")  # lr and momentum per step taken
+TRAIN_RUN = Path("runs/train.json")  # MLflow run that made MODEL (evaluate and plots log to it)
+RESUME_STATE = Path("models/train.resume.pt")  # interrupted training; not a DVC out
+
+EVAL_METRICS = Path("metrics/eval.json")
+PREDICTIONS = Path("metrics/predictions.csv")  # actual, predicted, confidence per test image
+
+PLOTS_DIR = Path("plots")
+REPORT = Path("plots/report.md")
+
+MLFLOW_DB = Path("mlflow.db")
+MLFLOW_ARTIFACTS = Path("mlartifacts")

@@ -1,0 +1,201 @@
+"""MLflow tracking shared by every stage: one store, one run per stage execution, DVC tags.
+
+The store is an SQLite database at the repository root (``$DVC_ROOT/mlflow.db``), with artifacts
+beside it, so queued ``dvc exp run`` experiments (which run in a temporary copy under .dvc/tmp)
+record into the same store. ``MLFLOW_TRACKING_URI`` overrides it (a team's tracking server).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+from . import paths
+from .config import repo_root
+
+EXPERIMENT = os.environ.get("MLFLOW_EXPERIMENT_NAME", "cifar10-onecycle")
+
+
+def tracking_uri(root: Path | None = None) -> str:
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{(root or repo_root()) / paths.MLFLOW_DB}"
+
+
+def _quiet_mlflow() -> None:
+    for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent", "mlflow.store"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def setup(root: Path | None = None) -> str:
+    """Point MLflow at the project's store and experiment; returns the experiment id."""
+    import mlflow
+
+    _quiet_mlflow()
+    root = root or repo_root()
+    mlflow.set_tracking_uri(tracking_uri(root))
+    exp = mlflow.get_experiment_by_name(EXPERIMENT)
+    if exp is not None:
+        exp_id = exp.experiment_id
+    else:
+        # An explicit artifact root: MLflow's default (./mlruns) follows the working directory.
+        location = (
+            None
+            if os.environ.get("MLFLOW_TRACKING_URI")
+            else (root / paths.MLFLOW_ARTIFACTS).as_uri()
+        )
+        try:
+            exp_id = mlflow.create_experiment(EXPERIMENT, artifact_location=location)
+        except Exception:  # created meanwhile by a parallel queued experiment
+            exp_id = mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def dvc_tags(stage: str) -> dict[str, str]:
+    tags = {"dvc.stage": stage}
+    for env, tag in (
+        ("DVC_EXP_NAME", "dvc.exp_name"),
+        ("DVC_EXP_BASELINE_REV", "dvc.exp_baseline_rev"),
+    ):
+        if os.environ.get(env):
+            tags[tag] = os.environ[env]
+    commit = git_commit()
+    if commit:
+        tags["git.commit"] = commit
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so the same clean-up runs."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    def handler(signum, frame):
+        raise Terminated(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, run_id: str | None = None, tags: dict | None = None) -> Iterator:
+    """One MLflow run for one stage execution (or a resumed one, given ``run_id``).
+
+    Ends FINISHED on success, KILLED on Ctrl-C or SIGTERM, FAILED on any other exception: never
+    left RUNNING.
+    """
+    import mlflow
+
+    setup()
+    run_tags = {**dvc_tags(stage), **(tags or {})}
+    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else stage, tags=run_tags)
+    try:
+        with sigterm_as_interrupt():
+            yield run
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
+
+
+@contextlib.contextmanager
+def add_to_run(ref_path: Path, stage: str) -> Iterator:
+    """Reopen the run named in ``ref_path`` (written by train) to add a later stage's results.
+
+    The run keeps the status it had (FINISHED); a failure here is recorded as a tag on it, not by
+    marking the training FAILED.
+    """
+    import mlflow
+
+    ref = read_run_ref(ref_path)
+    setup()
+    client = mlflow.MlflowClient()
+    try:
+        before = client.get_run(ref["run_id"]).info.status
+    except Exception as exc:
+        raise FileNotFoundError(
+            f"{ref_path} names MLflow run {ref['run_id']}, which is not in {mlflow.get_tracking_uri()} "
+            f"({type(exc).__name__}); rerun the train stage (`dvc repro -f train`)"
+        ) from None
+    final = before if before in ("FINISHED", "FAILED", "KILLED") else "FINISHED"
+    run = mlflow.start_run(run_id=ref["run_id"])
+    try:
+        with sigterm_as_interrupt():
+            yield run
+    except BaseException as exc:
+        mlflow.set_tag(f"{stage}.error", f"{type(exc).__name__}: {exc}"[:500])
+        mlflow.end_run(final)
+        raise
+    mlflow.set_tag(f"{stage}.done", "true")
+    mlflow.end_run(final)
+
+
+def write_run_ref(path: Path, run) -> None:
+    """The file a later stage reads to log into this run (never 'the latest run')."""
+    import mlflow
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ref = {
+        "run_id": run.info.run_id,
+        "experiment_id": run.info.experiment_id,
+        "tracking_uri": mlflow.get_tracking_uri(),
+    }
+    path.write_text(json.dumps(ref, indent=2) + "\n")
+
+
+def read_run_ref(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{path} not found: run the train stage first (`dvc repro train`)"
+        ) from None
+
+
+def log_params_flat(params: dict, prefix: str = "") -> None:
+    import mlflow
+
+    flat: dict[str, object] = {}
+
+    def walk(d, pre):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{pre}{k}.")
+            else:
+                flat[f"{pre}{k}"] = v
+
+    walk(params, prefix)
+    mlflow.log_params(flat)
+
+
+def log_figure(fig, name: str) -> None:
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    mlflow.log_figure(fig, f"figures/{name}")
+    plt.close(fig)
