@@ -7,12 +7,14 @@ named. The library below this module takes these objects, never the YAML.
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 
 class ConfigError(ValueError):
@@ -28,11 +30,14 @@ class BaseConfig(_Section):
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
     num_workers: Literal["auto"] | int = Field("auto")
 
-    @model_validator(mode="after")
-    def _workers(self):
-        if isinstance(self.num_workers, int) and self.num_workers < 0:
-            raise ValueError("num_workers must be 'auto' or an integer >= 0")
-        return self
+    # Checks that a plain Field constraint cannot express are field validators (not model
+    # validators), so the error names the key (base.num_workers), not just the section.
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, v):
+        if isinstance(v, int) and v < 0:
+            raise ValueError("must be 'auto' or an integer >= 0")
+        return v
 
 
 class DataConfig(_Section):
@@ -50,23 +55,23 @@ class ModelConfig(_Section):
 
 class LRFindConfig(_Section):
     start_lr: float = Field(1e-4, gt=0)
-    end_lr: float = Field(10.0, gt=0)
+    end_lr: float = Field(10.0, gt=0, validate_default=True)  # checked against start_lr
     num_iter: int = Field(100, ge=5)
     mode: Literal["exp", "linear"] = "exp"
     momentum: float = Field(0.9, ge=0, lt=1)
     smooth_beta: float = Field(0.98, ge=0, lt=1)
     diverge_factor: float = Field(4.0, gt=1)
-    suggestion: Literal["valley", "steepest", "min_div10"] = "valley"
+    suggestion: Literal["valley", "steepest", "min_div10"] = "steepest"
     seeds: int = Field(1, ge=1, le=20)
     val_images: int = Field(0, ge=0)
 
-    @model_validator(mode="after")
-    def _range(self):
-        if self.end_lr <= self.start_lr:
-            raise ValueError(
-                f"end_lr ({self.end_lr}) must be greater than start_lr ({self.start_lr})"
-            )
-        return self
+    @field_validator("end_lr")
+    @classmethod
+    def _range(cls, v, info: ValidationInfo):
+        start = info.data.get("start_lr")  # absent when start_lr itself was invalid
+        if start is not None and v <= start:
+            raise ValueError(f"must be greater than lr_find.start_lr ({start})")
+        return v
 
 
 class AugmentConfig(_Section):
@@ -88,23 +93,35 @@ class TrainConfig(_Section):
     anneal_strategy: Literal["linear", "cos"] = "linear"
     cycle_momentum: bool = True
     base_momentum: float = Field(0.85, ge=0, lt=1)
-    max_momentum: float = Field(0.95, ge=0, lt=1)
-    nesterov: bool = True
+    max_momentum: float = Field(0.95, ge=0, lt=1, validate_default=True)
+    nesterov: bool = Field(True, validate_default=True)
     weight_decay: float = Field(5e-4, ge=0)
     step_size: int = Field(8, ge=1)
     gamma: float = Field(0.1, gt=0, le=1)
     eval_every: int = Field(1, ge=0)
     augment: AugmentConfig = AugmentConfig()
 
-    @model_validator(mode="after")
-    def _checks(self):
-        if isinstance(self.max_lr, float) and not (0 < self.max_lr < float("inf")):
-            raise ValueError(f"max_lr must be 'auto' or a finite number > 0, got {self.max_lr}")
-        if self.base_momentum > self.max_momentum:
-            raise ValueError("base_momentum must not exceed max_momentum")
-        if self.nesterov and self.max_momentum == 0:
-            raise ValueError("nesterov needs momentum > 0 (set nesterov: false)")
-        return self
+    @field_validator("max_lr")
+    @classmethod
+    def _max_lr(cls, v):
+        if isinstance(v, float) and not (0 < v < float("inf")):
+            raise ValueError("must be 'auto' or a finite number > 0")
+        return v
+
+    @field_validator("max_momentum")
+    @classmethod
+    def _momentum(cls, v, info: ValidationInfo):
+        base = info.data.get("base_momentum")
+        if base is not None and base > v:
+            raise ValueError(f"must not be below train.base_momentum ({base})")
+        return v
+
+    @field_validator("nesterov")
+    @classmethod
+    def _nesterov(cls, v, info: ValidationInfo):
+        if v and info.data.get("max_momentum") == 0:
+            raise ValueError("needs train.max_momentum > 0 (set nesterov: false)")
+        return v
 
 
 class EvaluateConfig(_Section):
@@ -126,16 +143,54 @@ class Params(_Section):
     plots: PlotsConfig = PlotsConfig()
 
 
-def _describe(err: dict[str, Any]) -> str:
-    key = ".".join(
-        str(p) for p in err["loc"] if not str(p).startswith(("literal[", "float", "int"))
-    )
+def _key(loc: tuple) -> tuple[str, type[BaseModel] | None]:
+    """The dotted key of an error location, and the section model holding its last part.
+
+    Walks the models rather than filtering names, so that union-branch tags pydantic appends
+    (``literal['auto']``, ``float``) are dropped while an unknown key such as ``interval`` is kept.
+    """
+    model: type[BaseModel] | None = Params
+    parts: list[str] = []
+    parent = None
+    for p in loc:
+        if model is None:  # past a leaf field: what follows are union-branch tags
+            break
+        parts.append(str(p))
+        parent = model
+        field = model.model_fields.get(str(p))
+        if field is None:  # an unknown key
+            break
+        ann = field.annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return ".".join(parts), parent
+
+
+def _describe(err: dict[str, Any]) -> tuple[str, str, str]:
+    """(key, message, shown input) for one pydantic error."""
+    key, parent = _key(err["loc"])
     msg = err["msg"]
+    if err["type"] == "value_error":
+        msg = msg.removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
-        msg = "unknown key (a typo?); see params.yaml and README.md for the keys each section takes"
+        close = difflib.get_close_matches(
+            str(err["loc"][-1]), list(parent.model_fields), n=1, cutoff=0.75
+        )
+        hint = f"a typo of {close[0]!r}?" if close else "a typo?"
+        msg = f"unknown key ({hint}); see params.yaml for the keys each section takes"
     got = err.get("input")
     shown = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {got!r})"
-    return f"  {key or '<top level>'}: {msg}{shown}"
+    return key or "<top level>", msg, shown
+
+
+def _format(errors: list[dict[str, Any]]) -> list[str]:
+    # A union (e.g. 'auto' | number) reports one error per branch: join them on one line per key.
+    grouped: dict[tuple[str, str], list[str]] = {}
+    for err in errors:
+        key, msg, shown = _describe(err)
+        msgs = grouped.setdefault((key, shown), [])
+        if msg not in msgs:
+            msgs.append(msg)
+    return [f"  {key}: {', or '.join(msgs)}{shown}" for (key, shown), msgs in grouped.items()]
 
 
 def parse_params(raw: Any, source: str = "params.yaml") -> Params:
@@ -147,9 +202,7 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        # Unions report one error per branch; keep one line per key.
-        lines = list(dict.fromkeys(_describe(e) for e in exc.errors()))
-        raise ConfigError(f"{source} is invalid:\n" + "\n".join(lines)) from None
+        raise ConfigError(f"{source} is invalid:\n" + "\n".join(_format(exc.errors()))) from None
 
 
 def repo_root() -> Path:
@@ -163,6 +216,21 @@ def repo_root() -> Path:
     return here
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-05`` / ``5e-4`` as floats (YAML 1.2, as DVC does).
+
+    PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent, so ``5e-4`` would
+    load as a string; ``dvc exp run -S lr_find.start_lr=1e-5`` writes exactly ``1e-05``.
+    """
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
 def load_params(path: str | os.PathLike = "params.yaml") -> Params:
     """Load the stage's params.yaml from the working directory.
 
@@ -171,7 +239,7 @@ def load_params(path: str | os.PathLike = "params.yaml") -> Params:
     """
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_Loader)
     except FileNotFoundError:
         raise ConfigError(f"{path} not found: run from the repository root") from None
     except yaml.YAMLError as exc:

@@ -23,11 +23,13 @@ import socket
 import stat
 import tarfile
 import tempfile
+import uuid
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import numpy as np
 from PIL import Image
@@ -35,6 +37,9 @@ from tqdm import tqdm
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 SPLITS = ("train", "test")
+# What a damaged archive raises while being read (zlib.error: bad deflate data in a .zip;
+# OSError covers gzip.BadGzipFile, e.g. a failed CRC check).
+ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError)
 
 
 class DataError(RuntimeError):
@@ -125,11 +130,16 @@ def download_official(spec: Official, url: str, raw_dir: Path, timeout: float) -
     socket.setdefaulttimeout(timeout)
     try:
         with tempfile.TemporaryDirectory(dir=raw_dir, prefix=".partial-") as tmp:
-            download_url(url, tmp, filename=spec.filename, md5=spec.md5)
+            # No md5= here: download_url would raise a bare "File not found or corrupted."
+            # RuntimeError; the check below says what failed.
+            download_url(url, tmp, filename=spec.filename)
             got = Path(tmp) / spec.filename
             if not check_integrity(str(got), spec.md5):
                 raise DataError(
-                    f"{url}: downloaded file failed its MD5 check (expected {spec.md5})"
+                    f"{url}: downloaded file failed its MD5 check (got {md5sum(got)}, expected "
+                    f"{spec.md5}); it is corrupt or not the official {spec.filename}. Retry, or "
+                    f"point data.source at a verified local copy: "
+                    f"dvc exp run -S data.source=/path/to/{spec.filename}"
                 )
             os.replace(got, target)
     except DataError:
@@ -147,10 +157,22 @@ def download_official(spec: Official, url: str, raw_dir: Path, timeout: float) -
     return target
 
 
-def _checked_tar_members(tar: tarfile.TarFile, archive: Path) -> Iterator[tarfile.TarInfo]:
-    """Yield members, refusing any that would land outside the archive's folder."""
+def _checked_tar_members(
+    tar: tarfile.TarFile, archive: Path, check_end: bool = True
+) -> Iterator[tarfile.TarInfo]:
+    """Yield members, refusing any that would land outside the archive's folder.
+
+    Then (``check_end``) check that the archive really ended: tarfile stops without a word at a
+    damaged header (or a plain .tar cut at a member boundary), which would silently drop every
+    image after it. An MD5-verified official archive needs no such check.
+    """
     dest = str(archive.parent / "_extract_check")
     for member in tar:
+        # data_filter strips a leading "/" instead of refusing it; an absolute name is refused.
+        if member.name.startswith(("/", "\\")) or (len(member.name) > 1 and member.name[1] == ":"):
+            raise DataError(
+                f"{archive}: member {member.name!r} has an absolute path; refusing the archive"
+            )
         try:
             tarfile.data_filter(member, dest)
         except tarfile.FilterError as exc:
@@ -159,6 +181,29 @@ def _checked_tar_members(tar: tarfile.TarFile, archive: Path) -> Iterator[tarfil
                 "refusing the archive"
             ) from None
         yield member
+    if check_end:
+        _check_tar_end(tar, archive)
+
+
+def _check_tar_end(tar: tarfile.TarFile, archive: Path) -> None:
+    """After the last member, only the end-of-archive zero blocks may follow.
+
+    Reading to the end also makes a compressed stream check its CRC (gzip.BadGzipFile).
+    """
+    tar.fileobj.seek(tar.offset)
+    zeros = 0
+    while block := tar.fileobj.read(1 << 20):
+        if block.strip(b"\0"):
+            raise DataError(
+                f"{archive}: corrupt archive: unreadable member header at byte {tar.offset} "
+                f"(after {len(tar.members)} members)"
+            )
+        zeros += len(block)
+    if zeros < tarfile.BLOCKSIZE:
+        raise DataError(
+            f"{archive}: truncated archive: it stops after {len(tar.members)} members with no "
+            "end-of-archive marker"
+        )
 
 
 def read_official(path: Path, spec: Official) -> Dataset:
@@ -167,10 +212,10 @@ def read_official(path: Path, spec: Official) -> Dataset:
     blobs: dict[str, bytes] = {}
     try:
         with tarfile.open(path, "r:*") as tar:
-            for member in _checked_tar_members(tar, path):
+            for member in _checked_tar_members(tar, path, check_end=False):
                 if member.isfile() and member.name in wanted:
                     blobs[member.name] = tar.extractfile(member).read()
-    except (tarfile.TarError, EOFError, OSError) as exc:
+    except ARCHIVE_ERRORS as exc:
         raise DataError(f"{path}: corrupt or truncated archive ({exc})") from None
     missing = sorted(wanted - set(blobs))
     if missing:
@@ -308,7 +353,7 @@ def read_image_folder_tar(path: Path, image_size: int) -> Dataset:
                 if placed:
                     blobs[member.name] = tar.extractfile(member).read()
                     layout.add(*placed, (member.name, None))
-    except (tarfile.TarError, EOFError, OSError) as exc:
+    except ARCHIVE_ERRORS as exc:
         raise DataError(f"{path}: corrupt or truncated archive ({exc})") from None
     return _assemble(layout, lambda item: (f"{path}:{item[0]}", blobs[item[0]]), image_size)
 
@@ -339,11 +384,16 @@ def read_image_folder_zip(path: Path, image_size: int) -> Dataset:
                 placed = layout.place(name, is_dir=info.is_dir())
                 if placed:
                     layout.add(*placed, (name, None))
-            zf.testzip()
-            return _assemble(
-                layout, lambda item: (f"{path}:{item[0]}", zf.read(item[0])), image_size
-            )
-    except (zipfile.BadZipFile, EOFError, OSError) as exc:
+
+            def load(item):
+                # zf.read checks the member's CRC (BadZipFile); bad deflate data: zlib.error.
+                try:
+                    return f"{path}:{item[0]}", zf.read(item[0])
+                except ARCHIVE_ERRORS as exc:
+                    raise DataError(f"{path}: corrupt member {item[0]!r} ({exc})") from None
+
+            return _assemble(layout, load, image_size)
+    except ARCHIVE_ERRORS as exc:
         raise DataError(f"{path}: corrupt or truncated archive ({exc})") from None
 
 
@@ -362,7 +412,13 @@ def fetch(
         ), f"{spec.url} (md5 {spec.md5})"
 
     url = urlparse(source)
-    if url.scheme in ("http", "https", "ftp", "file"):
+    if url.scheme == "file":
+        # torchvision's download_url cannot read file:// URLs (it asks the response for a
+        # length a local file does not have); a local file needs no download anyway.
+        if url.netloc not in ("", "localhost"):
+            raise DataError(f"data.source: {source} names a remote host; give a local path")
+        source = unquote(url.path)
+    elif url.scheme in ("http", "https", "ftp"):
         name = posixpath.basename(url.path)
         spec = next((s for s in OFFICIAL.values() if s.filename == name), None)
         if spec is None:
@@ -437,10 +493,31 @@ def stratified_subset(y: np.ndarray, count: int | None, seed: int, key: str) -> 
         raise DataError(
             f"{key}={count} is smaller than the {n_classes} classes; raise it or set null"
         )
+    sizes = np.unique(y, return_counts=True)[1]
+    if len(y) - count < n_classes or sizes.min() < 2:
+        # train_test_split refuses these (fewer left out than classes, or a class of one image)
+        # with a bare ValueError; only then use the plain allocation below, so that the subsets
+        # of every setting that worked before stay the same images.
+        return _proportional_subset(y, count, seed)
     from sklearn.model_selection import train_test_split
 
     idx, _ = train_test_split(np.arange(len(y)), train_size=count, stratify=y, random_state=seed)
     return np.sort(idx)
+
+
+def _proportional_subset(y: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """Each class gets floor(count * share) images, the rest go by largest remainder."""
+    rng = np.random.default_rng(seed)
+    classes, inverse, sizes = np.unique(y, return_inverse=True, return_counts=True)
+    quota = sizes * count / len(y)
+    take = np.floor(quota).astype(np.int64)
+    extra = np.argsort(-(quota - take), kind="stable")[: count - int(take.sum())]
+    take[extra] += 1
+    picked = [
+        rng.choice(np.flatnonzero(inverse == c), size=int(take[c]), replace=False)
+        for c in range(len(classes))
+    ]
+    return np.sort(np.concatenate(picked))
 
 
 def channel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -481,34 +558,47 @@ def save_prepared(ds: Dataset, out_dir: Path, source: str) -> Prepared:
         "fingerprint": fingerprint(ds),
     }
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
+    # Not tempfile.mkdtemp: its folder is mode 0700, and the rename would keep that mode.
+    tmp = out_dir.parent / f".{out_dir.name}-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
+    old = tmp.with_name(tmp.name + "-old")
     try:
         np.savez(tmp / "train.npz", x=ds.x_train, y=ds.y_train)
         np.savez(tmp / "test.npz", x=ds.x_test, y=ds.y_test)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        # Move the old output aside rather than delete it first: an interrupted rmtree would
+        # leave half of it, and a failed rename puts it back.
+        if out_dir.exists() or out_dir.is_symlink():
+            os.replace(out_dir, old)
+        try:
+            os.replace(tmp, out_dir)
+        except BaseException:
+            if old.exists() or old.is_symlink():
+                os.replace(old, out_dir)
+            raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old.is_symlink():
+            old.unlink()
+        else:
+            shutil.rmtree(old, ignore_errors=True)
     return Prepared(ds.x_train, ds.y_train, ds.x_test, ds.y_test, ds.classes, mean, std, meta)
 
 
 def load_prepared(path: Path) -> Prepared:
     try:
         meta = json.loads((path / "meta.json").read_text())
-        train = np.load(path / "train.npz")
-        test = np.load(path / "test.npz")
-        return Prepared(
-            train["x"],
-            train["y"],
-            test["x"],
-            test["y"],
-            list(meta["classes"]),
-            tuple(meta["mean"]),
-            tuple(meta["std"]),
-            meta,
-        )
+        with np.load(path / "train.npz") as train, np.load(path / "test.npz") as test:
+            return Prepared(
+                train["x"],
+                train["y"],
+                test["x"],
+                test["y"],
+                list(meta["classes"]),
+                tuple(meta["mean"]),
+                tuple(meta["std"]),
+                meta,
+            )
     except FileNotFoundError as exc:
         raise DataError(
             f"{path}: prepared data missing ({exc.filename}); run `dvc repro download`"

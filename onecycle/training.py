@@ -48,7 +48,7 @@ class EpochStats:
     train_acc: float
     test_loss: float | None
     test_acc: float | None
-    lr: float  # at the end of the epoch
+    lr: float  # of the epoch's last step
     momentum: float
     epoch_seconds: float
     images_per_sec: float
@@ -273,15 +273,16 @@ def fit(
                 logits = predict(model, x_test, dev)
                 test_loss = float(F.cross_entropy(logits, y_test))
                 test_acc = float((logits.argmax(1) == y_test).float().mean())
-            group = optimizer.param_groups[0]
+            _, last_lr, last_mom = schedule[-1]  # the last values a step used (the scheduler's
+            # current value lies one step past the end, where linear annealing goes negative)
             stats = EpochStats(
                 epoch=epoch + 1,
                 train_loss=run["loss"] / run["seen"],
                 train_acc=run["correct"] / run["seen"],
                 test_loss=test_loss,
                 test_acc=test_acc,
-                lr=float(group["lr"]),
-                momentum=_momentum(group),
+                lr=last_lr,
+                momentum=last_mom,
                 epoch_seconds=seconds,
                 images_per_sec=run["seen"] / max(seconds, 1e-9),
             )

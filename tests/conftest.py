@@ -1,0 +1,52 @@
+"""Shared fixtures: real CIFAR-10 (the shared archive) shrunk to a few hundred images, and a tiny
+config (narrow model, a couple of epochs, CPU) so every stage runs in seconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from onecycle import data as datalib
+from onecycle.config import parse_params
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_CIFAR = (ROOT / ".." / "shared" / "datasets" / "cifar10-jpg.tar.gz").resolve()
+
+
+@pytest.fixture(scope="session")
+def shared_cifar() -> Path:
+    if not SHARED_CIFAR.exists():
+        pytest.fail(
+            f"{SHARED_CIFAR} is missing: the tests need the shared CIFAR-10 beside the repo"
+        )
+    return SHARED_CIFAR
+
+
+@pytest.fixture(scope="session")
+def cifar_full(shared_cifar):
+    """All 60,000 real images, decoded once per session (about 6 s)."""
+    ds, _ = datalib.fetch(str(shared_cifar), ROOT, ROOT / "data" / "raw", 32, 60)
+    return ds
+
+
+@pytest.fixture(scope="session")
+def tiny_data(cifar_full, tmp_path_factory):
+    """A stratified 640-train / 200-test slice of real CIFAR-10, saved and loaded like the stage does."""
+    ds = datalib.subset(cifar_full, 640, 200, seed=0)
+    out = tmp_path_factory.mktemp("prepared") / "prepared"
+    datalib.save_prepared(ds, out, "test slice of cifar10-jpg")
+    return datalib.load_prepared(out)
+
+
+TINY = {
+    "base": {"seed": 0, "device": "cpu", "num_workers": 0},
+    "model": {"width": 4},
+    "lr_find": {"num_iter": 30, "start_lr": 1e-3, "end_lr": 10.0},
+    "train": {"epochs": 2, "batch_size": 64, "eval_every": 1, "max_lr": 0.2},
+}
+
+
+@pytest.fixture
+def tiny_params():
+    return parse_params(TINY)

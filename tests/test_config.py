@@ -1,0 +1,273 @@
+"""onecycle.config: params.yaml is checked before any work, with the bad key named."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from onecycle.config import (
+    ConfigError,
+    Params,
+    load_params,
+    parse_params,
+    repo_root,
+    resolve_path,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def error(raw) -> str:
+    with pytest.raises(ConfigError) as err:
+        parse_params(raw)
+    return str(err.value)
+
+
+# ---------------------------------------------------------------- the real file
+
+
+def test_repo_params_yaml_loads_with_its_values():
+    params = load_params(REPO / "params.yaml")
+    assert isinstance(params, Params)
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    dumped = params.model_dump()
+    for section, values in raw.items():
+        for key, value in values.items():
+            assert dumped[section][key] == value, f"{section}.{key}"
+
+
+def test_params_are_frozen():
+    params = parse_params({})
+    with pytest.raises(ValidationError):
+        params.train.epochs = 3
+
+
+@pytest.mark.parametrize("raw", [None, {}])
+def test_empty_params_give_the_defaults(raw):
+    params = parse_params(raw)
+    assert params == Params()
+    assert params.data.source == "cifar10" and params.train.max_lr == "auto"
+
+
+# ---------------------------------------------------------------- unknown keys
+
+
+def test_unknown_key_is_named_with_a_suggestion():
+    # the typo case: dvc exp run -S train.max_lrr=0.1
+    msg = error({"train": {"max_lrr": 0.1}})
+    assert "train.max_lrr: unknown key" in msg
+    assert "'max_lr'" in msg
+
+
+def test_unknown_section_is_named():
+    msg = error({"trian": {"epochs": 3}})
+    assert "trian: unknown key" in msg and "'train'" in msg
+
+
+def test_unknown_nested_key_is_named():
+    assert "train.augment.flp: unknown key" in error({"train": {"augment": {"flp": True}}})
+
+
+def test_unknown_key_that_looks_like_a_type_name_is_still_named():
+    # The old message dropped every key part starting with "int"/"float"/"literal[".
+    msg = error({"train": {"interval": 3}})
+    assert "train.interval: unknown key" in msg
+
+
+def test_every_bad_key_is_reported_at_once():
+    msg = error({"train": {"epochs": "ten", "max_lrr": 1.0}, "lr_find": {"mode": "cubic"}})
+    assert "train.epochs" in msg and "train.max_lrr" in msg and "lr_find.mode" in msg
+
+
+def test_not_a_mapping():
+    assert "expected a mapping of sections, got list" in error([1, 2])
+
+
+# ---------------------------------------------------------------- types
+
+
+@pytest.mark.parametrize(
+    "raw, key, shown",
+    [
+        ({"train": {"epochs": "ten"}}, "train.epochs", "'ten'"),
+        ({"train": {"epochs": 2.5}}, "train.epochs", "2.5"),
+        ({"train": {"epochs": True}}, "train.epochs", "True"),
+        ({"train": {"nesterov": 3}}, "train.nesterov", "3"),
+        ({"train": {"nesterov": "yes"}}, "train.nesterov", "'yes'"),
+        ({"base": {"seed": "0"}}, "base.seed", "'0'"),
+        ({"data": {"train_subset": "all"}}, "data.train_subset", "'all'"),
+        ({"train": {"augment": {"pad": 1.5}}}, "train.augment.pad", "1.5"),
+        ({"train": 5}, "train", "5"),
+    ],
+)
+def test_wrong_type_names_the_key_and_the_value(raw, key, shown):
+    msg = error(raw)
+    assert f"  {key}: " in msg
+    assert f"(got {shown})" in msg
+
+
+# ---------------------------------------------------------------- ranges and choices
+
+
+@pytest.mark.parametrize("value", [0, -1, 0.0, -0.5, math.inf, math.nan])
+def test_max_lr_must_be_positive_and_finite(value):
+    msg = error({"train": {"max_lr": value}})
+    assert "  train.max_lr: must be 'auto' or a finite number > 0" in msg
+
+
+def test_max_lr_that_is_neither_auto_nor_a_number():
+    msg = error({"train": {"max_lr": "fast"}})
+    assert msg.count("train.max_lr") == 1  # one line for the key, both choices on it
+    assert "'auto'" in msg and "valid number" in msg
+
+
+@pytest.mark.parametrize("value, expected", [("auto", "auto"), (0.4, 0.4), (1, 1.0)])
+def test_max_lr_accepts_auto_and_numbers(value, expected):
+    got = parse_params({"train": {"max_lr": value}}).train.max_lr
+    assert got == expected and type(got) is type(expected)
+
+
+@pytest.mark.parametrize(
+    "lr_find",
+    [
+        {"start_lr": 1.0, "end_lr": 0.5},
+        {"start_lr": 0.5, "end_lr": 0.5},
+        {"start_lr": 20.0},  # above the default end_lr (10)
+    ],
+)
+def test_lr_find_end_lr_must_exceed_start_lr(lr_find):
+    msg = error({"lr_find": lr_find})
+    assert "  lr_find.end_lr: must be greater than lr_find.start_lr" in msg
+
+
+@pytest.mark.parametrize(
+    "raw, key",
+    [
+        ({"lr_find": {"start_lr": 0}}, "lr_find.start_lr"),
+        ({"lr_find": {"num_iter": 1}}, "lr_find.num_iter"),
+        ({"lr_find": {"momentum": 1.0}}, "lr_find.momentum"),
+        ({"train": {"epochs": 0}}, "train.epochs"),
+        ({"train": {"pct_start": 1.0}}, "train.pct_start"),
+        ({"train": {"augment": {"cutout_p": 1.5}}}, "train.augment.cutout_p"),
+        ({"data": {"image_size": 4}}, "data.image_size"),
+        ({"data": {"train_subset": 0}}, "data.train_subset"),
+        ({"data": {"timeout": 0}}, "data.timeout"),
+        ({"base": {"num_workers": -1}}, "base.num_workers"),
+        ({"train": {"base_momentum": 0.9, "max_momentum": 0.8}}, "train.max_momentum"),
+        ({"train": {"max_momentum": 0.0, "base_momentum": 0.0}}, "train.nesterov"),
+    ],
+)
+def test_out_of_range_names_the_key(raw, key):
+    assert f"  {key}: " in error(raw)
+
+
+@pytest.mark.parametrize(
+    "section, key, value, allowed",
+    [
+        ("lr_find", "mode", "cubic", ["'exp'", "'linear'"]),
+        ("lr_find", "suggestion", "best", ["'valley'", "'steepest'", "'min_div10'"]),
+        ("train", "schedule", "cosine", ["'onecycle'", "'constant'", "'step'"]),
+        ("train", "anneal_strategy", "cosine", ["'linear'", "'cos'"]),
+        ("base", "device", "gpu", ["'auto'", "'cuda'", "'mps'", "'cpu'"]),
+    ],
+)
+def test_choices_name_the_allowed_values(section, key, value, allowed):
+    msg = error({section: {key: value}})
+    assert f"  {section}.{key}: " in msg and f"(got {value!r})" in msg
+    for choice in allowed:
+        assert choice in msg
+
+
+def test_valid_overrides_are_kept():
+    params = parse_params(
+        {
+            "base": {"num_workers": 0, "device": "cpu"},
+            "data": {"train_subset": None, "source": "data/set.zip"},
+            "lr_find": {"mode": "linear", "start_lr": 0.001, "end_lr": 0.065},
+            "train": {"nesterov": False, "max_momentum": 0.0, "base_momentum": 0.0},
+        }
+    )
+    assert params.base.num_workers == 0 and params.data.train_subset is None
+    assert params.lr_find.mode == "linear" and params.train.nesterov is False
+
+
+# ---------------------------------------------------------------- load_params
+
+
+def test_load_params_reads_exponents_without_a_dot(tmp_path):
+    # `dvc exp run -S lr_find.start_lr=1e-5` writes `start_lr: 1e-05`; PyYAML's YAML 1.1
+    # rules would make that the string '1e-05' and the stage would refuse it.
+    path = tmp_path / "params.yaml"
+    path.write_text("lr_find:\n  start_lr: 1e-05\n  end_lr: 1E+1\ntrain:\n  weight_decay: 5e-4\n")
+    params = load_params(path)
+    assert params.lr_find.start_lr == 1e-05 and params.lr_find.end_lr == 10.0
+    assert params.train.weight_decay == 5e-4
+
+
+def test_load_params_names_the_file_and_the_key(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  max_lrr: 0.1\n")
+    with pytest.raises(ConfigError) as err:
+        load_params(path)
+    assert str(err.value).startswith(f"{path} is invalid:")
+    assert "train.max_lrr" in str(err.value)
+
+
+def test_load_params_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found: run from the repository root"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_load_params_invalid_yaml(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_params(path)
+
+
+def test_load_params_reads_the_working_directory(tmp_path, monkeypatch):
+    (tmp_path / "params.yaml").write_text("train:\n  epochs: 7\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DVC_ROOT", str(REPO))  # a queued experiment: DVC_ROOT is elsewhere
+    assert load_params().train.epochs == 7
+
+
+# ---------------------------------------------------------------- paths
+
+
+def test_resolve_path_uses_dvc_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.chdir(REPO)
+    assert repo_root() == tmp_path.resolve()
+    assert resolve_path("data/raw") == tmp_path.resolve() / "data/raw"
+    assert resolve_path(Path("../shared/x.tar.gz")) == tmp_path.resolve() / "../shared/x.tar.gz"
+
+
+def test_resolve_path_keeps_absolute_paths(tmp_path, monkeypatch):
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "root"))
+    absolute = tmp_path / "elsewhere" / "set.zip"
+    assert resolve_path(absolute) == absolute
+    assert resolve_path(str(absolute)) == absolute
+
+
+def test_resolve_path_expands_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert resolve_path("~/set.zip") == tmp_path / "set.zip"
+
+
+def test_resolve_path_with_an_explicit_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("DVC_ROOT", str(REPO))
+    assert resolve_path("a/b", root=tmp_path) == tmp_path / "a/b"
+
+
+def test_repo_root_without_dvc_root_finds_dvc_yaml(tmp_path, monkeypatch):
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "sub" / "deeper").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "sub" / "deeper")
+    assert repo_root() == tmp_path.resolve()
+    assert resolve_path("data") == tmp_path.resolve() / "data"

@@ -1,0 +1,833 @@
+"""onecycle.data: every data.source kind, bad input, subsets and the prepared form.
+
+Every archive is made here, in tmp_path, a few images at a time; nothing is downloaded. The one
+"download" test serves a made-up archive from a local HTTP server on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gzip
+import hashlib
+import http.server
+import io
+import json
+import os
+import pickle
+import shutil
+import socket
+import stat
+import tarfile
+import threading
+import types
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from onecycle import data
+from onecycle.data import DataError
+
+OFFICIAL_NAME = "cifar-10-python.tar.gz"
+CLASSES = ["ant", "cat", "dog"]  # written in another order below; labels follow sorted names
+
+
+# ---------------------------------------------------------------- builders
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def make_official_archive(path: Path, folder: str = "cifar-10-batches-py") -> dict:
+    """A small archive in the official python-pickle layout; returns the expected arrays (HWC)."""
+    rng = np.random.default_rng(1)
+    names = [f"class{i}" for i in range(10)]
+    per_batch = {f"data_batch_{i}": 4 for i in range(1, 6)} | {"test_batch": 6}
+    rows, labels = {}, {}
+    with tarfile.open(path, "w:gz") as tar:
+        for batch, n in per_batch.items():
+            rows[batch] = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)  # CHW rows
+            labels[batch] = [int(v) for v in rng.integers(0, 10, size=n)]
+            entry = {"batch_label": batch, "data": rows[batch], "labels": labels[batch]}
+            _add_bytes(tar, f"{folder}/{batch}", pickle.dumps(entry))
+        _add_bytes(tar, f"{folder}/batches.meta", pickle.dumps({"label_names": names}))
+        _add_bytes(tar, f"{folder}/readme.html", b"<html></html>")
+
+    def hwc(batches):
+        x = np.concatenate([rows[b] for b in batches]).reshape(-1, 3, 32, 32)
+        return x.transpose(0, 2, 3, 1), np.concatenate([labels[b] for b in batches])
+
+    train = [f"data_batch_{i}" for i in range(1, 6)]
+    x_train, y_train = hwc(train)
+    x_test, y_test = hwc(["test_batch"])
+    return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test,
+            "classes": names}  # fmt: skip
+
+
+def make_image_folder(root: Path, counts=None, mode: str = "RGB", size: int = 32) -> dict:
+    """``root/{train,test}/<class>/<i>.png`` with random pixels; returns the expected arrays."""
+    counts = counts or {"train": 2, "test": 1}
+    rng = np.random.default_rng(2)
+    expected = {}
+    for split, n in counts.items():
+        xs, ys = [], []
+        for label, cls in enumerate(CLASSES):
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                shape = (size, size) if mode == "L" else (size, size, 3)
+                pixels = rng.integers(0, 256, size=shape, dtype=np.uint8)
+                Image.fromarray(pixels, mode).save(root / split / cls / f"{i}.png")
+                xs.append(pixels)
+                ys.append(label)
+        expected[f"x_{split}"] = np.stack(xs)
+        expected[f"y_{split}"] = np.array(ys)
+    expected["classes"] = CLASSES
+    return expected
+
+
+def make_tar(src: Path, archive: Path, arcname: str = "", mode: str = "w:gz") -> Path:
+    """Tar the contents of ``src`` (directory entries included) under ``arcname``."""
+    with tarfile.open(archive, mode) as tar:
+        for entry in sorted(src.rglob("*"), key=lambda p: str(p)):
+            name = entry.relative_to(src).as_posix()
+            tar.add(entry, arcname=f"{arcname}/{name}" if arcname else name, recursive=False)
+    return archive
+
+
+def make_zip(src: Path, archive: Path, arcname: str = "") -> Path:
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for entry in sorted(src.rglob("*"), key=lambda p: str(p)):
+            name = entry.relative_to(src).as_posix()
+            zf.write(entry, f"{arcname}/{name}" if arcname else name)  # dirs get "name/" entries
+    return archive
+
+
+def png_bytes(value: int = 128) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (value,) * 3).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def tar_of(path: Path, members: list[tarfile.TarInfo | tuple[str, bytes]]) -> Path:
+    """A .tar.gz holding a valid 2-class layout plus ``members`` (TarInfo or (name, bytes))."""
+    with tarfile.open(path, "w:gz") as tar:
+        for split in ("train", "test"):
+            for cls in ("a", "b"):
+                _add_bytes(tar, f"{split}/{cls}/0.png", png_bytes())
+        for m in members:
+            if isinstance(m, tarfile.TarInfo):
+                tar.addfile(m)
+            else:
+                _add_bytes(tar, *m)
+    return path
+
+
+def fetch(source, tmp_path: Path, image_size: int = 32, timeout: float = 5.0):
+    return data.fetch(str(source), tmp_path, tmp_path / "raw", image_size, timeout)
+
+
+def assert_dataset(ds: data.Dataset, expected: dict) -> None:
+    for key in ("x_train", "x_test"):
+        got = getattr(ds, key)
+        assert got.dtype == np.uint8
+        assert got.shape == expected[key].shape
+        np.testing.assert_array_equal(got, expected[key])
+    for key in ("y_train", "y_test"):
+        got = getattr(ds, key)
+        assert got.dtype == np.int64
+        np.testing.assert_array_equal(got, expected[key])
+    assert ds.classes == expected["classes"]
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture
+def official(tmp_path, monkeypatch):
+    """A made-up official archive whose MD5 is patched in as cifar10's."""
+    src = tmp_path / "src"
+    src.mkdir()
+    path = src / OFFICIAL_NAME
+    expected = make_official_archive(path)
+    spec = dataclasses.replace(data.OFFICIAL["cifar10"], md5=_md5(path))
+    monkeypatch.setitem(data.OFFICIAL, "cifar10", spec)
+    return types.SimpleNamespace(path=path, expected=expected, spec=spec)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    root = tmp_path / "imgs"
+    return types.SimpleNamespace(root=root, expected=make_image_folder(root))
+
+
+@pytest.fixture
+def no_unpickling(monkeypatch):
+    def refuse(*args, **kwargs):
+        pytest.fail("pickle.loads was called on an archive whose MD5 was not verified")
+
+    monkeypatch.setattr(data, "pickle", types.SimpleNamespace(loads=refuse))
+
+
+@pytest.fixture
+def http_dir(tmp_path, monkeypatch):
+    """Serve a folder over HTTP on 127.0.0.1; yields (folder, base URL)."""
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy",
+                "ALL_PROXY"):  # fmt: skip
+        monkeypatch.delenv(var, raising=False)
+    served = tmp_path / "served"
+    served.mkdir()
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(served))
+    )
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield served, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------- official archive
+
+
+def test_official_archive_round_trips_pixels_and_labels(official, tmp_path):
+    ds, source = fetch(official.path, tmp_path)
+    assert_dataset(ds, official.expected)
+    assert ds.x_train.shape == (20, 32, 32, 3) and ds.x_test.shape == (6, 32, 32, 3)
+    assert source == f"{official.path} (md5 {official.spec.md5})"
+    assert not (tmp_path / "raw").exists()  # a local archive is read in place, not copied
+
+
+def test_official_archive_recognised_by_md5_when_renamed(official, tmp_path):
+    renamed = tmp_path / "mirror" / "cifar10-copy.bin"
+    renamed.parent.mkdir()
+    shutil.copy(official.path, renamed)
+    ds, _ = fetch(renamed, tmp_path)
+    assert_dataset(ds, official.expected)
+
+
+def test_official_archive_relative_path_resolves_against_root(official, tmp_path):
+    ds, _ = fetch(f"src/{OFFICIAL_NAME}", tmp_path)
+    assert_dataset(ds, official.expected)
+
+
+def test_official_archive_resized_to_image_size(official, tmp_path):
+    ds, _ = fetch(official.path, tmp_path, image_size=16)
+    assert ds.x_train.shape == (20, 16, 16, 3) and ds.x_test.shape == (6, 16, 16, 3)
+    assert ds.x_train.dtype == np.uint8
+    np.testing.assert_array_equal(ds.y_train, official.expected["y_train"])
+
+
+def test_name_cifar10_downloads_checks_and_caches(official, tmp_path, http_dir, monkeypatch):
+    # The real download_official path (torchvision's download_url) over HTTP from 127.0.0.1:
+    # download_url cannot read file:// URLs, see test_file_url_is_read_as_a_local_path.
+    served, base = http_dir
+    shutil.copy(official.path, served / OFFICIAL_NAME)
+    url = f"{base}/{OFFICIAL_NAME}"
+    monkeypatch.setitem(data.OFFICIAL, "cifar10", dataclasses.replace(official.spec, url=url))
+    ds, source = fetch("cifar10", tmp_path)
+    assert_dataset(ds, official.expected)
+    assert source == f"{url} (md5 {official.spec.md5})"
+    raw = tmp_path / "raw"
+    assert [p.name for p in raw.iterdir()] == [OFFICIAL_NAME]  # no .partial-* folder left
+    # The verified copy in the raw dir is used again without the network.
+    (served / OFFICIAL_NAME).unlink()
+    ds, _ = fetch("cifar10", tmp_path)
+    assert_dataset(ds, official.expected)
+
+
+def test_url_source_downloads_official_archive(official, tmp_path, http_dir):
+    served, base = http_dir
+    shutil.copy(official.path, served / OFFICIAL_NAME)
+    ds, source = fetch(f"{base}/{OFFICIAL_NAME}", tmp_path)
+    assert_dataset(ds, official.expected)
+    assert (tmp_path / "raw" / OFFICIAL_NAME).read_bytes() == official.path.read_bytes()
+
+
+def test_file_url_is_read_as_a_local_path(official, folder, tmp_path):
+    # torchvision's download_url cannot read file:// URLs (urllib's file response has no
+    # .length), so fetch reads them as local paths: the official archive, recognised by MD5 ...
+    ds, _ = fetch(official.path.as_uri(), tmp_path)
+    assert_dataset(ds, official.expected)
+    # ... and an image-folder archive alike.
+    archive = make_tar(folder.root, tmp_path / "my set.tar.gz")  # space: percent-encoded URI
+    ds, _ = fetch(archive.as_uri(), tmp_path)
+    assert_dataset(ds, folder.expected)
+    assert not (tmp_path / "raw").exists()
+
+
+def test_download_failure_explains_local_source_and_leaves_nothing(tmp_path):
+    url = f"http://127.0.0.1:{closed_port()}/{OFFICIAL_NAME}"
+    before = socket.getdefaulttimeout()
+    with pytest.raises(DataError) as err:
+        fetch(url, tmp_path, timeout=2)
+    msg = str(err.value)
+    assert url in msg
+    assert f"data.source=/path/to/{OFFICIAL_NAME}" in msg
+    assert "image-folder" in msg
+    assert list((tmp_path / "raw").iterdir()) == []  # no partial archive, no temp folder
+    assert socket.getdefaulttimeout() == before
+
+
+def test_download_with_wrong_md5_is_refused_and_not_kept(official, tmp_path, http_dir):
+    served, base = http_dir
+    (served / OFFICIAL_NAME).write_bytes(b"not the archive")
+    with pytest.raises(DataError) as err:
+        fetch(f"{base}/{OFFICIAL_NAME}", tmp_path)
+    msg = str(err.value)
+    assert "MD5" in msg and official.spec.md5 in msg
+    assert hashlib.md5(b"not the archive").hexdigest() in msg
+    assert "data.source=" in msg
+    assert list((tmp_path / "raw").iterdir()) == []
+
+
+def test_url_of_a_non_official_name_is_refused(tmp_path):
+    with pytest.raises(DataError, match=r"must end in an official archive name"):
+        fetch("https://example.invalid/images.tar.gz", tmp_path)
+
+
+# ---------------------------------------------------------------- image folders
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["dir", "tar.gz", "tgz", "tar", "zip", "prefixed tar.gz", "prefixed zip", "prefixed dir"],
+)
+def test_image_folder_sources(kind, folder, tmp_path):
+    prefix = "cifar10" if kind.startswith("prefixed") else ""
+    if kind == "dir":
+        source = folder.root
+    elif kind == "prefixed dir":
+        source = tmp_path / "outer"
+        shutil.copytree(folder.root, source / prefix)
+    elif kind.endswith("zip"):
+        source = make_zip(folder.root, tmp_path / "set.zip", prefix)
+    else:
+        ext = kind.split()[-1]
+        mode = "w" if ext == "tar" else "w:gz"
+        source = make_tar(folder.root, tmp_path / f"set.{ext}", prefix, mode)
+    ds, desc = fetch(source, tmp_path)
+    assert_dataset(ds, folder.expected)
+    np.testing.assert_array_equal(ds.y_train, [0, 0, 1, 1, 2, 2])
+    assert desc.startswith(str(source))
+
+
+def test_image_folder_classes_are_sorted_folder_names(tmp_path):
+    root = tmp_path / "imgs"
+    for split in ("train", "test"):
+        for cls in ("zebra", "Ox", "moth"):
+            (root / split / cls).mkdir(parents=True)
+            Image.new("RGB", (32, 32), (len(cls), 0, 0)).save(root / split / cls / "0.png")
+    ds, _ = fetch(root, tmp_path)
+    assert ds.classes == ["Ox", "moth", "zebra"]  # case-sensitive sort, as sorted() does
+    # each image's red value is its class name's length: labels follow the sorted names
+    assert ds.x_train[:, 0, 0, 0].tolist() == [2, 4, 5]
+    np.testing.assert_array_equal(ds.y_train, [0, 1, 2])
+
+
+def test_hidden_files_and_macos_folders_are_ignored(folder, tmp_path):
+    (folder.root / "train" / "cat" / ".DS_Store").write_bytes(b"\0junk")
+    (folder.root / "__MACOSX" / "train" / "cat").mkdir(parents=True)
+    (folder.root / "__MACOSX" / "train" / "cat" / "._0.png").write_bytes(b"junk")
+    (folder.root / "README.txt").write_text("not an image, not in the layout")
+    ds, _ = fetch(make_zip(folder.root, tmp_path / "set.zip"), tmp_path)
+    assert_dataset(ds, folder.expected)
+
+
+def test_grayscale_and_other_sizes_become_rgb_at_image_size(tmp_path):
+    root = tmp_path / "imgs"
+    # train: grayscale 40x40 and RGB 20x20; test: palette 32x32 and RGBA 33x17
+    images = {
+        "train": [Image.new("L", (40, 40), 77), Image.new("RGB", (20, 20), (10, 200, 30))],
+        "test": [Image.new("P", (32, 32), 0), Image.new("RGBA", (33, 17), (1, 2, 3, 255))],
+    }
+    for split, imgs in images.items():
+        (root / split / "only").mkdir(parents=True)
+        for i, img in enumerate(imgs):
+            img.save(root / split / "only" / f"{i}.png")
+    ds, _ = fetch(root, tmp_path)
+    assert ds.x_train.shape == (2, 32, 32, 3) and ds.x_test.shape == (2, 32, 32, 3)
+    assert ds.x_train.dtype == np.uint8 and ds.x_test.dtype == np.uint8
+    # uniform images stay uniform through the resize; grayscale is copied to all 3 channels
+    assert (ds.x_train[0] == 77).all()
+    assert (ds.x_train[1] == [10, 200, 30]).all()
+    assert (ds.x_test[0] == 0).all()
+    assert (ds.x_test[1] == [1, 2, 3]).all()
+
+
+def test_grayscale_random_pixels_are_copied_to_three_channels(tmp_path):
+    root = tmp_path / "imgs"
+    expected = make_image_folder(root, mode="L")
+    ds, _ = fetch(root, tmp_path)
+    assert ds.x_train.shape == (6, 32, 32, 3)
+    for c in range(3):
+        np.testing.assert_array_equal(ds.x_train[..., c], expected["x_train"])
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def assert_refused(source, tmp_path, *needles):
+    with pytest.raises(DataError) as err:
+        fetch(source, tmp_path)
+    msg = str(err.value)
+    assert str(source) in msg, msg
+    for needle in needles:
+        assert needle in msg, msg
+    return msg
+
+
+def test_missing_source(tmp_path):
+    assert_refused(tmp_path / "nowhere.tar.gz", tmp_path, "does not exist")
+
+
+def test_unsupported_file_type(tmp_path):
+    path = tmp_path / "set.rar"
+    path.write_bytes(b"whatever")
+    assert_refused(path, tmp_path, "neither an official CIFAR archive")
+
+
+@pytest.mark.parametrize("name", ["set.tar.gz", "set.zip"])
+def test_corrupt_archive(name, tmp_path):
+    path = tmp_path / name
+    path.write_bytes(np.random.default_rng(3).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    assert_refused(path, tmp_path, "corrupt or truncated")
+
+
+@pytest.mark.parametrize("name", ["set.tar.gz", "set.tar", "set.zip"])
+def test_truncated_archive(name, folder, tmp_path):
+    full = tmp_path / f"full-{name}"
+    if name.endswith("zip"):
+        make_zip(folder.root, full)
+    else:
+        make_tar(folder.root, full, mode="w" if name.endswith(".tar") else "w:gz")
+    path = tmp_path / name
+    path.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    assert_refused(path, tmp_path)
+
+
+def test_plain_tar_cut_at_a_member_boundary(folder, tmp_path):
+    # tarfile itself stops without an error where a plain .tar ends between two members.
+    full = make_tar(folder.root, tmp_path / "full.tar", mode="w")
+    with tarfile.open(full) as tar:
+        members = tar.getmembers()
+    cut = members[len(members) // 2].offset
+    path = tmp_path / "set.tar"
+    path.write_bytes(full.read_bytes()[:cut])
+    assert_refused(path, tmp_path, "truncated")
+
+
+def test_damaged_tar_gz(tmp_path):
+    root = tmp_path / "imgs"
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(10):
+                Image.new("RGB", (32, 32), (i, i, i)).save(root / split / cls / f"{i}.png")
+    full = make_tar(root, tmp_path / "full.tar.gz")
+    raw = bytearray(full.read_bytes())
+    for k in range(4):
+        raw[len(raw) // 2 + k] ^= 0xFF
+    path = tmp_path / "set.tar.gz"
+    path.write_bytes(bytes(raw))
+    assert_refused(path, tmp_path)
+
+
+@pytest.mark.parametrize("name", ["set.tar", "set.tar.gz"])
+def test_damaged_member_header_does_not_silently_drop_images(name, tmp_path):
+    # tarfile stops without a word at a garbage header after the first member, so without a
+    # check the dataset would just lose every image after it (here test/b/5.png on).
+    root = tmp_path / "imgs"
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(10):
+                (root / split / cls / f"{i}.png").write_bytes(png_bytes(i))
+    full = make_tar(root, tmp_path / "full.tar", mode="w")
+    with tarfile.open(full) as tar:
+        header = tar.getmember("test/b/5.png").offset
+    raw = bytearray(full.read_bytes())
+    raw[header + 148 : header + 156] = b"0000000\0"  # a wrong header checksum
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(bytes(raw)) if name.endswith(".gz") else bytes(raw))
+    assert_refused(path, tmp_path, "corrupt")
+
+
+def test_tar_gz_failing_its_crc_check(folder, tmp_path):
+    # Damage that still inflates (e.g. in a JPEG, which has no checksum of its own) shows only
+    # in the gzip CRC at the very end, which tarfile never reads.
+    full = make_tar(folder.root, tmp_path / "full.tar.gz")
+    raw = bytearray(full.read_bytes())
+    raw[-8] ^= 0xFF  # the trailer: CRC32, then size
+    path = tmp_path / "set.tar.gz"
+    path.write_bytes(bytes(raw))
+    assert_refused(path, tmp_path, "CRC")
+
+
+def bmp_bytes(value: int) -> bytes:
+    pixels = np.tile((np.arange(32, dtype=np.uint8) * 4 + value)[:, None, None], (1, 32, 3))
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "BMP")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("where", ["start", "middle"])
+def test_damaged_zip_member(where, tmp_path):
+    # BMP compresses well, so damage at the start of its deflate data is invalid deflate
+    # (zlib.error) and damage further on decodes but fails the member's CRC (BadZipFile).
+    full = tmp_path / "full.zip"
+    with zipfile.ZipFile(full, "w", zipfile.ZIP_DEFLATED) as zf:
+        for split in ("train", "test"):
+            zf.writestr(f"{split}/a/0.bmp", bmp_bytes(1))
+    with zipfile.ZipFile(full) as zf:
+        info = zf.getinfo("train/a/0.bmp")
+        start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+    at = start if where == "start" else start + info.compress_size * 3 // 4
+    raw = bytearray(full.read_bytes())
+    for k in range(4):
+        raw[at + k] ^= 0xFF
+    path = tmp_path / "set.zip"
+    path.write_bytes(bytes(raw))
+    assert_refused(path, tmp_path, "corrupt", "train/a/0.bmp")
+
+
+def test_wrong_md5_for_official_name(official, tmp_path, no_unpickling):
+    path = tmp_path / OFFICIAL_NAME
+    make_official_archive(path)  # same layout, different bytes (gzip timestamp, contents)
+    path.write_bytes(path.read_bytes() + b"\0")
+    msg = assert_refused(path, tmp_path, "MD5", official.spec.md5)
+    assert _md5(path) in msg
+
+
+def test_unverified_pickle_layout_is_never_unpickled(tmp_path, no_unpickling):
+    path = tmp_path / "cifar-copy.tar.gz"
+    make_official_archive(path)  # MD5 not patched in: not official
+    assert_refused(path, tmp_path, "no images found under train/<class>/")
+
+
+def test_official_archive_is_unpickled_only_once_verified(official, tmp_path, monkeypatch):
+    calls = []
+    real = pickle.loads
+    monkeypatch.setattr(
+        data,
+        "pickle",
+        types.SimpleNamespace(loads=lambda *a, **k: calls.append(1) or real(*a, **k)),
+    )
+    fetch(official.path, tmp_path)
+    assert len(calls) == 7  # five train batches, the test batch, the meta file
+
+
+def _info(name: str, kind=tarfile.REGTYPE, linkname: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = linkname
+    return info
+
+
+@pytest.mark.parametrize(
+    "member",
+    [
+        ("../evil.png", png_bytes()),
+        ("train/a/../../../evil.png", png_bytes()),
+        ("/etc/evil.png", png_bytes()),
+        ("/train/a/1.png", png_bytes()),  # would fit the layout if the "/" were stripped
+        _info("train/a/passwd.png", tarfile.SYMTYPE, "/etc/passwd"),
+        _info("x", tarfile.SYMTYPE, "../../x"),
+        _info("train/a/up.png", tarfile.SYMTYPE, "../../../outside.png"),
+        _info("train/a/hard.png", tarfile.LNKTYPE, "../outside.png"),
+    ],
+    ids=[
+        "dotdot",
+        "nested-dotdot",
+        "absolute",
+        "absolute-layout",
+        "symlink-abs",
+        "symlink-up",
+        "symlink-up-nested",
+        "hardlink-up",
+    ],  # fmt: skip
+)
+def test_tar_member_escaping_the_target_is_refused(member, tmp_path):
+    path = tar_of(tmp_path / "set.tar.gz", [member])
+    name = member.name if isinstance(member, tarfile.TarInfo) else member[0]
+    assert_refused(path, tmp_path, repr(name), "refusing")
+
+
+def test_tar_symlink_inside_the_folder_is_skipped(tmp_path):
+    path = tar_of(tmp_path / "set.tar.gz", [_info("train/a/link.png", tarfile.SYMTYPE, "0.png")])
+    ds, _ = fetch(path, tmp_path)
+    assert len(ds.y_train) == 2  # the link is neither read nor counted
+
+
+@pytest.mark.parametrize("name", ["../evil.png", "train/../../evil.png", "/evil.png"])
+def test_zip_member_escaping_the_target_is_refused(name, tmp_path):
+    path = tmp_path / "set.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("train/a/0.png", png_bytes())
+        zf.writestr("test/a/0.png", png_bytes())
+        zf.writestr(name, png_bytes())
+    assert_refused(path, tmp_path, repr(name), "refusing")
+
+
+def test_zip_symlink_pointing_outside_is_refused(tmp_path):
+    path = tmp_path / "set.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("train/a/0.png", png_bytes())
+        zf.writestr("test/a/0.png", png_bytes())
+        link = zipfile.ZipInfo("train/a/1.png")
+        link.external_attr = (stat.S_IFLNK | 0o777) << 16
+        zf.writestr(link, "../../../../etc/passwd")
+    assert_refused(path, tmp_path, "'train/a/1.png'", "points outside")
+
+
+@pytest.mark.parametrize("kind", ["dir", "tar.gz", "zip"])
+def test_class_folder_missing_from_test(kind, folder, tmp_path):
+    shutil.rmtree(folder.root / "test" / "dog")
+    source = _as(kind, folder.root, tmp_path)
+    assert_refused(source, tmp_path, "dog", "present in train/ but not in test/")
+
+
+@pytest.mark.parametrize("kind", ["dir", "tar.gz", "zip"])
+def test_empty_class_folder(kind, folder, tmp_path):
+    (folder.root / "train" / "bird").mkdir()  # a folder entry with no files
+    (folder.root / "test" / "bird").mkdir()
+    (folder.root / "test" / "bird" / "0.png").write_bytes(png_bytes())
+    source = _as(kind, folder.root, tmp_path)
+    assert_refused(source, tmp_path, "class folder train/bird is empty")
+
+
+@pytest.mark.parametrize("kind", ["dir", "tar.gz", "zip"])
+def test_unreadable_image(kind, folder, tmp_path):
+    (folder.root / "test" / "cat" / "broken.png").write_bytes(b"this is not a png")
+    source = _as(kind, folder.root, tmp_path)
+    msg = assert_refused(source, tmp_path, "unreadable image")
+    assert "test/cat/broken.png" in msg
+
+
+def test_no_image_folder_layout(tmp_path):
+    root = tmp_path / "flat"
+    root.mkdir()
+    (root / "0.png").write_bytes(png_bytes())
+    assert_refused(root, tmp_path, "no images found under train/<class>/")
+
+
+def _as(kind: str, root: Path, tmp_path: Path) -> Path:
+    if kind == "dir":
+        return root
+    if kind == "zip":
+        return make_zip(root, tmp_path / "set.zip")
+    return make_tar(root, tmp_path / "set.tar.gz")
+
+
+# ---------------------------------------------------------------- subsets
+
+
+def labels(per_class: list[int], seed: int = 0) -> np.ndarray:
+    y = np.repeat(np.arange(len(per_class)), per_class)
+    return np.random.default_rng(seed).permutation(y)
+
+
+def test_stratified_subset_counts_balance_and_seed():
+    y = labels([30] * 10)
+    idx = data.stratified_subset(y, 50, seed=0, key="data.train_subset")
+    assert len(idx) == 50 and len(np.unique(idx)) == 50
+    assert (np.diff(idx) > 0).all()  # sorted: the subset keeps the split's order
+    assert np.bincount(y[idx]).tolist() == [5] * 10
+    np.testing.assert_array_equal(idx, data.stratified_subset(y, 50, 0, "data.train_subset"))
+    assert not np.array_equal(idx, data.stratified_subset(y, 50, 1, "data.train_subset"))
+
+
+def test_stratified_subset_keeps_class_proportions():
+    y = labels([60, 30, 10])
+    idx = data.stratified_subset(y, 10, seed=0, key="data.train_subset")
+    assert np.bincount(y[idx]).tolist() == [6, 3, 1]
+
+
+def test_stratified_subset_none_or_everything_keeps_all_in_order():
+    y = labels([3, 3])
+    np.testing.assert_array_equal(data.stratified_subset(y, None, 0, "k"), np.arange(6))
+    np.testing.assert_array_equal(data.stratified_subset(y, 6, 0, "k"), np.arange(6))
+
+
+@pytest.mark.parametrize(
+    "per_class, count",
+    [([10] * 10, 95), ([10] * 10, 99), ([1, 5, 5], 6), ([1, 1, 8], 3)],
+    ids=["fewer-left-out-than-classes", "all-but-one", "single-image-class", "two-singletons"],
+)
+def test_stratified_subset_edge_counts(per_class, count):
+    # sklearn's train_test_split refuses these with a bare ValueError.
+    y = labels(per_class)
+    idx = data.stratified_subset(y, count, seed=0, key="data.train_subset")
+    assert len(idx) == count and len(np.unique(idx)) == count
+    share = np.array(per_class) * count / len(y)
+    assert (np.abs(np.bincount(y[idx], minlength=len(per_class)) - share) < 1).all()
+    np.testing.assert_array_equal(idx, data.stratified_subset(y, count, 0, "data.train_subset"))
+
+
+def _dataset(per_class_train, per_class_test) -> data.Dataset:
+    y_train, y_test = labels(per_class_train), labels(per_class_test, seed=1)
+    # every image's pixels hold its own label, so images and labels can be matched afterwards
+    x_train = np.broadcast_to(y_train[:, None, None, None], (len(y_train), 4, 4, 3))
+    x_test = np.broadcast_to(y_test[:, None, None, None], (len(y_test), 4, 4, 3))
+    classes = [f"c{i}" for i in range(len(per_class_train))]
+    return data.Dataset(x_train.astype(np.uint8), y_train, x_test.astype(np.uint8), y_test, classes)
+
+
+def test_subset_selects_images_with_their_labels():
+    ds = _dataset([20] * 4, [10] * 4)
+    sub = data.subset(ds, 8, 4, seed=3)
+    assert sub.x_train.shape == (8, 4, 4, 3) and sub.x_test.shape == (4, 4, 4, 3)
+    np.testing.assert_array_equal(sub.x_train[:, 0, 0, 0], sub.y_train)
+    np.testing.assert_array_equal(sub.x_test[:, 0, 0, 0], sub.y_test)
+    assert np.bincount(sub.y_train).tolist() == [2] * 4
+    assert np.bincount(sub.y_test).tolist() == [1] * 4
+    assert sub.classes == ds.classes
+    again = data.subset(ds, 8, 4, seed=3)
+    np.testing.assert_array_equal(again.x_train, sub.x_train)
+    assert data.subset(ds, None, None, seed=3).y_train.tolist() == ds.y_train.tolist()
+
+
+@pytest.mark.parametrize(
+    "train, test, needles",
+    [
+        (81, None, ["data.train_subset=81", "exceeds the 80 images"]),
+        (3, None, ["data.train_subset=3", "smaller than the 4 classes"]),
+        (None, 41, ["data.test_subset=41", "exceeds the 40 images"]),
+        (None, 2, ["data.test_subset=2", "smaller than the 4 classes"]),
+    ],
+)
+def test_subset_errors_name_the_key(train, test, needles):
+    with pytest.raises(DataError) as err:
+        data.subset(_dataset([20] * 4, [10] * 4), train, test, seed=0)
+    for needle in needles:
+        assert needle in str(err.value)
+
+
+# ---------------------------------------------------------------- prepared form
+
+
+def stats_dataset() -> data.Dataset:
+    """Train: channel 0 half 0 / half 255, channel 1 all 51, channel 2 all 255. Test differs."""
+    x_train = np.zeros((4, 2, 2, 3), dtype=np.uint8)
+    x_train[:2, ..., 0] = 255
+    x_train[..., 1] = 51
+    x_train[..., 2] = 255
+    x_test = np.full((3, 2, 2, 3), 7, dtype=np.uint8)
+    return data.Dataset(
+        x_train, np.array([0, 1, 0, 1]), x_test, np.array([1, 1, 0]), ["neg", "pos"]
+    )
+
+
+def test_save_and_load_prepared_round_trip(tmp_path):
+    ds = stats_dataset()
+    out = tmp_path / "data" / "prepared"
+    saved = data.save_prepared(ds, out, "made-up source")
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "test.npz", "train.npz"]
+    loaded = data.load_prepared(out)
+    for key in ("x_train", "y_train", "x_test", "y_test"):
+        np.testing.assert_array_equal(getattr(loaded, key), getattr(ds, key))
+        assert getattr(loaded, key).dtype == getattr(ds, key).dtype
+    assert loaded.classes == ["neg", "pos"]
+    assert loaded.mean == saved.mean and loaded.std == saved.std
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta == loaded.meta == saved.meta
+    assert meta["source"] == "made-up source"
+    assert (meta["num_train"], meta["num_test"], meta["image_size"]) == (4, 3, 2)
+    assert meta["train_per_class"] == [2, 2] and meta["test_per_class"] == [1, 2]
+    assert meta["fingerprint"] == data.fingerprint(ds)
+
+
+def test_mean_and_std_come_from_the_training_split_only(tmp_path):
+    saved = data.save_prepared(stats_dataset(), tmp_path / "prepared", "s")
+    assert saved.mean == pytest.approx((0.5, 0.2, 1.0), abs=1e-12)
+    assert saved.std == pytest.approx((0.5, 0.0, 0.0), abs=1e-7)
+    loaded = data.load_prepared(tmp_path / "prepared")
+    assert loaded.mean == saved.mean and loaded.std == saved.std
+
+
+def test_channel_stats_accumulate_over_chunks():
+    # More images than one 4096-image chunk, with a value that changes between chunks.
+    x = np.zeros((5000, 1, 1, 3), dtype=np.uint8)
+    x[4096:] = 255
+    mean, std = data.channel_stats(x)
+    p = 904 / 5000
+    assert mean == pytest.approx((p,) * 3, abs=1e-12)
+    assert std == pytest.approx((np.sqrt(p * (1 - p)),) * 3, abs=1e-9)
+
+
+def test_save_prepared_replaces_existing_output_atomically(tmp_path):
+    out = tmp_path / "prepared"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an older run")
+    old_umask = os.umask(0o022)
+    try:
+        data.save_prepared(stats_dataset(), out, "s")
+    finally:
+        os.umask(old_umask)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared"]  # no temp folder left
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "test.npz", "train.npz"]
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755  # the umask's mode, not mkdtemp's 0700
+
+
+def test_failed_save_keeps_the_old_output(tmp_path, monkeypatch):
+    out = tmp_path / "prepared"
+    data.save_prepared(stats_dataset(), out, "first")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real_savez = np.savez
+
+    def savez(path, **arrays):
+        if Path(path).name == "test.npz":
+            raise OSError("disk full")
+        real_savez(path, **arrays)
+
+    monkeypatch.setattr(data.np, "savez", savez)
+    with pytest.raises(OSError, match="disk full"):
+        data.save_prepared(stats_dataset(), out, "second")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared"]
+
+
+def test_failed_rename_puts_the_old_output_back(tmp_path, monkeypatch):
+    out = tmp_path / "prepared"
+    data.save_prepared(stats_dataset(), out, "first")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(dst) == out and Path(src).name.startswith(".prepared-"):
+            if not Path(src).name.endswith("-old"):
+                raise OSError("rename failed")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(data.os, "replace", replace)
+    with pytest.raises(OSError, match="rename failed"):
+        data.save_prepared(stats_dataset(), out, "second")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared"]
+
+
+def test_load_prepared_missing(tmp_path):
+    with pytest.raises(DataError) as err:
+        data.load_prepared(tmp_path / "prepared")
+    assert str(tmp_path / "prepared") in str(err.value)
+    assert "dvc repro download" in str(err.value)

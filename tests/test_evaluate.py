@@ -1,0 +1,103 @@
+import numpy as np
+import pytest
+import torch
+
+from onecycle import report, training
+from onecycle.config import ModelConfig
+from onecycle.engine import select_device
+from onecycle.evaluation import CheckpointError, evaluate_logits, load_checkpoint
+from onecycle.model import ResNet9, ResNetConfig
+
+CLASSES = ["cat", "dog", "bird"]
+CPU = select_device("cpu", 0)
+
+
+def _made_up():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    logits = torch.randn(300, 3)
+    logits[np.arange(300), torch.as_tensor(y)] += 1.5  # mostly right
+    return logits, y
+
+
+def test_metrics_agree_with_each_other():
+    logits, y = _made_up()
+    m, cm, pred, conf = evaluate_logits(logits, y, CLASSES)
+    correct = int((logits.argmax(1).numpy() == y).sum())
+    assert cm.sum() == len(y) == m["num_test"]
+    assert m["misclassified"] == len(y) - correct and m["correct"] == correct
+    assert m["accuracy"] == pytest.approx(correct / len(y))
+    for i, c in enumerate(CLASSES):
+        assert m["per_class"][c]["accuracy"] == pytest.approx(cm[i, i] / cm[i].sum())
+        assert m["per_class"][c]["recall"] == pytest.approx(cm[i, i] / cm[i].sum())
+        assert m["per_class"][c]["precision"] == pytest.approx(cm[i, i] / cm[:, i].sum())
+        assert m["per_class"][c]["support"] == int((y == i).sum())
+    assert m["loss"] == pytest.approx(
+        float(torch.nn.functional.cross_entropy(logits, torch.as_tensor(y)))
+    )
+    assert np.all((conf > 1 / 3) & (conf <= 1))
+    assert (pred == logits.argmax(1).numpy()).all()
+
+
+def test_a_perfect_model_scores_one():
+    y = np.array([0, 1, 2, 2, 1])
+    logits = torch.nn.functional.one_hot(torch.as_tensor(y), 3).float() * 10
+    m, cm, *_ = evaluate_logits(logits, y, CLASSES)
+    assert m["accuracy"] == 1.0 and m["misclassified"] == 0 and (cm == np.diag([1, 2, 2])).all()
+
+
+def _save(tmp_path, width=2, classes=CLASSES):
+    model = ResNet9(ResNetConfig(num_classes=len(classes), width=width))
+    training.save_weights(model, ModelConfig(width=width), classes, tmp_path / "model.pt")
+    return model
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = _save(tmp_path)
+    loaded = load_checkpoint(tmp_path / "model.pt", ModelConfig(width=2), CLASSES, CPU)
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    assert torch.allclose(model(x), loaded(x), atol=1e-5)
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="dvc repro train"):
+        load_checkpoint(tmp_path / "model.pt", ModelConfig(width=2), CLASSES, CPU)
+
+
+def test_checkpoint_of_another_width_or_class_count_is_refused(tmp_path):
+    _save(tmp_path, width=2)
+    with pytest.raises(CheckpointError, match="width: checkpoint 2 vs now 4"):
+        load_checkpoint(tmp_path / "model.pt", ModelConfig(width=4), CLASSES, CPU)
+    with pytest.raises(CheckpointError, match="num_classes"):
+        load_checkpoint(tmp_path / "model.pt", ModelConfig(width=2), CLASSES + ["fish"], CPU)
+
+
+def test_a_file_that_is_not_a_weights_only_checkpoint_is_refused(tmp_path):
+    (tmp_path / "model.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="weights-only"):
+        load_checkpoint(tmp_path / "model.pt", ModelConfig(width=2), CLASSES, CPU)
+
+
+def test_report_names_the_right_accuracy():
+    logits, y = _made_up()
+    m, *_ = evaluate_logits(logits, y, CLASSES)
+    lr = {"method": "valley", "max_lr": 0.2, "valley": 0.2, "steepest": 0.4, "min_div10": 0.05}
+    tr = {
+        "max_lr": 0.2,
+        "max_lr_source": "lr_find",
+        "epochs": 3,
+        "train_seconds": 12.0,
+        "images_per_sec": 900.0,
+        "train_acc": 0.5,
+    }
+    text = report.render(
+        lr,
+        tr,
+        m,
+        {"num_train": 600, "num_test": 300, "num_classes": 3},
+        [("LR range test", "lr_find.png")],
+    )
+    assert f"**Test accuracy: {100 * m['accuracy']:.2f}%**" in text
+    assert f"{m['misclassified']:,} of 300" in text
+    assert "![LR range test](lr_find.png)" in text

@@ -1,0 +1,154 @@
+import math
+
+import numpy as np
+import pytest
+
+from onecycle import lr_finder as lf
+from onecycle.engine import select_device
+from onecycle.schedule import sweep_lr, sweep_lrs
+
+# ------------------------------------------------------------------ the sweep formula
+
+
+def test_exp_sweep_matches_closed_form():
+    assert sweep_lrs(4, 1e-3, 1.0, "exp") == pytest.approx([1e-3, 1e-2, 1e-1, 1.0], rel=1e-12)
+    n, a, b = 100, 1e-7, 10.0
+    for i in (0, 1, 37, 99):
+        assert sweep_lr(i, n, a, b, "exp") == pytest.approx(a * (b / a) ** (i / (n - 1)), rel=1e-12)
+
+
+def test_linear_sweep_matches_closed_form():
+    # the seed write-ups' linear sweep, 0.001 to 0.065 in 5 steps
+    assert sweep_lrs(5, 0.001, 0.065, "linear") == pytest.approx(
+        [0.001, 0.017, 0.033, 0.049, 0.065], rel=1e-12
+    )
+
+
+def test_unknown_sweep_mode_is_refused():
+    with pytest.raises(ValueError, match="exp"):
+        sweep_lr(0, 10, 1e-3, 1, "cubic")
+
+
+def test_ema_is_bias_corrected():
+    # beta 0.5: avg 0.5 -> 1/0.5; 1.25 -> /0.75; 2.125 -> /0.875
+    assert lf.ema([1.0, 2.0, 3.0], 0.5) == pytest.approx([1.0, 1.25 / 0.75, 2.125 / 0.875])
+
+
+# ------------------------------------------------------------------ stops
+
+
+def _stepper(losses):
+    it = iter(losses)
+    return lambda lr: next(it)
+
+
+def test_sweep_stops_on_nan_and_does_not_record_it():
+    sweep = lf.run_sweep(_stepper([2.0, 1.9, float("nan"), 1.0]), [1e-3, 1e-2, 1e-1, 1.0], 0.9, 4.0)
+    assert sweep.stop == "non-finite"
+    assert sweep.lrs == [1e-3, 1e-2]
+    assert all(math.isfinite(v) for v in sweep.smooth)
+
+
+def test_sweep_stops_on_inf():
+    sweep = lf.run_sweep(_stepper([2.0, float("inf"), 1.0]), [1, 2, 3], 0.9, 4.0)
+    assert sweep.stop == "non-finite" and len(sweep.lrs) == 1
+
+
+def test_sweep_stops_when_smoothed_loss_diverges():
+    # beta 0: smoothed == raw. 10 > 4 * best (1.0) at the fourth step.
+    sweep = lf.run_sweep(_stepper([2.0, 1.0, 1.5, 10.0, 0.5, 0.5]), [1, 2, 3, 4, 5, 6], 0.0, 4.0)
+    assert sweep.stop == "diverged"
+    assert sweep.lrs == [1, 2, 3, 4]
+
+
+def test_sweep_runs_to_the_end_when_nothing_goes_wrong():
+    sweep = lf.run_sweep(_stepper([3.0, 2.0, 1.0]), [1, 2, 3], 0.5, 4.0, val_loss=lambda: 0.25)
+    assert sweep.stop == "completed" and sweep.val_losses == [0.25] * 3
+
+
+# ------------------------------------------------------------------ suggestions on made-up curves
+
+LRS = list(10 ** np.linspace(-4, 1, 101))
+
+
+def _curve():
+    """Flat at 2.0, a tanh-shaped fall centred on index 55 (steepest there), minimum at index 75,
+    then a steep rise."""
+    i = np.arange(101)
+    loss = 2.0 - 0.5 * np.tanh((i - 55) / 5.0)
+    loss[76:] += 0.2 * (i[76:] - 75)
+    return list(loss)
+
+
+def test_steepest_picks_the_steepest_fall():
+    assert lf.suggest_steepest(LRS, _curve()) == LRS[55]
+
+
+def test_min_div10_picks_a_tenth_of_the_minimum():
+    assert lf.suggest_min_div10(LRS, _curve()) == pytest.approx(LRS[75] / 10, rel=1e-12)
+
+
+def test_valley_follows_fastai():
+    # After fastai's trim (first 10 %, last 5) the curve is indices 10..95. The longest decreasing
+    # run is 10..75 (66 points, trimmed 0..65): fastai's max_start = 65 - 66 = -1, sections = 22,
+    # idx = -1 + 22 + 11 = 32 -> original index 42.
+    assert lf.suggest_valley(LRS, _curve()) == LRS[42]
+
+
+def test_valley_ignores_a_noisy_early_dip():
+    loss = _curve()
+    loss[12] = 1.0  # one freak low batch early on must not become the valley
+    assert LRS[30] < lf.suggest_valley(LRS, loss) < LRS[70]
+
+
+def test_choose_reports_median_min_and_max_over_seeds():
+    per_seed = [
+        {"valley": 0.1, "steepest": 0.3, "min_div10": 0.05},
+        {"valley": 0.3, "steepest": 0.2, "min_div10": 0.06},
+        {"valley": 0.2, "steepest": 0.1, "min_div10": 0.07},
+    ]
+    out = lf.choose(per_seed, "valley", (1e-4, 10))
+    assert out["max_lr"] == out["valley"] == pytest.approx(0.2)
+    assert (out["valley_min"], out["valley_max"]) == (0.1, 0.3)
+    assert out["steepest"] == pytest.approx(0.2) and out["min_div10"] == pytest.approx(0.06)
+
+
+def test_choose_refuses_a_value_outside_the_swept_range():
+    with pytest.raises(lf.LRFindError, match="outside the swept range"):
+        lf.choose([{"valley": 50.0, "steepest": 1.0, "min_div10": 1.0}], "valley", (1e-4, 10))
+    with pytest.raises(lf.LRFindError):
+        lf.choose(
+            [{"valley": float("nan"), "steepest": 1.0, "min_div10": 1.0}], "valley", (1e-4, 10)
+        )
+
+
+def test_curve_diverging_from_the_start_is_refused_with_advice():
+    sweep = lf.run_sweep(_stepper([2.0, 3.0, 50.0]), [1, 2, 3], 0.0, 4.0)
+    with pytest.raises(lf.LRFindError, match="lr_find.start_lr"):
+        lf.check_curve(sweep, 1e-4, 100)
+
+
+def test_flat_curve_is_refused_with_advice():
+    sweep = lf.run_sweep(_stepper([2.3] * 50), LRS[:50], 0.9, 4.0)
+    with pytest.raises(lf.LRFindError, match="end_lr"):
+        lf.check_curve(sweep, 1e-4, 50)
+
+
+def test_rising_curve_is_refused():
+    sweep = lf.run_sweep(_stepper(list(np.linspace(2.0, 3.0, 40))), LRS[:40], 0.0, 100.0)
+    with pytest.raises(lf.LRFindError, match="no usable descent"):
+        lf.check_curve(sweep, 1e-4, 40)
+
+
+# ------------------------------------------------------------------ the real range test
+
+
+def test_range_test_on_real_cifar_gives_a_sane_suggestion(tiny_data, tiny_params):
+    p = tiny_params
+    cfg = p.lr_find.model_copy(update={"num_iter": 60, "val_images": 64})
+    sweep = lf.range_test(cfg, p.train, p.model, tiny_data, select_device("cpu", 0), seed=0)
+    assert len(sweep.lrs) >= 20 and len(sweep.val_losses) == len(sweep.lrs)
+    assert sweep.lrs[0] == pytest.approx(cfg.start_lr)
+    lf.check_curve(sweep, cfg.start_lr, cfg.num_iter)
+    chosen = lf.choose([lf.suggestions(sweep)], "valley", (cfg.start_lr, sweep.lrs[-1]))["max_lr"]
+    assert 1e-3 <= chosen <= 10

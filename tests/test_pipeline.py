@@ -1,0 +1,253 @@
+"""End to end through DVC on real CIFAR-10 (tiny settings): what a user sees after `dvc repro`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from onecycle import paths
+
+from .conftest import ROOT, SHARED_CIFAR
+
+pytestmark = pytest.mark.slow
+
+TINY_PIPELINE = {
+    "base": {"device": "cpu"},
+    "data": {"source": str(SHARED_CIFAR), "train_subset": 1000, "test_subset": 500},
+    "model": {"width": 4},
+    "lr_find": {"num_iter": 40, "start_lr": 1e-3},
+    "train": {"epochs": 2, "batch_size": 64},
+}
+
+
+def _copy_repo(dest: Path) -> Path:
+    """The working tree as git sees it (tracked + untracked-not-ignored), committed in a new repo."""
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
+    for rel in filter(None, files):
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
+        subprocess.run(cmd, cwd=dest, check=True, env=env)
+    return dest
+
+
+def _set_params(repo: Path, overrides: dict) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for section, values in overrides.items():
+        params[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _env(repo: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["PYTHONPATH"] = str(repo)  # the copy's code, not the editable install's
+    return env
+
+
+def _run(repo: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        list(args), cwd=repo, env=_env(repo), capture_output=True, text=True, timeout=900
+    )
+    if ok and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
+    return proc
+
+
+def _runs(repo: Path):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / paths.MLFLOW_DB}")
+    exps = client.search_experiments()
+    return client, client.search_runs([e.experiment_id for e in exps])
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    repo = _copy_repo(tmp_path_factory.mktemp("repo"))
+    _set_params(repo, TINY_PIPELINE)
+    subprocess.run(
+        ["git", "commit", "-qam", "tiny"],
+        cwd=repo,
+        check=True,
+        env={
+            **os.environ,
+            **_env(repo),
+            "GIT_AUTHOR_NAME": "t",
+            "GIT_AUTHOR_EMAIL": "t@t",
+            "GIT_COMMITTER_NAME": "t",
+            "GIT_COMMITTER_EMAIL": "t@t",
+        },
+    )
+    t0 = time.perf_counter()
+    _run(repo, "dvc", "repro")
+    print(f"tiny dvc repro: {time.perf_counter() - t0:.0f} s")
+    return repo
+
+
+def test_every_declared_output_is_written(pipeline):
+    for p in (
+        paths.MODEL,
+        paths.TRAIN_METRICS,
+        paths.TRAIN_HISTORY,
+        paths.TRAIN_SCHEDULE,
+        paths.TRAIN_RUN,
+        paths.LR_FIND_METRICS,
+        paths.LR_FIND_CURVE,
+        paths.LR_FIND_RUN,
+        paths.EVAL_METRICS,
+        paths.PREDICTIONS,
+        paths.REPORT,
+        paths.DATA_METRICS,
+    ):
+        assert (pipeline / p).exists(), p
+    pngs = sorted(f.name for f in (pipeline / paths.PLOTS_DIR).glob("*.png"))
+    assert pngs == sorted(
+        [
+            "lr_find.png",
+            "history.png",
+            "schedule.png",
+            "confusion_matrix.png",
+            "per_class_accuracy.png",
+            "misclassified.png",
+            "augmented.png",
+        ]
+    )
+    assert not (pipeline / paths.RESUME_STATE).exists()
+
+
+def test_outputs_agree(pipeline):
+    lr = json.loads((pipeline / paths.LR_FIND_METRICS).read_text())
+    train = json.loads((pipeline / paths.TRAIN_METRICS).read_text())
+    ev = json.loads((pipeline / paths.EVAL_METRICS).read_text())
+    assert (
+        train["max_lr"] == lr["max_lr"] == lr[lr["method"]] and train["max_lr_source"] == "lr_find"
+    )
+    assert ev["num_test"] == 500 and ev["misclassified"] == 500 - ev["correct"]
+    assert ev["accuracy"] == pytest.approx(train["test_acc"], abs=1e-6)
+    rows = (pipeline / paths.PREDICTIONS).read_text().splitlines()
+    assert rows[0].startswith("index,actual,predicted") and len(rows) == 501
+    assert (
+        f"**Test accuracy: {100 * ev['accuracy']:.2f}%**" in (pipeline / paths.REPORT).read_text()
+    )
+
+
+def test_mlflow_holds_both_runs_with_params_curves_and_figures(pipeline):
+    client, runs = _runs(pipeline)
+    by_stage = {r.data.tags["dvc.stage"]: r for r in runs}
+    assert set(by_stage) == {"lr_find", "train"} and all(r.info.status == "FINISHED" for r in runs)
+    lr_run, train_run = by_stage["lr_find"], by_stage["train"]
+    assert lr_run.data.params["lr_find.num_iter"] == "40"
+    assert len(client.get_metric_history(lr_run.info.run_id, "smooth_loss")) >= 10
+    assert "figures/lr_find.png" in [
+        a.path for a in client.list_artifacts(lr_run.info.run_id, "figures")
+    ]
+    assert train_run.data.tags["lr_find_run_id"] == lr_run.info.run_id
+    assert (
+        train_run.data.params["max_lr_source"] == "lr_find" and train_run.data.params["parameters"]
+    )
+    assert [m.step for m in client.get_metric_history(train_run.info.run_id, "test_acc")] == [1, 2]
+    assert (
+        "eval.accuracy" in train_run.data.metrics
+        and train_run.data.tags.get("plots.done") == "true"
+    )
+    figs = {a.path for a in client.list_artifacts(train_run.info.run_id, "figures")}
+    assert {
+        "figures/history.png",
+        "figures/confusion_matrix.png",
+        "figures/misclassified.png",
+    } <= figs
+    ref = json.loads((pipeline / paths.TRAIN_RUN).read_text())
+    assert ref["run_id"] == train_run.info.run_id
+
+
+def test_second_repro_runs_nothing(pipeline):
+    out = _run(pipeline, "dvc", "repro").stdout
+    assert "Running stage" not in out, out
+
+
+def test_plots_show_renders(pipeline):
+    out = pipeline / "dvc_plots_test"
+    _run(pipeline, "dvc", "plots", "show", "-o", str(out))
+    html = (out / "index.html").read_text()
+    assert "LR range test" in html and "Confusion matrix" in html
+
+
+def test_max_lr_override_reruns_train_not_lr_find(pipeline):
+    proc = _run(pipeline, "dvc", "exp", "run", "-S", "train.max_lr=0.05")
+    out = proc.stdout
+    assert "Running stage 'train'" in out and "Running stage 'lr_find'" not in out
+    assert "Running stage 'download'" not in out
+    train = json.loads((pipeline / paths.TRAIN_METRICS).read_text())
+    assert train["max_lr"] == 0.05 and train["max_lr_source"] == "params"
+    _, runs = _runs(pipeline)
+    latest = max(
+        (r for r in runs if r.data.tags["dvc.stage"] == "train"), key=lambda r: r.info.start_time
+    )
+    assert latest.data.params["max_lr_used"] == "0.05" and latest.data.tags.get("dvc.exp_name")
+
+
+def test_a_typo_given_to_exp_run_fails_loudly(pipeline):
+    proc = _run(pipeline, "dvc", "exp", "run", "-S", "train.max_lrr=0.05", ok=False)
+    assert proc.returncode != 0
+    assert "train.max_lrr" in proc.stderr + proc.stdout
+    subprocess.run(["git", "checkout", "params.yaml"], cwd=pipeline, check=True)
+
+
+def test_sigterm_leaves_a_resumable_state_and_a_killed_run(pipeline):
+    _set_params(pipeline, {"train": {"epochs": 3, "max_lr": 0.07}})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stages.train"],
+        cwd=pipeline,
+        env=_env(pipeline),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    for line in proc.stdout:  # wait for the first epoch to finish, then stop it mid-run
+        if line.startswith("epoch 1:"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert (pipeline / paths.RESUME_STATE).exists()
+    _, runs = _runs(pipeline)
+    killed = max(
+        (r for r in runs if r.data.tags["dvc.stage"] == "train"), key=lambda r: r.info.start_time
+    )
+    assert killed.info.status == "KILLED"
+    out = _run(pipeline, sys.executable, "-m", "stages.train").stdout
+    assert "resuming from" in out and not (pipeline / paths.RESUME_STATE).exists()
+    _, runs = _runs(pipeline)
+    resumed = next(r for r in runs if r.info.run_id == killed.info.run_id)
+    assert resumed.info.status == "FINISHED" and resumed.data.tags.get("resumed") == "true"
+    subprocess.run(["git", "checkout", "params.yaml"], cwd=pipeline, check=True)
