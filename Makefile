@@ -12,7 +12,7 @@ QUICK := -S data.source=$(SHARED_CIFAR) -S model.width=16 -S train.batch_size=25
 
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: env repro quick test test-fast lint format mlflow-ui clean
+.PHONY: env repro quick test test-fast lint format mlflow-ui ci-pipeline ci-baseline clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,21 @@ format: $(STAMP)
 
 mlflow-ui: $(STAMP)  ## browse the runs at http://127.0.0.1:5000
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+# CI (see .ci/run): the quick run through DVC, the metric gate, then the max_lr override path.
+CI_OVERRIDE_LR := 0.2
+ci-pipeline: $(STAMP)
+	dvc exp run -n ci-quick-$$(date +%s) $(QUICK)
+	dvc exp show --no-pager --drop 'Created|State|Executor' --keep 'accuracy|max_lr|test_acc|train_seconds|seed'
+	python ci/gate.py
+	dvc exp run -n ci-override-$$(date +%s) -S train.max_lr=$(CI_OVERRIDE_LR) | tee /tmp/onecycle-override.log
+	! grep -q "Running stage 'lr_find'" /tmp/onecycle-override.log  # the override never reruns lr_find
+	python ci/gate.py --expect-max-lr $(CI_OVERRIDE_LR)
+
+# Deliberately replace ci/baseline.json's metrics with a fresh quick run's (tolerances are kept).
+ci-baseline: $(STAMP)
+	dvc exp run $(QUICK)
+	python ci/gate.py --update
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -69,7 +69,7 @@ def history_figure(epochs, train_loss, test_loss, train_acc, test_acc) -> Figure
             f"{100 * te[1][-1]:.2f}%",
             (te[0][-1], 100 * te[1][-1]),
             textcoords="offset points",
-            xytext=(-10, 8),
+            xytext=(-8, -14),
             ha="right",
         )
     ax2.set(title="Accuracy per epoch", xlabel="epoch", ylabel="accuracy (%)")

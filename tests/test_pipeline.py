@@ -251,3 +251,123 @@ def test_sigterm_leaves_a_resumable_state_and_a_killed_run(pipeline):
     resumed = next(r for r in runs if r.info.run_id == killed.info.run_id)
     assert resumed.info.status == "FINISHED" and resumed.data.tags.get("resumed") == "true"
     subprocess.run(["git", "checkout", "params.yaml"], cwd=pipeline, check=True)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_ui_serves_the_runs_through_its_rest_api(pipeline):
+    import urllib.parse
+    import urllib.request
+
+    port = _free_port()
+    server = subprocess.Popen(
+        [
+            "mlflow",
+            "ui",
+            "--backend-store-uri",
+            f"sqlite:///{pipeline / paths.MLFLOW_DB}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        cwd=pipeline,
+        env=_env(pipeline),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+
+    def get(endpoint, **query):
+        with urllib.request.urlopen(
+            f"{base}/{endpoint}?{urllib.parse.urlencode(query)}", timeout=10
+        ) as r:
+            return json.loads(r.read())
+
+    try:
+        for _ in range(120):  # up to 60 s to start
+            try:
+                exps = get("experiments/search", max_results=10)["experiments"]
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise AssertionError("mlflow ui did not answer within 60 s")
+        exp_id = next(e["experiment_id"] for e in exps if e["name"] == "cifar10-onecycle")
+        req = urllib.request.Request(
+            f"{base}/runs/search",
+            method="POST",
+            headers={"Content-Type": "application/json"},
+            data=json.dumps({"experiment_ids": [exp_id], "max_results": 100}).encode(),
+        )
+        with urllib.request.urlopen(req, timeout=10) as r:
+            runs = json.loads(r.read())["runs"]
+        tag = {
+            r["info"]["run_id"]: {t["key"]: t["value"] for t in r["data"].get("tags", [])}
+            for r in runs
+        }
+        stages = {tag[r["info"]["run_id"]]["dvc.stage"] for r in runs}
+        assert {"lr_find", "train"} <= stages
+        train = next(
+            r
+            for r in runs
+            if tag[r["info"]["run_id"]]["dvc.stage"] == "train"
+            and "eval.accuracy" in {m["key"] for m in r["data"].get("metrics", [])}
+        )
+        rid = train["info"]["run_id"]
+        params = {p["key"]: p["value"] for p in train["data"]["params"]}
+        assert params["train.epochs"] and params["max_lr_used"]
+        hist = get("metrics/get-history", run_id=rid, metric_key="train_loss")["metrics"]
+        assert [m["step"] for m in hist] == list(range(1, len(hist) + 1)) and len(hist) >= 2
+        files = {f["path"] for f in get("artifacts/list", run_id=rid, path="figures")["files"]}
+        assert {
+            "figures/history.png",
+            "figures/confusion_matrix.png",
+            "figures/lr_find.png",
+        } <= files
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_queued_experiments_record_into_the_one_store(pipeline):
+    names = [f"q-lr-{lr}" for lr in ("0.03", "0.06")]
+    for name, lr in zip(names, ("0.03", "0.06"), strict=True):
+        _run(pipeline, "dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.max_lr={lr}")
+    _run(pipeline, "dvc", "queue", "start", "-j", "2")
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        status = _run(pipeline, "dvc", "queue", "status").stdout
+        if all(f"{n}" in status for n in names) and not any(
+            s in status for s in ("Running", "Queued")
+        ):
+            break
+        time.sleep(5)
+    assert status.count("Success") >= 2, status
+    _, runs = _runs(pipeline)
+    exp_names = {
+        r.data.tags.get("dvc.exp_name") for r in runs if r.data.tags["dvc.stage"] == "train"
+    }
+    assert set(names) <= exp_names
+    shown = json.loads(_run(pipeline, "dvc", "exp", "show", "--json").stdout)
+    text = json.dumps(shown)
+    for n in names:
+        assert n in text
+    assert (
+        '"max_lr": 0.03' in text and '"max_lr": 0.06' in text
+    )  # their metrics, not only their names
+    strays = [
+        p
+        for p in (pipeline / ".dvc" / "tmp").rglob("*")
+        if p.name in ("mlflow.db", "mlruns", "mlartifacts")
+    ]
+    assert not strays, strays
