@@ -45,15 +45,20 @@ format: $(STAMP)
 mlflow-ui: $(STAMP)  ## browse the runs at http://127.0.0.1:5000
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
+# The experiments side by side: test accuracy, both max_lr values, where train's came from.
+EXP_TABLE := dvc exp show --md --no-pager --drop '.*' \
+	--keep 'Experiment|accuracy$$|.*:max_lr$$|max_lr_source|train_seconds|train.epochs|train.max_lr|base.seed'
+
 # CI (see .ci/run): the quick run through DVC, the metric gate, then the max_lr override path.
 CI_OVERRIDE_LR := 0.2
 ci-pipeline: $(STAMP)
 	dvc exp run -n ci-quick-$$(date +%s) $(QUICK)
-	dvc exp show --no-pager --drop 'Created|State|Executor' --keep 'accuracy|max_lr|test_acc|train_seconds|seed'
+	$(EXP_TABLE)
 	python ci/gate.py
 	dvc exp run -n ci-override-$$(date +%s) -S train.max_lr=$(CI_OVERRIDE_LR) | tee /tmp/onecycle-override.log
 	! grep -q "Running stage 'lr_find'" /tmp/onecycle-override.log  # the override never reruns lr_find
 	python ci/gate.py --expect-max-lr $(CI_OVERRIDE_LR)
+	$(EXP_TABLE)
 
 # Deliberately replace ci/baseline.json's metrics with a fresh quick run's (tolerances are kept).
 ci-baseline: $(STAMP)

@@ -79,14 +79,27 @@ def history_figure(epochs, train_loss, test_loss, train_acc, test_acc) -> Figure
     return fig
 
 
-def schedule_figure(steps, lrs, momentums, steps_per_epoch: int | None = None) -> Figure:
+def _column(rows: Sequence[dict], key: str) -> list[float | None]:
+    return [None if r.get(key) in ("", None) else float(r[key]) for r in rows]
+
+
+def history_figure_from_rows(rows: Sequence[dict]) -> Figure:
+    """From metrics/train_history.csv rows (or training.epoch_rows)."""
+    return history_figure(
+        [int(float(r["epoch"])) for r in rows],
+        *(_column(rows, k) for k in ("train_loss", "test_loss", "train_acc", "test_acc")),
+    )
+
+
+def schedule_figure(rows: Sequence[dict]) -> Figure:
+    """LR and momentum of every step taken, from metrics/train_schedule.csv rows."""
     fig, ax1 = plt.subplots(figsize=(8, 4.2), layout="constrained")
-    x = np.asarray(steps, float) / steps_per_epoch if steps_per_epoch else np.asarray(steps)
-    ax1.plot(x, lrs, color="C0", lw=2, label="learning rate")
-    ax1.set_xlabel("epoch" if steps_per_epoch else "step")
+    x = _column(rows, "epoch")
+    ax1.plot(x, _column(rows, "lr"), color="C0", lw=2, label="learning rate")
+    ax1.set_xlabel("epoch")
     ax1.set_ylabel("learning rate", color="C0")
     ax2 = ax1.twinx()
-    ax2.plot(x, momentums, color="C1", lw=2, ls="--", label="momentum")
+    ax2.plot(x, _column(rows, "momentum"), color="C1", lw=2, ls="--", label="momentum")
     ax2.set_ylabel("momentum", color="C1")
     ax1.set_title("Schedule over the steps taken (stepped every batch)")
     ax1.grid(True, alpha=0.3)
@@ -171,3 +184,35 @@ def per_class_accuracy_figure(acc: dict[str, float]) -> Figure:
     )
     ax.legend(loc="lower right")
     return fig
+
+
+def augmented_figure(images: np.ndarray, labels: Sequence[int], classes: Sequence[str]) -> Figure:
+    return image_grid(
+        images, [classes[i] for i in labels], "Augmented training images (as the model sees them)"
+    )
+
+
+def lr_find_figure_from_rows(rows: Sequence[dict], lr_find: dict, log_x: bool = True) -> Figure:
+    """From metrics/lr_find_curve.csv rows (one seed) and metrics/lr_find.json."""
+    return lr_find_figure(
+        _column(rows, "lr"),
+        _column(rows, "loss"),
+        _column(rows, "smooth_loss"),
+        {m: lr_find[m] for m in ("valley", "steepest", "min_div10")},
+        lr_find["method"],
+        _column(rows, "val_loss") if rows and "val_loss" in rows[0] else None,
+        log_x=log_x,
+    )
+
+
+def misclassified_figure(x_test: np.ndarray, rows: Sequence[dict], count: int) -> Figure:
+    """The most confident mistakes, from metrics/predictions.csv rows (index, actual, predicted,
+    confidence)."""
+    wrong = [r for r in rows if r["actual"] != r["predicted"]]
+    shown = sorted(wrong, key=lambda r: -float(r["confidence"]))[:count]
+    return image_grid(
+        x_test[[int(r["index"]) for r in shown]],
+        [f"{r['actual']}\n→ {r['predicted']} {100 * float(r['confidence']):.0f}%" for r in shown],
+        f"Misclassified test images, most confident first ({len(wrong):,} of {len(rows):,} wrong)",
+        colors=["firebrick"] * len(shown),
+    )

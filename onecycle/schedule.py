@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 
@@ -51,15 +49,3 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg, max_lr: float, steps_
             optimizer, step_size=cfg.step_size * steps_per_epoch, gamma=cfg.gamma
         )
     raise ValueError(f"unknown schedule {cfg.schedule!r}")
-
-
-def initial_momentum(cfg) -> float:
-    """Momentum the optimizer starts with (OneCycleLR overwrites it when it cycles)."""
-    return (
-        cfg.max_momentum if cfg.schedule == "onecycle" and cfg.cycle_momentum else cfg.max_momentum
-    )
-
-
-def onecycle_peak_step(cfg, steps_per_epoch: int) -> int:
-    """Step index at which OneCycleLR reaches max_lr (torch: float(pct_start * total) - 1)."""
-    return int(math.floor(cfg.pct_start * cfg.epochs * steps_per_epoch)) - 1

@@ -39,17 +39,15 @@ def setup(root: Path | None = None) -> str:
 
     _quiet_mlflow()
     root = root or repo_root()
+    # Read before set_tracking_uri, which exports MLFLOW_TRACKING_URI itself.
+    user_store = bool(os.environ.get("MLFLOW_TRACKING_URI"))
     mlflow.set_tracking_uri(tracking_uri(root))
     exp = mlflow.get_experiment_by_name(EXPERIMENT)
     if exp is not None:
         exp_id = exp.experiment_id
     else:
         # An explicit artifact root: MLflow's default (./mlruns) follows the working directory.
-        location = (
-            None
-            if os.environ.get("MLFLOW_TRACKING_URI")
-            else (root / paths.MLFLOW_ARTIFACTS).as_uri()
-        )
+        location = None if user_store else (root / paths.MLFLOW_ARTIFACTS).as_uri()
         try:
             exp_id = mlflow.create_experiment(EXPERIMENT, artifact_location=location)
         except Exception:  # created meanwhile by a parallel queued experiment

@@ -9,10 +9,9 @@ import signal
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -61,7 +60,6 @@ class Result:
     schedule: list[tuple[int, float, float]]  # (step, lr, momentum) for every step taken
     resumed_from: tuple[int, int] | None  # (epoch, batch) the run continued from
     seconds: float
-    extra: dict = field(default_factory=dict)
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -295,7 +293,7 @@ def fit(
                 on_epoch(stats)
             if not last:
                 save_state(epoch + 1, 0, {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0})
-    return Result(model, history, schedule, resumed, time.perf_counter() - t_start, extra)
+    return Result(model, history, schedule, resumed, time.perf_counter() - t_start)
 
 
 def save_weights(
@@ -317,11 +315,32 @@ def save_weights(
 
 
 def epoch_rows(history: list[EpochStats]) -> list[dict]:
+    """Per-epoch rows as written to metrics/train_history.csv (None -> empty cell)."""
     return [{k: ("" if v is None else v) for k, v in asdict(h).items()} for h in history]
 
 
-def seeded_sample(n: int, count: int, seed: int) -> np.ndarray:
-    return np.sort(np.random.default_rng(seed).choice(n, size=min(count, n), replace=False))
+def schedule_rows(result: Result) -> list[dict]:
+    """Every step taken, as written to metrics/train_schedule.csv."""
+    per_epoch = len(result.schedule) // len(result.history)
+    return [
+        {"step": s, "epoch": s / per_epoch, "lr": lr, "momentum": m} for s, lr, m in result.schedule
+    ]
+
+
+def summary(result: Result, max_lr: float, lr_source: str) -> dict:
+    """metrics/train.json: the final epoch and where the max LR came from."""
+    last, h = result.history[-1], result.history
+    return {
+        "test_acc": last.test_acc,
+        "test_loss": last.test_loss,
+        "train_acc": last.train_acc,
+        "train_loss": last.train_loss,
+        "max_lr": max_lr,
+        "max_lr_source": lr_source,
+        "epochs": len(h),
+        "train_seconds": sum(e.epoch_seconds for e in h),
+        "images_per_sec": sum(e.images_per_sec for e in h) / len(h),
+    }
 
 
 def resolve_max_lr(

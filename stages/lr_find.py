@@ -73,16 +73,8 @@ def main() -> None:
         cli.write_csv(paths.LR_FIND_CURVE, rows)
         cli.write_json(paths.LR_FIND_METRICS, metrics)
         mlflow.log_metrics({k: v for k, v in result.items() if isinstance(v, float)})
-        first = sweeps[0]
-        fig = figures.lr_find_figure(
-            first.lrs,
-            first.losses,
-            first.smooth,
-            per_seed[0],
-            cfg.suggestion,
-            first.val_losses or None,
-            log_x=cfg.mode == "exp",
-        )
+        seed0 = [r for r in rows if r["seed"] == params.base.seed]
+        fig = figures.lr_find_figure_from_rows(seed0, metrics, log_x=cfg.mode == "exp")
         tracking.log_figure(fig, "lr_find.png")
         for f in ("params.yaml", paths.LR_FIND_METRICS, paths.LR_FIND_CURVE):
             mlflow.log_artifact(str(f))

@@ -79,64 +79,27 @@ def main() -> None:
             on_epoch=log_epoch,
         )
         training.save_weights(result.model, params.model, data.classes, paths.MODEL)
-
-        last = result.history[-1]
-        metrics = {
-            "test_acc": last.test_acc,
-            "test_loss": last.test_loss,
-            "train_acc": last.train_acc,
-            "train_loss": last.train_loss,
-            "max_lr": max_lr,
-            "max_lr_source": lr_source,
-            "epochs": len(result.history),
-            "train_seconds": sum(h.epoch_seconds for h in result.history),
-            "images_per_sec": sum(h.images_per_sec for h in result.history) / len(result.history),
-        }
+        metrics = training.summary(result, max_lr, lr_source)
+        history, schedule = training.epoch_rows(result.history), training.schedule_rows(result)
         cli.write_json(paths.TRAIN_METRICS, metrics)
-        cli.write_csv(paths.TRAIN_HISTORY, training.epoch_rows(result.history))
-        steps_per_epoch = len(result.schedule) // len(result.history)
-        cli.write_csv(
-            paths.TRAIN_SCHEDULE,
-            [
-                {"step": s, "epoch": s / steps_per_epoch, "lr": lr, "momentum": m}
-                for s, lr, m in result.schedule
-            ],
-        )
+        cli.write_csv(paths.TRAIN_HISTORY, history)
+        cli.write_csv(paths.TRAIN_SCHEDULE, schedule)
 
-        h = result.history
-        tracking.log_figure(
-            figures.history_figure(
-                [e.epoch for e in h],
-                [e.train_loss for e in h],
-                [e.test_loss for e in h],
-                [e.train_acc for e in h],
-                [e.test_acc for e in h],
-            ),
-            "history.png",
-        )
-        steps, lrs, moms = zip(*result.schedule, strict=True)
-        tracking.log_figure(
-            figures.schedule_figure(steps, lrs, moms, steps_per_epoch), "schedule.png"
-        )
         transform = train_transform(cfg.augment, data.x_train.shape[1], data.mean, data.std)
         images, labels = augmented_samples(
             data.x_train, data.y_train, transform, data.mean, data.std, seed
         )
-        tracking.log_figure(
-            figures.image_grid(
-                images,
-                [data.classes[i] for i in labels],
-                "Augmented training images (as the model sees them)",
-            ),
-            "augmented.png",
-        )
+        tracking.log_figure(figures.history_figure_from_rows(history), "history.png")
+        tracking.log_figure(figures.schedule_figure(schedule), "schedule.png")
+        tracking.log_figure(figures.augmented_figure(images, labels, data.classes), "augmented.png")
         for f in ("params.yaml", paths.TRAIN_METRICS, paths.TRAIN_HISTORY):
             mlflow.log_artifact(str(f))
         tracking.write_run_ref(paths.TRAIN_RUN, run)
     paths.RESUME_STATE.unlink(missing_ok=True)
-    acc = f"{100 * last.test_acc:.2f}%" if last.test_acc is not None else "n/a"
+    acc = "n/a" if metrics["test_acc"] is None else f"{100 * metrics['test_acc']:.2f}%"
     print(
-        f"train: test accuracy {acc} after {len(h)} epochs, max_lr {max_lr:.4g} ({lr_source}), {metrics['train_seconds']:.0f}s"
+        f"train: test accuracy {acc} after {metrics['epochs']} epochs, "
+        f"max_lr {max_lr:.4g} ({lr_source}), {metrics['train_seconds']:.0f}s of training"
     )
 
 

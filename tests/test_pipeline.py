@@ -188,6 +188,8 @@ def test_mlflow_holds_both_runs_with_params_curves_and_figures(pipeline):
     } <= figs
     ref = json.loads((pipeline / paths.TRAIN_RUN).read_text())
     assert ref["run_id"] == train_run.info.run_id
+    for run in runs:  # artifacts at the repository root, whatever the working directory was
+        assert run.info.artifact_uri.startswith((pipeline / paths.MLFLOW_ARTIFACTS).as_uri())
 
 
 def test_second_repro_runs_nothing(pipeline):
@@ -371,3 +373,4 @@ def test_queued_experiments_record_into_the_one_store(pipeline):
         if p.name in ("mlflow.db", "mlruns", "mlartifacts")
     ]
     assert not strays, strays
+    assert not (pipeline / "mlruns").exists()
