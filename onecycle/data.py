@@ -431,7 +431,7 @@ def fetch(
         return _official_sized(read_official(path, spec), image_size), f"{source} (md5 {spec.md5})"
 
     path = Path(source).expanduser()
-    path = path if path.is_absolute() else root / path
+    path = (path if path.is_absolute() else root / path).resolve()
     if not path.exists():
         raise DataError(
             f"data.source: {path} does not exist; give cifar10, cifar100, the official archive's "
