@@ -132,7 +132,7 @@ def load_resume(path: Path, key: dict) -> dict | None:
     if not Path(path).exists():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ResumeMismatch(
             f"{path} is unreadable ({exc}); delete it to start over: rm {path}"

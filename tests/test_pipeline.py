@@ -219,9 +219,13 @@ def test_max_lr_override_reruns_train_not_lr_find(pipeline):
 
 
 def test_a_typo_given_to_exp_run_fails_loudly(pipeline):
-    proc = _run(pipeline, "dvc", "exp", "run", "-S", "train.max_lrr=0.05", ok=False)
+    # DVC refuses `-S train.max_lrr=...` itself (the key does not exist); `+` makes DVC add it,
+    # and then the train stage's own check must stop it before any work.
+    proc = _run(pipeline, "dvc", "exp", "run", "-S", "+train.max_lrr=0.05", ok=False)
+    out = proc.stderr + proc.stdout
     assert proc.returncode != 0
-    assert "train.max_lrr" in proc.stderr + proc.stdout
+    assert "train.max_lrr: unknown key" in out and "Running stage 'train'" in out
+    assert "epoch 1" not in out
     subprocess.run(["git", "checkout", "params.yaml"], cwd=pipeline, check=True)
 
 
