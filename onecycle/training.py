@@ -59,7 +59,6 @@ class Result:
     history: list[EpochStats]
     schedule: list[tuple[int, float, float]]  # (step, lr, momentum) for every step taken
     resumed_from: tuple[int, int] | None  # (epoch, batch) the run continued from
-    seconds: float
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -76,8 +75,9 @@ def atomic_save(obj, path: Path) -> None:
             os.unlink(tmp)
 
 
-def _momentum(group: dict) -> float:
-    return float(group["momentum"] if "momentum" in group else group.get("betas", (0,))[0])
+def _fresh_totals() -> dict:
+    """Running sums of one epoch (saved with a mid-epoch resume state)."""
+    return {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
 
 
 class _StopFlag:
@@ -211,11 +211,10 @@ def fit(
         )
 
     stop = _StopFlag()
-    t_start = time.perf_counter()
     model.train()
     with stop.installed():
         for epoch in range(start_epoch, cfg.epochs):
-            run = running or {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+            run = running or _fresh_totals()
             running = None
             sampler.epoch, sampler.start = epoch, (start_batch if epoch == start_epoch else 0)
             bar = tqdm(
@@ -230,7 +229,7 @@ def fit(
             for b, (x, y) in enumerate(loader, start=sampler.start):
                 x, y = to_device(x, y, dev)
                 group = optimizer.param_groups[0]
-                lr, mom = float(group["lr"]), _momentum(group)
+                lr, mom = float(group["lr"]), float(group["momentum"])
                 loss, correct = train_step(model, optimizer, scaler, x, y, dev)
                 loss_v = float(loss)
                 step = epoch * steps_per_epoch + b
@@ -292,8 +291,8 @@ def fit(
             if on_epoch:
                 on_epoch(stats)
             if not last:
-                save_state(epoch + 1, 0, {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0})
-    return Result(model, history, schedule, resumed, time.perf_counter() - t_start)
+                save_state(epoch + 1, 0, _fresh_totals())
+    return Result(model, history, schedule, resumed)
 
 
 def save_weights(
