@@ -24,16 +24,19 @@ def main() -> int:
     ap.add_argument(
         "--update", action="store_true", help="deliberately replace the baseline's metrics"
     )
+    ap.add_argument(
+        "--root", type=Path, default=ROOT, help="the workspace to check (default: this repo)"
+    )
     args = ap.parse_args()
     baseline = json.loads(BASELINE.read_text())
     if args.update:
-        new = updated_baseline(baseline, ROOT)
+        new = updated_baseline(baseline, args.root)
         BASELINE.write_text(json.dumps(new, indent=2) + "\n")
         print(
             f"{BASELINE.relative_to(ROOT)}: metrics {baseline['metrics']} -> {new['metrics']}; commit it"
         )
         return 0
-    checks = run_checks(ROOT, baseline, args.expect_max_lr)
+    checks = run_checks(args.root, baseline, args.expect_max_lr)
     print(table(checks))
     failed = [c for c in checks if not c.ok]
     for c in failed:

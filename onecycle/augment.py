@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 from .config import AugmentConfig
+from .prepared import Prepared
+from .preprocess import to_tensor
 
 
 def train_transform(
@@ -43,18 +45,6 @@ def train_transform(
         )
     steps.append(A.Normalize(mean=mean, std=std, max_pixel_value=255.0))
     return A.Compose(steps)
-
-
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """(N, H, W, C) float -> (N, C, H, W) view, already channels_last in memory."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-
-
-def normalize(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """Test-time preprocessing of a uint8 batch: only normalized, vectorised over the batch."""
-    m = np.asarray(mean, np.float32) * 255.0
-    s = np.asarray(std, np.float32) * 255.0
-    return to_tensor((x.astype(np.float32) - m) / s)
 
 
 class AugmentedBatches(torch.utils.data.Dataset):
@@ -121,12 +111,13 @@ def batch_loader(
 
 
 def augmented_samples(
-    x: np.ndarray, y: np.ndarray, transform: A.Compose, mean, std, seed: int, n: int = 32
-):
+    data: Prepared, aug: AugmentConfig, seed: int, n: int = 32
+) -> tuple[np.ndarray, np.ndarray]:
     """The first ``n`` images of epoch 0's first batch as training sees them, as uint8 for display."""
-    ds = AugmentedBatches(x, y, min(n, len(x)), transform, seed)
+    transform = train_transform(aug, data.x_train.shape[1], data.mean, data.std)
+    ds = AugmentedBatches(data.x_train, data.y_train, min(n, len(data.y_train)), transform, seed)
     images, labels = ds[(0, 0)]
-    img = images.permute(0, 2, 3, 1).numpy() * np.asarray(std, np.float32) + np.asarray(
-        mean, np.float32
+    img = images.permute(0, 2, 3, 1).numpy() * np.asarray(data.std, np.float32) + np.asarray(
+        data.mean, np.float32
     )
     return (np.clip(img, 0, 1) * 255).round().astype(np.uint8), labels.numpy()

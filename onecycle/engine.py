@@ -1,8 +1,5 @@
-"""What lr_find and train share: device choice, model and optimizer construction, one SGD step.
-
-The range test and training call the same functions, so they test the same model, optimizer,
-loss and augmentation.
-"""
+"""What every stage that runs the network shares: device choice, model and optimizer
+construction, one SGD step, and prediction."""
 
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ The caller saves it, logs it to MLflow, or both.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import matplotlib
 
@@ -216,3 +217,12 @@ def misclassified_figure(x_test: np.ndarray, rows: Sequence[dict], count: int) -
         f"Misclassified test images, most confident first ({len(wrong):,} of {len(rows):,} wrong)",
         colors=["firebrick"] * len(shown),
     )
+
+
+def save(figs: dict[Path, Figure], dpi: int) -> list[Path]:
+    """Write each figure to its path and close it; returns the paths."""
+    for path, fig in figs.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=dpi)
+        plt.close(fig)
+    return list(figs)

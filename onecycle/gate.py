@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from . import paths
+from .errors import MissingInput
 
 
 @dataclass
@@ -39,73 +40,79 @@ def _read(path: Path) -> dict | None:
         return None
 
 
+def _outputs(root: Path) -> Check:
+    missing = [p for p in declared_outputs(root / "dvc.yaml") if not (root / p).exists()]
+    message = f"missing declared output(s): {', '.join(missing)}" if missing else ""
+    return Check(
+        "declared outputs",
+        "all present",
+        f"{len(missing)} missing",
+        "none missing",
+        not missing,
+        message,
+    )
+
+
+def _accuracy(root: Path, base: dict, drop: float) -> Check:
+    acc = (_read(root / paths.EVAL_METRICS) or {}).get("accuracy")
+    ok = acc is not None and acc >= base["accuracy"] - drop
+    message = (
+        f"test accuracy {acc if acc is None else round(acc, 4)} is more than the tolerance "
+        f"{drop:.4f} below the baseline {base['accuracy']:.4f} (ci/baseline.json)"
+    )
+    return Check(
+        f"accuracy ({paths.EVAL_METRICS})",
+        f"{base['accuracy']:.4f}",
+        "missing" if acc is None else f"{acc:.4f}",
+        f"-{drop:.4f}",
+        ok,
+        "" if ok else message,
+    )
+
+
+def _max_lr(root: Path, base: dict, factor: float) -> Check:
+    lr = (_read(root / paths.LR_FIND_METRICS) or {}).get("max_lr")
+    ok = lr is not None and base["max_lr"] / factor <= lr <= base["max_lr"] * factor
+    message = (
+        f"lr_find's max_lr {lr} moved more than a factor {factor:g} from the baseline "
+        f"{base['max_lr']:.4g} (ci/baseline.json)"
+    )
+    return Check(
+        f"max_lr ({paths.LR_FIND_METRICS})",
+        f"{base['max_lr']:.4g}",
+        "missing" if lr is None else f"{lr:.4g}",
+        f"x/÷ {factor:g}",
+        ok,
+        "" if ok else message,
+    )
+
+
+def _override(root: Path, expected: float) -> Check:
+    tr = _read(root / paths.TRAIN_METRICS) or {}
+    ok = tr.get("max_lr") == expected and tr.get("max_lr_source") == "params"
+    message = (
+        f"train did not record the override: expected max_lr {expected:g} from params, "
+        f"got {tr.get('max_lr')} from {tr.get('max_lr_source')}"
+    )
+    return Check(
+        f"max_lr used ({paths.TRAIN_METRICS})",
+        f"{expected:g} (params)",
+        f"{tr.get('max_lr')} ({tr.get('max_lr_source')})",
+        "exact",
+        ok,
+        "" if ok else message,
+    )
+
+
 def run_checks(root: Path, baseline: dict, expect_max_lr: float | None = None) -> list[Check]:
     """The gate: declared outputs exist, test accuracy within tolerance, lr_find's max_lr within a
     factor; with ``expect_max_lr``, that train used exactly that LR from params."""
-    tol = baseline["tolerances"]
-    base = baseline["metrics"]
-    checks = []
-    missing = [p for p in declared_outputs(root / "dvc.yaml") if not (root / p).exists()]
-    checks.append(
-        Check(
-            "declared outputs",
-            "all present",
-            f"{len(missing)} missing",
-            "none missing",
-            not missing,
-            f"missing declared output(s): {', '.join(missing)}" if missing else "",
-        )
-    )
-    ev = _read(root / paths.EVAL_METRICS) or {}
-    acc = ev.get("accuracy")
-    floor = base["accuracy"] - tol["accuracy_drop"]
-    ok = acc is not None and acc >= floor
-    checks.append(
-        Check(
-            f"accuracy ({paths.EVAL_METRICS})",
-            f"{base['accuracy']:.4f}",
-            "missing" if acc is None else f"{acc:.4f}",
-            f"-{tol['accuracy_drop']:.4f}",
-            ok,
-            ""
-            if ok
-            else f"test accuracy {acc if acc is None else round(acc, 4)} is more than the tolerance "
-            f"{tol['accuracy_drop']:.4f} below the baseline {base['accuracy']:.4f} (ci/baseline.json)",
-        )
-    )
+    tol, base = baseline["tolerances"], baseline["metrics"]
+    checks = [_outputs(root), _accuracy(root, base, tol["accuracy_drop"])]
     if expect_max_lr is None:
-        lr = (_read(root / paths.LR_FIND_METRICS) or {}).get("max_lr")
-        f = tol["max_lr_factor"]
-        ok = lr is not None and base["max_lr"] / f <= lr <= base["max_lr"] * f
-        checks.append(
-            Check(
-                f"max_lr ({paths.LR_FIND_METRICS})",
-                f"{base['max_lr']:.4g}",
-                "missing" if lr is None else f"{lr:.4g}",
-                f"x/÷ {f:g}",
-                ok,
-                ""
-                if ok
-                else f"lr_find's max_lr {lr} moved more than a factor {f:g} from the baseline "
-                f"{base['max_lr']:.4g} (ci/baseline.json)",
-            )
-        )
+        checks.append(_max_lr(root, base, tol["max_lr_factor"]))
     else:
-        tr = _read(root / paths.TRAIN_METRICS) or {}
-        ok = tr.get("max_lr") == expect_max_lr and tr.get("max_lr_source") == "params"
-        checks.append(
-            Check(
-                f"max_lr used ({paths.TRAIN_METRICS})",
-                f"{expect_max_lr:g} (params)",
-                f"{tr.get('max_lr')} ({tr.get('max_lr_source')})",
-                "exact",
-                ok,
-                ""
-                if ok
-                else f"train did not record the override: expected max_lr {expect_max_lr:g} from params, "
-                f"got {tr.get('max_lr')} from {tr.get('max_lr_source')}",
-            )
-        )
+        checks.append(_override(root, expect_max_lr))
     return checks
 
 
@@ -123,7 +130,7 @@ def updated_baseline(baseline: dict, root: Path) -> dict:
     ev = _read(root / paths.EVAL_METRICS)
     lr = _read(root / paths.LR_FIND_METRICS)
     if ev is None or lr is None:
-        raise FileNotFoundError(
+        raise MissingInput(
             f"{paths.EVAL_METRICS} or {paths.LR_FIND_METRICS} missing: run the quick pipeline first"
         )
     return {**baseline, "metrics": {"accuracy": ev["accuracy"], "max_lr": lr["max_lr"]}}

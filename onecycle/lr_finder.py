@@ -13,8 +13,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import progress
+from .config import Params
+from .engine import Device, predict
+from .errors import UserError
+from .prepared import Prepared
+from .preprocess import normalize
+from .schedule import sweep_lrs
+from .session import build_session
 
-class LRFindError(RuntimeError):
+
+class LRFindError(UserError):
     """The curve has no usable descent; the message says which lr_find key to change."""
 
 
@@ -27,13 +36,21 @@ class Sweep:
     stop: str = "completed"  # completed | diverged | non-finite
 
 
-def ema(losses: Iterable[float], beta: float) -> list[float]:
+class SmoothedLoss:
     """Exponential moving average with bias correction (fastai / torch-lr-finder)."""
-    avg, out = 0.0, []
-    for i, loss in enumerate(losses, start=1):
-        avg = beta * avg + (1 - beta) * loss
-        out.append(avg / (1 - beta**i))
-    return out
+
+    def __init__(self, beta: float):
+        self.beta, self.avg, self.count = beta, 0.0, 0
+
+    def update(self, loss: float) -> float:
+        self.count += 1
+        self.avg = self.beta * self.avg + (1 - self.beta) * loss
+        return self.avg / (1 - self.beta**self.count)
+
+
+def ema(losses: Iterable[float], beta: float) -> list[float]:
+    smoother = SmoothedLoss(beta)
+    return [smoother.update(loss) for loss in losses]
 
 
 def run_sweep(
@@ -51,14 +68,13 @@ def run_sweep(
     for NaN, so its sweep runs on).
     """
     sweep = Sweep()
-    avg, best = 0.0, math.inf
+    smoother, best = SmoothedLoss(beta), math.inf
     for i, lr in enumerate(lrs, start=1):
         loss = step(lr)
         if not math.isfinite(loss):
             sweep.stop = "non-finite"
             break
-        avg = beta * avg + (1 - beta) * loss
-        smoothed = avg / (1 - beta**i)
+        smoothed = smoother.update(loss)
         sweep.lrs.append(lr)
         sweep.losses.append(loss)
         sweep.smooth.append(smoothed)
@@ -169,74 +185,103 @@ def choose(per_seed: list[dict[str, float]], method: str, lr_range: tuple[float,
     return out
 
 
-@torch.no_grad()
-def held_out_loss(model, x: torch.Tensor, y: torch.Tensor, dev) -> float:
-    from .engine import predict
+def _held_out(data: Prepared, val_images: int, seed: int):
+    """(indices to train on, normalized held-out images and labels or None)."""
+    n = len(data.y_train)
+    if not val_images:
+        return None, None
+    if val_images >= n // 2:
+        raise LRFindError(f"lr_find.val_images={val_images} leaves too few training images ({n})")
+    held = np.random.default_rng([seed, 1]).permutation(n)
+    val_idx = held[:val_images]
+    x_val = normalize(data.x_train[val_idx], data.mean, data.std)
+    return held[val_images:], (x_val, torch.from_numpy(data.y_train[val_idx]))
 
-    return float(F.cross_entropy(predict(model, x, dev), y).item())
 
-
-def range_test(lr_cfg, train_cfg, model_cfg, data, dev, seed: int, desc: str = "lr_find") -> Sweep:
-    """Sweep the LR over ``lr_cfg.num_iter`` mini-batches of the training data, with the model,
-    optimizer, loss and augmentation that training uses (built by the same functions)."""
-    from tqdm import tqdm
-
-    from .augment import AugmentedBatches, batch_loader, normalize, train_transform
-    from .engine import (
-        build_model,
-        build_optimizer,
-        make_scaler,
-        seed_everything,
-        to_device,
-        train_step,
+def range_test(
+    params: Params, data: Prepared, dev: Device, seed: int, desc: str = "lr_find"
+) -> Sweep:
+    """Sweep the LR over ``lr_find.num_iter`` mini-batches of the training data, in the session
+    that training builds (same model, optimizer, loss and augmentation as ``params.train``)."""
+    lr_cfg = params.lr_find
+    train_idx, val = _held_out(data, lr_cfg.val_images, seed)
+    session = build_session(
+        params.model, params.train, data, dev, seed, momentum=lr_cfg.momentum, indices=train_idx
     )
-    from .schedule import sweep_lrs
-
-    seed_everything(seed)
-    x, y = data.x_train, data.y_train
-    val = None
-    if lr_cfg.val_images:
-        if lr_cfg.val_images >= len(x) // 2:
-            raise LRFindError(
-                f"lr_find.val_images={lr_cfg.val_images} leaves too few training images ({len(x)})"
-            )
-        held = np.random.default_rng([seed, 1]).permutation(len(x))
-        val_idx, train_idx = held[: lr_cfg.val_images], held[lr_cfg.val_images :]
-        val = (normalize(x[val_idx], data.mean, data.std), torch.from_numpy(y[val_idx]))
-        x, y = x[train_idx], y[train_idx]
-
-    model = build_model(model_cfg, len(data.classes), dev)
-    optimizer = build_optimizer(
-        model, lr_cfg.start_lr, lr_cfg.momentum, train_cfg.nesterov, train_cfg.weight_decay
-    )
-    scaler = make_scaler(dev)
-    transform = train_transform(train_cfg.augment, x.shape[1], data.mean, data.std)
-    batches = AugmentedBatches(x, y, train_cfg.batch_size, transform, seed)
-    loader, sampler = batch_loader(batches, dev.num_workers, pin_memory=dev.type == "cuda")
-
-    def stream():
-        epoch = 0
-        while True:
-            sampler.epoch = epoch
-            yield from loader
-            epoch += 1
-
-    it = stream()
-    model.train()
+    batches = session.stream()
+    session.model.train()
 
     def step(lr: float) -> float:
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        xb, yb = to_device(*next(it), dev)
-        loss, _ = train_step(model, optimizer, scaler, xb, yb, dev)
+        loss, _ = session.step(*next(batches), lr, lr_cfg.momentum)
         return float(loss)
 
-    lrs = sweep_lrs(lr_cfg.num_iter, lr_cfg.start_lr, lr_cfg.end_lr, lr_cfg.mode)
-    with tqdm(total=len(lrs), desc=desc, unit="batch", dynamic_ncols=True, mininterval=1.0) as bar:
+    def val_loss() -> float:
+        x, y = val
+        return float(F.cross_entropy(predict(session.model, x, dev), y))
 
-        def progress(i, smoothed):
+    lrs = sweep_lrs(lr_cfg.num_iter, lr_cfg.start_lr, lr_cfg.end_lr, lr_cfg.mode)
+    with progress.bar(len(lrs), desc) as bar:
+
+        def show(i: int, smoothed: float) -> None:
             bar.set_postfix(lr=f"{lrs[i - 1]:.3g}", loss=f"{smoothed:.3f}", refresh=False)
             bar.update()
 
-        val_fn = (lambda: held_out_loss(model, *val, dev)) if val else None
-        return run_sweep(step, lrs, lr_cfg.smooth_beta, lr_cfg.diverge_factor, val_fn, progress)
+        return run_sweep(
+            step, lrs, lr_cfg.smooth_beta, lr_cfg.diverge_factor, val_loss if val else None, show
+        )
+
+
+@dataclass
+class Finding:
+    """What the lr_find stage records: every seed's sweep and suggestions, and the choice."""
+
+    seeds: list[int]
+    sweeps: list[Sweep]
+    per_seed: list[dict[str, float]]
+    result: dict  # choose()'s: max_lr, and every method's median, min and max
+
+    def curve_rows(self) -> list[dict]:
+        """metrics/lr_find_curve.csv: one row per step of every seed's sweep."""
+        rows = []
+        for seed, sweep in zip(self.seeds, self.sweeps, strict=True):
+            for i, (lr, loss, smooth) in enumerate(
+                zip(sweep.lrs, sweep.losses, sweep.smooth, strict=True)
+            ):
+                row = {"step": i, "seed": seed, "lr": lr, "loss": loss, "smooth_loss": smooth}
+                if sweep.val_losses:
+                    row["val_loss"] = sweep.val_losses[i]
+                rows.append(row)
+        return rows
+
+    def metrics(self, method: str) -> dict:
+        """metrics/lr_find.json."""
+        first = self.sweeps[0]
+        return {
+            **self.result,
+            "method": method,
+            "steps": len(first.lrs),
+            "stop": first.stop,
+            "seeds": len(self.seeds),
+        }
+
+    def describe(self, method: str) -> str:
+        """One line: the choice, its spread over the seeds, and every method's first-seed pick."""
+        r = self.result
+        spread = f" (seeds: {r[method + '_min']:.3g}..{r[method + '_max']:.3g})"
+        picks = ", ".join(f"{m} {self.per_seed[0][m]:.3g}" for m in SUGGESTERS)
+        return f"max_lr = {r['max_lr']:.4g} by {method}{spread if len(self.seeds) > 1 else ''}; {picks}"
+
+
+def find(params: Params, data: Prepared, dev: Device) -> Finding:
+    """The range test once per seed (``lr_find.seeds`` of them from ``base.seed`` on), each curve
+    checked, and the median suggestion of ``lr_find.suggestion`` chosen."""
+    lr_cfg = params.lr_find
+    seeds = [params.base.seed + k for k in range(lr_cfg.seeds)]
+    sweeps = []
+    for k, s in enumerate(seeds):
+        sweep = range_test(params, data, dev, s, desc=f"lr_find seed {k + 1}/{len(seeds)}")
+        check_curve(sweep, lr_cfg.start_lr, lr_cfg.num_iter)
+        sweeps.append(sweep)
+    per_seed = [suggestions(sweep) for sweep in sweeps]
+    swept = (lr_cfg.start_lr, min(sweep.lrs[-1] for sweep in sweeps))
+    return Finding(seeds, sweeps, per_seed, choose(per_seed, lr_cfg.suggestion, swept))

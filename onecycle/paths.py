@@ -1,5 +1,5 @@
-"""Every file the pipeline passes between stages, named once (dvc.yaml declares the same paths;
-tests/test_pipeline_files.py checks that the two agree)."""
+"""Every file the pipeline passes between stages, named once. dvc.yaml declares the same paths;
+tests/test_pipeline_files.py checks that every path it names is one of these."""
 
 from pathlib import Path
 
@@ -21,8 +21,20 @@ RESUME_STATE = Path("models/train.resume.pt")  # interrupted training; not a DVC
 EVAL_METRICS = Path("metrics/eval.json")
 PREDICTIONS = Path("metrics/predictions.csv")  # actual, predicted, confidence per test image
 
-PLOTS_DIR = Path("plots")
-REPORT = Path("plots/report.md")
+PLOTS_DIR = Path("plots")  # the plots stage's out: every figure below and the report
+FIGURES = {  # built once each, by the plots stage
+    name: PLOTS_DIR / f"{name}.png"
+    for name in (
+        "lr_find",
+        "history",
+        "schedule",
+        "confusion_matrix",
+        "per_class_accuracy",
+        "misclassified",
+        "augmented",
+    )
+}
+REPORT = PLOTS_DIR / "report.md"
 
 MLFLOW_DB = Path("mlflow.db")
 MLFLOW_ARTIFACTS = Path("mlartifacts")

@@ -8,7 +8,6 @@ record into the same store. ``MLFLOW_TRACKING_URI`` overrides it (a team's track
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -16,8 +15,9 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-from . import paths
+from . import files, paths
 from .config import repo_root
+from .errors import MissingInput
 
 EXPERIMENT = os.environ.get("MLFLOW_EXPERIMENT_NAME", "cifar10-onecycle")
 
@@ -136,7 +136,7 @@ def add_to_run(ref_path: Path, stage: str) -> Iterator:
     try:
         before = client.get_run(ref["run_id"]).info.status
     except Exception as exc:
-        raise FileNotFoundError(
+        raise MissingInput(
             f"{ref_path} names MLflow run {ref['run_id']}, which is not in {mlflow.get_tracking_uri()} "
             f"({type(exc).__name__}); rerun the train stage (`dvc repro -f train`)"
         ) from None
@@ -157,25 +157,38 @@ def write_run_ref(path: Path, run) -> None:
     """The file a later stage reads to log into this run (never 'the latest run')."""
     import mlflow
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     ref = {
         "run_id": run.info.run_id,
         "experiment_id": run.info.experiment_id,
         "tracking_uri": mlflow.get_tracking_uri(),
     }
-    path.write_text(json.dumps(ref, indent=2) + "\n")
+    files.write_json(path, ref)
 
 
-def read_run_ref(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"{path} not found: run the train stage first (`dvc repro train`)"
-        ) from None
+def read_run_ref(path: Path, hint: str = "run the train stage first (`dvc repro train`)") -> dict:
+    return files.read_json(path, hint)
+
+
+def context(dev, data) -> dict:
+    """Where and on what a run trained: device, mixed precision, data, library versions."""
+    import platform
+    from importlib.metadata import version
+
+    versions = ", ".join(
+        f"{name} {version(name)}" for name in ("torch", "albumentations", "mlflow", "onecycle")
+    )
+    return {
+        "device": str(dev.device),
+        "amp": str(dev.amp_dtype),
+        "num_train": len(data.y_train),
+        "num_test": len(data.y_test),
+        "data_source": data.meta["source"],
+        "versions": f"python {platform.python_version()}, {versions}",
+    }
 
 
 def log_params_flat(params: dict, prefix: str = "") -> None:
+    """Nested dicts become dotted keys: ``{"train": {"epochs": 24}}`` -> ``train.epochs``."""
     import mlflow
 
     flat: dict[str, object] = {}
@@ -191,9 +204,37 @@ def log_params_flat(params: dict, prefix: str = "") -> None:
     mlflow.log_params(flat)
 
 
-def log_figure(fig, name: str) -> None:
-    import matplotlib.pyplot as plt
+def log_metrics(values: dict, step: int | None = None) -> None:
+    """The numbers of ``values`` at ``step``; None and non-numbers are left out."""
     import mlflow
 
-    mlflow.log_figure(fig, f"figures/{name}")
-    plt.close(fig)
+    numbers = {k: float(v) for k, v in values.items() if isinstance(v, int | float)}
+    mlflow.log_metrics(numbers, step=step)
+
+
+def log_series(rows: list[dict], keys: list[str], step_key: str = "step") -> None:
+    """Every row's ``keys`` as metrics at the row's step, in batches (one request per 1000
+    values rather than one per step: it matters against a remote tracking server)."""
+    import time
+
+    import mlflow
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, float(r[k]), now, int(r[step_key])) for r in rows for k in keys if k in r]
+    run_id = mlflow.active_run().info.run_id
+    client = mlflow.MlflowClient()
+    for start in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[start : start + 1000])
+
+
+def log_files(
+    *local: str | Path, artifact_path: str | None = None, run_id: str | None = None
+) -> None:
+    """Copy files into the active run's artifacts (or into run ``run_id``'s)."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    run_id = run_id or mlflow.active_run().info.run_id
+    for path in local:
+        client.log_artifact(run_id, str(path), artifact_path)

@@ -1,43 +1,37 @@
-"""The training loop: 1cycle (or constant/step) stepped every batch, resumable after Ctrl-C/SIGTERM."""
+"""The training loop: a schedule stepped every batch, a test-set look each epoch, and a resume
+state that lets an interrupted run continue bit for bit.
+
+``fit`` is a short loop over ``train_epoch``. One interrupt mechanism: a :class:`Stop` flag that
+SIGINT/SIGTERM set (and that anything else may set); the loop saves its state after the current
+batch and raises KeyboardInterrupt.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 import signal
-import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from .augment import AugmentedBatches, batch_loader, normalize, train_transform
-from .config import ModelConfig, TrainConfig
-from .data import Prepared
-from .engine import (
-    Device,
-    build_model,
-    build_optimizer,
-    make_scaler,
-    predict,
-    seed_everything,
-    to_device,
-    train_step,
-)
-from .schedule import build_scheduler
+from . import progress, schedule
+from .checkpoint import ResumeFile
+from .config import ConfigError, TrainConfig
+from .engine import Device, predict
+from .errors import UserError
+from .prepared import Prepared
+from .preprocess import normalize
+from .schedule import Schedule
+from .session import Session
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(UserError):
     """The loss became NaN or inf; no checkpoint was written."""
-
-
-class ResumeMismatch(RuntimeError):
-    """A saved resume state belongs to a run with other settings."""
 
 
 @dataclass
@@ -52,39 +46,55 @@ class EpochStats:
     epoch_seconds: float
     images_per_sec: float
 
+    def metrics(self) -> dict[str, float | None]:
+        """The epoch's numbers, logged at step ``epoch``."""
+        return {k: v for k, v in asdict(self).items() if k != "epoch"}
+
+
+@dataclass
+class Totals:
+    """Running sums of one epoch (a mid-epoch resume state carries them)."""
+
+    loss: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How long, with which schedule, and on what test set to watch progress."""
+
+    epochs: int
+    schedule: Schedule
+    eval_every: int  # epochs between test-set looks; 0 = the last epoch only
+    x_test: torch.Tensor  # normalized (N, C, H, W)
+    y_test: torch.Tensor
+
+
+@dataclass
+class Hooks:
+    """Observers of the loop (the train stage logs each epoch to MLflow)."""
+
+    on_step: Callable[[int, float], None] | None = None  # (0-based global step, loss)
+    on_epoch: Callable[[EpochStats], None] | None = None
+
 
 @dataclass
 class Result:
     model: torch.nn.Module
     history: list[EpochStats]
-    schedule: list[tuple[int, float, float]]  # (step, lr, momentum) for every step taken
     resumed_from: tuple[int, int] | None  # (epoch, batch) the run continued from
 
 
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+@dataclass
+class Stop:
+    """Set by SIGINT/SIGTERM (or by a hook); the loop stops after the current batch."""
 
+    signum: int | None = field(default=None)
 
-def _fresh_totals() -> dict:
-    """Running sums of one epoch (saved with a mid-epoch resume state)."""
-    return {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
-
-
-class _StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop saves its state after the current batch and stops."""
-
-    def __init__(self):
-        self.signum: int | None = None
+    def request(self, signum: int = signal.SIGINT) -> None:
+        self.signum = signum
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
@@ -101,229 +111,152 @@ class _StopFlag:
                 signal.signal(s, h)
 
 
-def resume_key(
-    cfg: TrainConfig, model_cfg: ModelConfig, data: Prepared, seed: int, max_lr: float
-) -> dict:
-    """Everything that must match for a saved state to be continued."""
-    return {
-        **{f"train.{k}": v for k, v in cfg.model_dump().items() if k != "eval_every"},
-        **{f"model.{k}": v for k, v in model_cfg.model_dump().items()},
-        "base.seed": seed,
-        "max_lr (used)": max_lr,
-        "data (fingerprint of data/prepared)": data.meta.get("fingerprint"),
-    }
+def test_tensors(data: Prepared, dev: Device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalized test split; on CUDA it lives on the GPU for the whole run."""
+    x = normalize(data.x_test, data.mean, data.std)
+    if dev.type == "cuda":
+        x = x.to(dev.device).contiguous(memory_format=torch.channels_last)
+    return x, torch.from_numpy(data.y_test)
 
 
-def _check_resume(state: dict, key: dict, path: Path) -> None:
-    saved = state.get("key", {})
-    diff = [k for k in sorted(set(key) | set(saved)) if saved.get(k) != key.get(k)]
-    if diff:
-        lines = "\n".join(f"  {k}: saved {saved.get(k)!r}, now {key.get(k)!r}" for k in diff)
-        raise ResumeMismatch(
-            f"{path} holds an interrupted run with other settings:\n{lines}\n"
-            f"Resuming would mix two runs. Restore those params to resume, or delete the file to "
-            f"start over: rm {path}"
-        )
-
-
-def load_resume(path: Path, key: dict) -> dict | None:
-    """The state an interrupted run left at ``path`` (None if there is none); refused if its
-    settings differ from ``key``."""
-    if not Path(path).exists():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ResumeMismatch(
-            f"{path} is unreadable ({exc}); delete it to start over: rm {path}"
-        ) from None
-    _check_resume(state, key, path)
-    return state
-
-
-def fit(
-    cfg: TrainConfig,
-    model_cfg: ModelConfig,
-    data: Prepared,
-    dev: Device,
-    seed: int,
-    max_lr: float,
-    state_path: Path,
-    state: dict | None = None,
-    extra: dict | None = None,
-    on_epoch: Callable[[EpochStats], None] | None = None,
-    stop_after_steps: int | None = None,
-) -> Result:
-    """Train from scratch, or continue ``state`` (from :func:`load_resume`).
-
-    Ctrl-C or SIGTERM saves a resume state to ``state_path`` after the current batch, then raises
-    KeyboardInterrupt; each finished epoch saves one too. ``extra`` is stored with every state
-    (the stage keeps its MLflow run id there). ``stop_after_steps`` simulates Ctrl-C (for tests).
-    """
-    seed_everything(seed)
-    key = resume_key(cfg, model_cfg, data, seed, max_lr)
-    extra = extra or {}
-
-    model = build_model(model_cfg, len(data.classes), dev)
-    optimizer = build_optimizer(model, max_lr, cfg.max_momentum, cfg.nesterov, cfg.weight_decay)
-    transform = train_transform(cfg.augment, data.x_train.shape[1], data.mean, data.std)
-    batches = AugmentedBatches(data.x_train, data.y_train, cfg.batch_size, transform, seed)
-    steps_per_epoch = len(batches)
-    scheduler = build_scheduler(optimizer, cfg, max_lr, steps_per_epoch)
-    scaler = make_scaler(dev)
-    loader, sampler = batch_loader(batches, dev.num_workers, pin_memory=dev.type == "cuda")
-
-    x_test = normalize(data.x_test, data.mean, data.std)
-    y_test = torch.from_numpy(data.y_test)
-    if dev.type == "cuda":  # the whole test split lives on the GPU
-        x_test = x_test.to(dev.device).contiguous(memory_format=torch.channels_last)
-
-    history: list[EpochStats] = []
-    schedule: list[tuple[int, float, float]] = []
-    start_epoch, start_batch, running, resumed = 0, 0, None, None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, start_batch, running = state["epoch"], state["batch"], state["running"]
-        history = [EpochStats(**h) for h in state["history"]]
-        schedule = [tuple(s) for s in state["schedule"]]
-        resumed = (start_epoch, start_batch)
-        tqdm.write(f"resuming from {state_path}: epoch {start_epoch + 1}, batch {start_batch}")
-
-    def save_state(epoch: int, batch: int, run: dict) -> None:
-        atomic_save(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "epoch": epoch,
-                "batch": batch,
-                "running": run,
-                "history": [asdict(h) for h in history],
-                "schedule": schedule,
-                "key": key,
-                "extra": extra,
-            },
-            state_path,
-        )
-
-    stop = _StopFlag()
-    model.train()
-    with stop.installed():
-        for epoch in range(start_epoch, cfg.epochs):
-            run = running or _fresh_totals()
-            running = None
-            sampler.epoch, sampler.start = epoch, (start_batch if epoch == start_epoch else 0)
-            bar = tqdm(
-                total=steps_per_epoch,
-                initial=sampler.start,
-                desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                unit="batch",
-                dynamic_ncols=True,
-                mininterval=1.0,
-            )
-            t0 = time.perf_counter()
-            for b, (x, y) in enumerate(loader, start=sampler.start):
-                x, y = to_device(x, y, dev)
-                group = optimizer.param_groups[0]
-                lr, mom = float(group["lr"]), float(group["momentum"])
-                loss, correct = train_step(model, optimizer, scaler, x, y, dev)
-                loss_v = float(loss)
-                step = epoch * steps_per_epoch + b
-                if not math.isfinite(loss_v):
-                    bar.close()
-                    raise NonFiniteLoss(
-                        f"loss became {loss_v} at epoch {epoch + 1}, step {step} (batch {b}) with LR {lr:.4g}; "
-                        "no checkpoint written. Lower train.max_lr (or lr_find's choice) and rerun."
-                    )
-                scheduler.step()
-                schedule.append((step, lr, mom))
-                run["loss"] += loss_v * len(y)
-                run["correct"] += int(correct)
-                run["seen"] += len(y)
-                bar.set_postfix(
-                    loss=f"{run['loss'] / run['seen']:.3f}", lr=f"{lr:.3g}", refresh=False
+def train_epoch(
+    session: Session, plan: Plan, epoch: int, start: int, totals: Totals, stop: Stop, hooks: Hooks
+) -> int:
+    """Batches ``start..`` of ``epoch``, each at its scheduled LR and momentum, summed into
+    ``totals``. Returns the batch it stopped before: ``steps_per_epoch`` unless ``stop`` was set."""
+    spe = session.steps_per_epoch
+    next_batch = spe
+    t0 = time.perf_counter()
+    with progress.bar(spe, f"epoch {epoch + 1}/{plan.epochs}", initial=start) as bar:
+        for b, x, y in session.epoch(epoch, start):
+            step = epoch * spe + b
+            lr, momentum = plan.schedule(step)
+            loss, correct = session.step(x, y, lr, momentum)
+            loss_v = float(loss)
+            if not math.isfinite(loss_v):
+                raise NonFiniteLoss(
+                    f"loss became {loss_v} at epoch {epoch + 1}, step {step} (batch {b}) with LR "
+                    f"{lr:.4g}; no checkpoint written. Lower train.max_lr (or lr_find's choice) "
+                    "and rerun."
                 )
-                bar.update()
-                if (
-                    stop_after_steps is not None
-                    and len(schedule) >= stop_after_steps
-                    and stop.signum is None
-                ):
-                    stop.signum = signal.SIGINT
-                if stop.signum is not None:
-                    bar.close()
-                    run["seconds"] += time.perf_counter() - t0
-                    save_state(epoch, b + 1, run)
-                    tqdm.write(
-                        f"interrupted: state saved to {state_path}; `dvc repro` resumes from it"
-                    )
-                    raise KeyboardInterrupt(f"signal {stop.signum}")
-            bar.close()
-            seconds = run["seconds"] + time.perf_counter() - t0
-            last = epoch == cfg.epochs - 1
-            test_loss = test_acc = None
-            if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
-                logits = predict(model, x_test, dev)
-                test_loss = float(F.cross_entropy(logits, y_test))
-                test_acc = float((logits.argmax(1) == y_test).float().mean())
-            _, last_lr, last_mom = schedule[-1]  # the last values a step used (the scheduler's
-            # current value lies one step past the end, where linear annealing goes negative)
-            stats = EpochStats(
-                epoch=epoch + 1,
-                train_loss=run["loss"] / run["seen"],
-                train_acc=run["correct"] / run["seen"],
-                test_loss=test_loss,
-                test_acc=test_acc,
-                lr=last_lr,
-                momentum=last_mom,
-                epoch_seconds=seconds,
-                images_per_sec=run["seen"] / max(seconds, 1e-9),
-            )
-            history.append(stats)
-            acc = f", test acc {test_acc:.4f}" if test_acc is not None else ""
-            tqdm.write(
-                f"epoch {epoch + 1}: train loss {stats.train_loss:.4f}, acc {stats.train_acc:.4f}{acc} ({seconds:.1f}s)"
-            )
-            if on_epoch:
-                on_epoch(stats)
-            if not last:
-                save_state(epoch + 1, 0, _fresh_totals())
-    return Result(model, history, schedule, resumed)
+            totals.loss += loss_v * len(y)
+            totals.correct += int(correct)
+            totals.seen += len(y)
+            bar.set_postfix(loss=f"{totals.loss / totals.seen:.3f}", lr=f"{lr:.3g}", refresh=False)
+            bar.update()
+            if hooks.on_step:
+                hooks.on_step(step, loss_v)
+            if stop.signum is not None:
+                next_batch = b + 1
+                break
+    totals.seconds += time.perf_counter() - t0
+    return next_batch
 
 
-def save_weights(
-    model: torch.nn.Module, model_cfg: ModelConfig, classes: list[str], path: Path
-) -> None:
-    """Weights plus the little needed to rebuild and check the model; loads with weights_only=True."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    for k, v in state.items():
-        if v.is_floating_point() and not torch.isfinite(v).all():
-            raise NonFiniteLoss(f"weight {k} is not finite; refusing to write {path}")
-    atomic_save(
-        {
-            "model": state,
-            "config": {**model_cfg.model_dump(), "num_classes": len(classes)},
-            "classes": list(classes),
-        },
-        path,
+def evaluate(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, dev: Device
+) -> tuple[float, float]:
+    """(loss, accuracy) on a normalized set; the model's train/eval mode is kept."""
+    logits = predict(model, x, dev)
+    return float(F.cross_entropy(logits, y)), float((logits.argmax(1) == y).float().mean())
+
+
+def _epoch_stats(session: Session, plan: Plan, epoch: int, totals: Totals) -> EpochStats:
+    test_loss = test_acc = None
+    if epoch == plan.epochs - 1 or (plan.eval_every and (epoch + 1) % plan.eval_every == 0):
+        test_loss, test_acc = evaluate(session.model, plan.x_test, plan.y_test, session.dev)
+    lr, momentum = plan.schedule((epoch + 1) * session.steps_per_epoch - 1)  # its last step's
+    return EpochStats(
+        epoch=epoch + 1,
+        train_loss=totals.loss / totals.seen,
+        train_acc=totals.correct / totals.seen,
+        test_loss=test_loss,
+        test_acc=test_acc,
+        lr=lr,
+        momentum=momentum,
+        epoch_seconds=totals.seconds,
+        images_per_sec=totals.seen / max(totals.seconds, 1e-9),
     )
 
 
-def epoch_rows(history: list[EpochStats]) -> list[dict]:
+def _state(session: Session, epoch: int, batch: int, totals: Totals, history) -> dict:
+    return {
+        **session.state_dict(),
+        "epoch": epoch,
+        "batch": batch,
+        "totals": asdict(totals),
+        "history": [asdict(h) for h in history],
+    }
+
+
+def fit(
+    session: Session,
+    plan: Plan,
+    resume: ResumeFile,
+    state: dict | None = None,
+    hooks: Hooks | None = None,
+    stop: Stop | None = None,
+) -> Result:
+    """Train from scratch, or continue ``state`` (from ``resume.load()``).
+
+    Each finished epoch saves a resume state before the hooks see it; a set ``stop`` saves one
+    after the current batch and raises KeyboardInterrupt.
+    """
+    hooks, stop = hooks or Hooks(), stop or Stop()
+    history: list[EpochStats] = []
+    first_epoch, first_batch, totals, resumed = 0, 0, Totals(), None
+    if state is not None:
+        session.load_state_dict(state)
+        first_epoch, first_batch = state["epoch"], state["batch"]
+        totals, resumed = Totals(**state["totals"]), (first_epoch, first_batch)
+        history = [EpochStats(**h) for h in state["history"]]
+        progress.say(f"resuming from {resume.path}: epoch {first_epoch + 1}, batch {first_batch}")
+    session.model.train()
+    with stop.installed():
+        for epoch in range(first_epoch, plan.epochs):
+            if epoch > first_epoch:
+                first_batch, totals = 0, Totals()
+            batch = train_epoch(session, plan, epoch, first_batch, totals, stop, hooks)
+            if stop.signum is not None:
+                resume.save(_state(session, epoch, batch, totals, history))
+                progress.say(f"interrupted: state saved to {resume.path}; `dvc repro` resumes")
+                raise KeyboardInterrupt(f"signal {stop.signum}")
+            stats = _epoch_stats(session, plan, epoch, totals)
+            history.append(stats)
+            if epoch + 1 < plan.epochs:
+                resume.save(_state(session, epoch + 1, 0, Totals(), history))
+            test = "" if stats.test_acc is None else f", test acc {stats.test_acc:.4f}"
+            progress.say(
+                f"epoch {stats.epoch}: train loss {stats.train_loss:.4f}, acc "
+                f"{stats.train_acc:.4f}{test} ({stats.epoch_seconds:.1f}s)"
+            )
+            if hooks.on_epoch:
+                hooks.on_epoch(stats)
+    return Result(session.model, history, resumed)
+
+
+def make_plan(cfg: TrainConfig, max_lr: float, session: Session, data: Prepared) -> Plan:
+    """``cfg``'s schedule at ``max_lr`` over ``session``'s batches, watched on the test split."""
+    x_test, y_test = test_tensors(data, session.dev)
+    sched = schedule.for_training(cfg, max_lr, session.steps_per_epoch)
+    return Plan(cfg.epochs, sched, cfg.eval_every, x_test, y_test)
+
+
+# ---------------------------------------------------------------- what the train stage writes
+
+
+def history_rows(history: list[EpochStats]) -> list[dict]:
     """Per-epoch rows as written to metrics/train_history.csv (None -> empty cell)."""
     return [{k: ("" if v is None else v) for k, v in asdict(h).items()} for h in history]
 
 
-def schedule_rows(result: Result) -> list[dict]:
-    """Every step taken, as written to metrics/train_schedule.csv."""
-    per_epoch = len(result.schedule) // len(result.history)
-    return [
-        {"step": s, "epoch": s / per_epoch, "lr": lr, "momentum": m} for s, lr, m in result.schedule
-    ]
+def schedule_rows(plan: Plan, steps_per_epoch: int) -> list[dict]:
+    """Every step's LR and momentum, as written to metrics/train_schedule.csv."""
+    rows = []
+    for step in range(plan.epochs * steps_per_epoch):
+        lr, momentum = plan.schedule(step)
+        rows.append({"step": step, "epoch": step / steps_per_epoch, "lr": lr, "momentum": momentum})
+    return rows
 
 
 def summary(result: Result, max_lr: float, lr_source: str) -> dict:
@@ -349,8 +282,6 @@ def resolve_max_lr(
 
     Returns (value, where it came from: "params" or "lr_find").
     """
-    from .config import ConfigError
-
     if setting != "auto":
         return float(setting), "params"
     if lr_find_metrics is None:

@@ -1,6 +1,6 @@
 """download: fetch data.source, check it, and write data/prepared (uint8 images, labels, stats)."""
 
-from onecycle import cli, data, paths
+from onecycle import cli, files, paths, prepared, sources
 from onecycle.config import load_params, repo_root
 
 
@@ -8,21 +8,14 @@ def main() -> None:
     params = load_params()
     cfg = params.data
     root = repo_root()
-    ds, source = data.fetch(cfg.source, root, root / paths.RAW_DIR, cfg.image_size, cfg.timeout)
-    ds = data.subset(ds, cfg.train_subset, cfg.test_subset, params.base.seed)
-    prepared = data.save_prepared(ds, paths.PREPARED_DIR, source)
-    meta = prepared.meta
-    cli.write_json(
-        paths.DATA_METRICS,
-        {
-            "num_train": meta["num_train"],
-            "num_test": meta["num_test"],
-            "num_classes": len(meta["classes"]),
-        },
-    )
+    ds, source = sources.fetch(cfg.source, root, root / paths.RAW_DIR, cfg.image_size, cfg.timeout)
+    ds = prepared.subset(ds, cfg.train_subset, cfg.test_subset, params.base.seed)
+    meta = prepared.save_prepared(ds, paths.PREPARED_DIR, source).meta
+    counts = {k: meta[k] for k in ("num_train", "num_test")} | {"num_classes": len(ds.classes)}
+    files.write_json(paths.DATA_METRICS, counts)
     print(
         f"prepared {meta['num_train']:,} train + {meta['num_test']:,} test images, "
-        f"{len(meta['classes'])} classes, from {source} -> {paths.PREPARED_DIR}"
+        f"{len(ds.classes)} classes, from {source} -> {paths.PREPARED_DIR}"
     )
 
 

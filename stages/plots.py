@@ -1,79 +1,68 @@
-"""plots: every figure a person looks at, built from tracked files only, plus a one-page report."""
+"""plots: every figure a person looks at, built once from tracked files, plus a one-page report.
 
-import mlflow
-from sklearn.metrics import confusion_matrix
+The figures go to plots/ and into the train run's MLflow artifacts; the LR range test also into
+the lr_find run it came from.
+"""
 
-from onecycle import cli, figures, paths, report, tracking
-from onecycle.augment import augmented_samples, train_transform
+import numpy as np
+
+from onecycle import cli, figures, files, paths, report, tracking
+from onecycle.augment import augmented_samples
 from onecycle.config import load_params
-from onecycle.data import load_prepared
-
-HINT = "run the earlier stages first (`dvc repro`)"
+from onecycle.prepared import load_prepared
 
 
 def main() -> None:
     params = load_params()
     data = load_prepared(paths.PREPARED_DIR)
-    classes = data.classes
-    lr_find = cli.read_json(paths.LR_FIND_METRICS, HINT)
-    curve = [
-        r for r in cli.read_csv(paths.LR_FIND_CURVE, HINT) if int(r["seed"]) == params.base.seed
-    ]
-    train = cli.read_json(paths.TRAIN_METRICS, HINT)
-    evaluation = cli.read_json(paths.EVAL_METRICS, HINT)
-    preds = cli.read_csv(paths.PREDICTIONS, HINT)
-    cm = confusion_matrix(
-        [r["actual"] for r in preds], [r["predicted"] for r in preds], labels=classes
-    )
-    transform = train_transform(params.train.augment, data.x_train.shape[1], data.mean, data.std)
-    images, labels = augmented_samples(
-        data.x_train, data.y_train, transform, data.mean, data.std, params.base.seed
-    )
+    lr_find = files.read_json(paths.LR_FIND_METRICS)
+    curve = [r for r in files.read_csv(paths.LR_FIND_CURVE) if int(r["seed"]) == params.base.seed]
+    train = files.read_json(paths.TRAIN_METRICS)
+    evaluation = files.read_json(paths.EVAL_METRICS)
+    predictions = files.read_csv(paths.PREDICTIONS)
+    samples = augmented_samples(data, params.train.augment, params.base.seed)
+    per_class = {c: m["accuracy"] for c, m in evaluation["per_class"].items()}
 
-    built = {  # file name: (title in the report, figure)
-        "lr_find.png": (
+    built = {  # paths.FIGURES key: (title in the report, figure)
+        "lr_find": (
             "LR range test",
             figures.lr_find_figure_from_rows(curve, lr_find, params.lr_find.mode == "exp"),
         ),
-        "history.png": (
+        "history": (
             "Loss and accuracy per epoch",
-            figures.history_figure_from_rows(cli.read_csv(paths.TRAIN_HISTORY, HINT)),
+            figures.history_figure_from_rows(files.read_csv(paths.TRAIN_HISTORY)),
         ),
-        "schedule.png": (
+        "schedule": (
             "LR and momentum schedule",
-            figures.schedule_figure(cli.read_csv(paths.TRAIN_SCHEDULE, HINT)),
+            figures.schedule_figure(files.read_csv(paths.TRAIN_SCHEDULE)),
         ),
-        "confusion_matrix.png": ("Confusion matrix", figures.confusion_figure(cm, classes)),
-        "per_class_accuracy.png": (
+        "confusion_matrix": (
+            "Confusion matrix",
+            figures.confusion_figure(np.asarray(evaluation["confusion_matrix"]), data.classes),
+        ),
+        "per_class_accuracy": (
             "Per-class accuracy",
-            figures.per_class_accuracy_figure(
-                {c: m["accuracy"] for c, m in evaluation["per_class"].items()}
-            ),
+            figures.per_class_accuracy_figure(per_class),
         ),
-        "misclassified.png": (
+        "misclassified": (
             "Most confident mistakes",
-            figures.misclassified_figure(data.x_test, preds, params.plots.gallery_size),
+            figures.misclassified_figure(data.x_test, predictions, params.plots.gallery_size),
         ),
-        "augmented.png": (
+        "augmented": (
             "Augmented training samples",
-            figures.augmented_figure(images, labels, classes),
+            figures.augmented_figure(*samples, data.classes),
         ),
     }
-    paths.PLOTS_DIR.mkdir(parents=True, exist_ok=True)
+    pngs = figures.save({paths.FIGURES[k]: fig for k, (_, fig) in built.items()}, params.plots.dpi)
+    sections = [(title, paths.FIGURES[k].name) for k, (title, _) in built.items()]
+    meta = data.meta | {"num_classes": len(data.classes)}
+    files.write_text(paths.REPORT, report.render(lr_find, train, evaluation, meta, sections))
     with tracking.add_to_run(paths.TRAIN_RUN, "plots"):
-        for name, (_, fig) in built.items():
-            fig.savefig(paths.PLOTS_DIR / name, dpi=params.plots.dpi)
-            tracking.log_figure(fig, name)
-        text = report.render(
-            lr_find,
-            train,
-            evaluation,
-            data.meta | {"num_classes": len(classes)},
-            [(title, name) for name, (title, _) in built.items()],
-        )
-        paths.REPORT.write_text(text)
-        mlflow.log_artifact(str(paths.REPORT))
-    print(f"plots: {len(built)} figures and {paths.REPORT} in {paths.PLOTS_DIR}/")
+        tracking.log_files(*pngs, artifact_path="figures")
+        tracking.log_files(paths.REPORT)
+    with tracking.add_to_run(paths.LR_FIND_RUN, "plots"):
+        tracking.log_files(paths.FIGURES["lr_find"], artifact_path="figures")
+    print(f"plots: {len(pngs)} figures and {paths.REPORT} in {paths.PLOTS_DIR}/")
 
 
 if __name__ == "__main__":

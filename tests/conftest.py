@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from onecycle import data as datalib
+from onecycle import prepared, sources
 from onecycle.config import parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,17 +32,17 @@ def shared_cifar() -> Path:
 @pytest.fixture(scope="session")
 def cifar_full(shared_cifar):
     """All 60,000 real images, decoded once per session (about 6 s)."""
-    ds, _ = datalib.fetch(str(shared_cifar), ROOT, ROOT / "data" / "raw", 32, 60)
+    ds, _ = sources.fetch(str(shared_cifar), ROOT, ROOT / "data" / "raw", 32, 60)
     return ds
 
 
 @pytest.fixture(scope="session")
 def tiny_data(cifar_full, tmp_path_factory):
     """A stratified 640-train / 200-test slice of real CIFAR-10, saved and loaded like the stage does."""
-    ds = datalib.subset(cifar_full, 640, 200, seed=0)
+    ds = prepared.subset(cifar_full, 640, 200, seed=0)
     out = tmp_path_factory.mktemp("prepared") / "prepared"
-    datalib.save_prepared(ds, out, "test slice of cifar10-jpg")
-    return datalib.load_prepared(out)
+    prepared.save_prepared(ds, out, "test slice of cifar10-jpg")
+    return prepared.load_prepared(out)
 
 
 TINY = {

@@ -1,4 +1,5 @@
-"""onecycle.data: every data.source kind, bad input, subsets and the prepared form.
+"""onecycle.sources, .archives and .prepared: every data.source kind, bad input, subsets and
+the prepared form.
 
 Every archive is made here, in tmp_path, a few images at a time; nothing is downloaded. The one
 "download" test serves a made-up archive from a local HTTP server on 127.0.0.1.
@@ -18,6 +19,8 @@ import pickle
 import shutil
 import socket
 import stat
+import subprocess
+import sys
 import tarfile
 import threading
 import types
@@ -28,8 +31,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from onecycle import data
-from onecycle.data import DataError
+from onecycle import archives, prepared, sources
+from onecycle.errors import DataError
 
 OFFICIAL_NAME = "cifar-10-python.tar.gz"
 CLASSES = ["ant", "cat", "dog"]  # written in another order below; labels follow sorted names
@@ -133,10 +136,10 @@ def tar_of(path: Path, members: list[tarfile.TarInfo | tuple[str, bytes]]) -> Pa
 
 
 def fetch(source, tmp_path: Path, image_size: int = 32, timeout: float = 5.0):
-    return data.fetch(str(source), tmp_path, tmp_path / "raw", image_size, timeout)
+    return sources.fetch(str(source), tmp_path, tmp_path / "raw", image_size, timeout)
 
 
-def assert_dataset(ds: data.Dataset, expected: dict) -> None:
+def assert_dataset(ds: prepared.Dataset, expected: dict) -> None:
     for key in ("x_train", "x_test"):
         got = getattr(ds, key)
         assert got.dtype == np.uint8
@@ -159,8 +162,8 @@ def official(tmp_path, monkeypatch):
     src.mkdir()
     path = src / OFFICIAL_NAME
     expected = make_official_archive(path)
-    spec = dataclasses.replace(data.OFFICIAL["cifar10"], md5=_md5(path))
-    monkeypatch.setitem(data.OFFICIAL, "cifar10", spec)
+    spec = dataclasses.replace(sources.official_specs()["cifar10"], md5=_md5(path))
+    monkeypatch.setitem(sources.official_specs(), "cifar10", spec)
     return types.SimpleNamespace(path=path, expected=expected, spec=spec)
 
 
@@ -175,7 +178,7 @@ def no_unpickling(monkeypatch):
     def refuse(*args, **kwargs):
         pytest.fail("pickle.loads was called on an archive whose MD5 was not verified")
 
-    monkeypatch.setattr(data, "pickle", types.SimpleNamespace(loads=refuse))
+    monkeypatch.setattr(sources, "pickle", types.SimpleNamespace(loads=refuse))
 
 
 @pytest.fixture
@@ -244,7 +247,9 @@ def test_name_cifar10_downloads_checks_and_caches(official, tmp_path, http_dir, 
     served, base = http_dir
     shutil.copy(official.path, served / OFFICIAL_NAME)
     url = f"{base}/{OFFICIAL_NAME}"
-    monkeypatch.setitem(data.OFFICIAL, "cifar10", dataclasses.replace(official.spec, url=url))
+    monkeypatch.setitem(
+        sources.official_specs(), "cifar10", dataclasses.replace(official.spec, url=url)
+    )
     ds, source = fetch("cifar10", tmp_path)
     assert_dataset(ds, official.expected)
     assert source == f"{url} (md5 {official.spec.md5})"
@@ -529,7 +534,7 @@ def test_official_archive_is_unpickled_only_once_verified(official, tmp_path, mo
     calls = []
     real = pickle.loads
     monkeypatch.setattr(
-        data,
+        sources,
         "pickle",
         types.SimpleNamespace(loads=lambda *a, **k: calls.append(1) or real(*a, **k)),
     )
@@ -600,6 +605,63 @@ def test_zip_symlink_pointing_outside_is_refused(tmp_path):
     assert_refused(path, tmp_path, "'train/a/1.png'", "points outside")
 
 
+def zip_of(path: Path, name: str, payload: bytes, symlink: bool = False) -> Path:
+    """A .zip holding a valid 2-class layout plus ``name`` (a symlink to ``payload`` if asked)."""
+    with zipfile.ZipFile(path, "w") as zf:
+        for split in ("train", "test"):
+            for cls in ("a", "b"):
+                zf.writestr(f"{split}/{cls}/0.png", png_bytes())
+        info = zipfile.ZipInfo(name)
+        if symlink:
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+        zf.writestr(info, payload)
+    return path
+
+
+UNSAFE = {  # member name, symlink target (None: a plain file), what the refusal says
+    "absolute": ("/train/a/1.png", None, "has an absolute path"),
+    "absolute-backslash": ("\\train\\a\\1.png", None, "has an absolute path"),
+    "drive-letter": ("C:/evil.png", None, "has an absolute path"),
+    "dotdot": ("train/../../evil.png", None, "escapes the target folder"),
+    "symlink-up": ("train/a/1.png", "../../../etc/passwd", "points outside the archive"),
+    "symlink-abs": ("train/a/1.png", "/etc/passwd", "points outside the archive"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNSAFE))
+def test_tar_and_zip_refuse_the_same_member_the_same_way(case, tmp_path):
+    name, target, says = UNSAFE[case]
+    tar_member = (name, png_bytes()) if target is None else _info(name, tarfile.SYMTYPE, target)
+    payload = png_bytes() if target is None else target.encode()
+    messages = []
+    for path in (
+        tar_of(tmp_path / "set.tar.gz", [tar_member]),
+        zip_of(tmp_path / "set.zip", name, payload, symlink=target is not None),
+    ):
+        msg = assert_refused(path, tmp_path, repr(name), says, "refusing the archive")
+        messages.append(msg.replace(str(path), "<archive>"))
+    assert messages[0] == messages[1]
+
+
+def test_tar_device_or_fifo_is_refused(tmp_path):
+    path = tar_of(tmp_path / "set.tar.gz", [_info("train/a/fifo.png", tarfile.FIFOTYPE)])
+    assert_refused(path, tmp_path, "'train/a/fifo.png'", "device or FIFO", "refusing")
+
+
+def test_zip_symlink_inside_the_folder_is_skipped(tmp_path):
+    path = zip_of(tmp_path / "set.zip", "train/a/link.png", b"0.png", symlink=True)
+    ds, _ = fetch(path, tmp_path)
+    assert len(ds.y_train) == 2  # the link is neither read nor counted
+
+
+def test_symlink_targets_are_relative_to_their_folder_hardlinks_to_the_archive():
+    archive = Path("set.tar")
+    archives.check_member(archive, "train/a/l.png", "symlink", "../b/0.png")
+    archives.check_member(archive, "train/a/l.png", "hardlink", "train/b/0.png")
+    with pytest.raises(DataError, match="points outside"):
+        archives.check_member(archive, "train/a/l.png", "hardlink", "../b/0.png")
+
+
 @pytest.mark.parametrize("kind", ["dir", "tar.gz", "zip"])
 def test_class_folder_missing_from_test(kind, folder, tmp_path):
     shutil.rmtree(folder.root / "test" / "dog")
@@ -649,24 +711,24 @@ def labels(per_class: list[int], seed: int = 0) -> np.ndarray:
 
 def test_stratified_subset_counts_balance_and_seed():
     y = labels([30] * 10)
-    idx = data.stratified_subset(y, 50, seed=0, key="data.train_subset")
+    idx = prepared.stratified_subset(y, 50, seed=0, key="data.train_subset")
     assert len(idx) == 50 and len(np.unique(idx)) == 50
     assert (np.diff(idx) > 0).all()  # sorted: the subset keeps the split's order
     assert np.bincount(y[idx]).tolist() == [5] * 10
-    np.testing.assert_array_equal(idx, data.stratified_subset(y, 50, 0, "data.train_subset"))
-    assert not np.array_equal(idx, data.stratified_subset(y, 50, 1, "data.train_subset"))
+    np.testing.assert_array_equal(idx, prepared.stratified_subset(y, 50, 0, "data.train_subset"))
+    assert not np.array_equal(idx, prepared.stratified_subset(y, 50, 1, "data.train_subset"))
 
 
 def test_stratified_subset_keeps_class_proportions():
     y = labels([60, 30, 10])
-    idx = data.stratified_subset(y, 10, seed=0, key="data.train_subset")
+    idx = prepared.stratified_subset(y, 10, seed=0, key="data.train_subset")
     assert np.bincount(y[idx]).tolist() == [6, 3, 1]
 
 
 def test_stratified_subset_none_or_everything_keeps_all_in_order():
     y = labels([3, 3])
-    np.testing.assert_array_equal(data.stratified_subset(y, None, 0, "k"), np.arange(6))
-    np.testing.assert_array_equal(data.stratified_subset(y, 6, 0, "k"), np.arange(6))
+    np.testing.assert_array_equal(prepared.stratified_subset(y, None, 0, "k"), np.arange(6))
+    np.testing.assert_array_equal(prepared.stratified_subset(y, 6, 0, "k"), np.arange(6))
 
 
 @pytest.mark.parametrize(
@@ -677,34 +739,36 @@ def test_stratified_subset_none_or_everything_keeps_all_in_order():
 def test_stratified_subset_edge_counts(per_class, count):
     # sklearn's train_test_split refuses these with a bare ValueError.
     y = labels(per_class)
-    idx = data.stratified_subset(y, count, seed=0, key="data.train_subset")
+    idx = prepared.stratified_subset(y, count, seed=0, key="data.train_subset")
     assert len(idx) == count and len(np.unique(idx)) == count
     share = np.array(per_class) * count / len(y)
     assert (np.abs(np.bincount(y[idx], minlength=len(per_class)) - share) < 1).all()
-    np.testing.assert_array_equal(idx, data.stratified_subset(y, count, 0, "data.train_subset"))
+    np.testing.assert_array_equal(idx, prepared.stratified_subset(y, count, 0, "data.train_subset"))
 
 
-def _dataset(per_class_train, per_class_test) -> data.Dataset:
+def _dataset(per_class_train, per_class_test) -> prepared.Dataset:
     y_train, y_test = labels(per_class_train), labels(per_class_test, seed=1)
     # every image's pixels hold its own label, so images and labels can be matched afterwards
     x_train = np.broadcast_to(y_train[:, None, None, None], (len(y_train), 4, 4, 3))
     x_test = np.broadcast_to(y_test[:, None, None, None], (len(y_test), 4, 4, 3))
     classes = [f"c{i}" for i in range(len(per_class_train))]
-    return data.Dataset(x_train.astype(np.uint8), y_train, x_test.astype(np.uint8), y_test, classes)
+    return prepared.Dataset(
+        x_train.astype(np.uint8), y_train, x_test.astype(np.uint8), y_test, classes
+    )
 
 
 def test_subset_selects_images_with_their_labels():
     ds = _dataset([20] * 4, [10] * 4)
-    sub = data.subset(ds, 8, 4, seed=3)
+    sub = prepared.subset(ds, 8, 4, seed=3)
     assert sub.x_train.shape == (8, 4, 4, 3) and sub.x_test.shape == (4, 4, 4, 3)
     np.testing.assert_array_equal(sub.x_train[:, 0, 0, 0], sub.y_train)
     np.testing.assert_array_equal(sub.x_test[:, 0, 0, 0], sub.y_test)
     assert np.bincount(sub.y_train).tolist() == [2] * 4
     assert np.bincount(sub.y_test).tolist() == [1] * 4
     assert sub.classes == ds.classes
-    again = data.subset(ds, 8, 4, seed=3)
+    again = prepared.subset(ds, 8, 4, seed=3)
     np.testing.assert_array_equal(again.x_train, sub.x_train)
-    assert data.subset(ds, None, None, seed=3).y_train.tolist() == ds.y_train.tolist()
+    assert prepared.subset(ds, None, None, seed=3).y_train.tolist() == ds.y_train.tolist()
 
 
 @pytest.mark.parametrize(
@@ -718,7 +782,7 @@ def test_subset_selects_images_with_their_labels():
 )
 def test_subset_errors_name_the_key(train, test, needles):
     with pytest.raises(DataError) as err:
-        data.subset(_dataset([20] * 4, [10] * 4), train, test, seed=0)
+        prepared.subset(_dataset([20] * 4, [10] * 4), train, test, seed=0)
     for needle in needles:
         assert needle in str(err.value)
 
@@ -726,14 +790,14 @@ def test_subset_errors_name_the_key(train, test, needles):
 # ---------------------------------------------------------------- prepared form
 
 
-def stats_dataset() -> data.Dataset:
+def stats_dataset() -> prepared.Dataset:
     """Train: channel 0 half 0 / half 255, channel 1 all 51, channel 2 all 255. Test differs."""
     x_train = np.zeros((4, 2, 2, 3), dtype=np.uint8)
     x_train[:2, ..., 0] = 255
     x_train[..., 1] = 51
     x_train[..., 2] = 255
     x_test = np.full((3, 2, 2, 3), 7, dtype=np.uint8)
-    return data.Dataset(
+    return prepared.Dataset(
         x_train, np.array([0, 1, 0, 1]), x_test, np.array([1, 1, 0]), ["neg", "pos"]
     )
 
@@ -741,9 +805,9 @@ def stats_dataset() -> data.Dataset:
 def test_save_and_load_prepared_round_trip(tmp_path):
     ds = stats_dataset()
     out = tmp_path / "data" / "prepared"
-    saved = data.save_prepared(ds, out, "made-up source")
+    saved = prepared.save_prepared(ds, out, "made-up source")
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "test.npz", "train.npz"]
-    loaded = data.load_prepared(out)
+    loaded = prepared.load_prepared(out)
     for key in ("x_train", "y_train", "x_test", "y_test"):
         np.testing.assert_array_equal(getattr(loaded, key), getattr(ds, key))
         assert getattr(loaded, key).dtype == getattr(ds, key).dtype
@@ -754,14 +818,14 @@ def test_save_and_load_prepared_round_trip(tmp_path):
     assert meta["source"] == "made-up source"
     assert (meta["num_train"], meta["num_test"], meta["image_size"]) == (4, 3, 2)
     assert meta["train_per_class"] == [2, 2] and meta["test_per_class"] == [1, 2]
-    assert meta["fingerprint"] == data.fingerprint(ds)
+    assert meta["fingerprint"] == prepared.fingerprint(ds)
 
 
 def test_mean_and_std_come_from_the_training_split_only(tmp_path):
-    saved = data.save_prepared(stats_dataset(), tmp_path / "prepared", "s")
+    saved = prepared.save_prepared(stats_dataset(), tmp_path / "prepared", "s")
     assert saved.mean == pytest.approx((0.5, 0.2, 1.0), abs=1e-12)
     assert saved.std == pytest.approx((0.5, 0.0, 0.0), abs=1e-7)
-    loaded = data.load_prepared(tmp_path / "prepared")
+    loaded = prepared.load_prepared(tmp_path / "prepared")
     assert loaded.mean == saved.mean and loaded.std == saved.std
 
 
@@ -769,7 +833,7 @@ def test_channel_stats_accumulate_over_chunks():
     # More images than one 4096-image chunk, with a value that changes between chunks.
     x = np.zeros((5000, 1, 1, 3), dtype=np.uint8)
     x[4096:] = 255
-    mean, std = data.channel_stats(x)
+    mean, std = prepared.channel_stats(x)
     p = 904 / 5000
     assert mean == pytest.approx((p,) * 3, abs=1e-12)
     assert std == pytest.approx((np.sqrt(p * (1 - p)),) * 3, abs=1e-9)
@@ -781,7 +845,7 @@ def test_save_prepared_replaces_existing_output_atomically(tmp_path):
     (out / "stale.txt").write_text("from an older run")
     old_umask = os.umask(0o022)
     try:
-        data.save_prepared(stats_dataset(), out, "s")
+        prepared.save_prepared(stats_dataset(), out, "s")
     finally:
         os.umask(old_umask)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared"]  # no temp folder left
@@ -791,7 +855,7 @@ def test_save_prepared_replaces_existing_output_atomically(tmp_path):
 
 def test_failed_save_keeps_the_old_output(tmp_path, monkeypatch):
     out = tmp_path / "prepared"
-    data.save_prepared(stats_dataset(), out, "first")
+    prepared.save_prepared(stats_dataset(), out, "first")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     real_savez = np.savez
 
@@ -800,16 +864,16 @@ def test_failed_save_keeps_the_old_output(tmp_path, monkeypatch):
             raise OSError("disk full")
         real_savez(path, **arrays)
 
-    monkeypatch.setattr(data.np, "savez", savez)
+    monkeypatch.setattr(prepared.np, "savez", savez)
     with pytest.raises(OSError, match="disk full"):
-        data.save_prepared(stats_dataset(), out, "second")
+        prepared.save_prepared(stats_dataset(), out, "second")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared"]
 
 
 def test_failed_rename_puts_the_old_output_back(tmp_path, monkeypatch):
     out = tmp_path / "prepared"
-    data.save_prepared(stats_dataset(), out, "first")
+    prepared.save_prepared(stats_dataset(), out, "first")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     real_replace = os.replace
 
@@ -819,15 +883,34 @@ def test_failed_rename_puts_the_old_output_back(tmp_path, monkeypatch):
                 raise OSError("rename failed")
         real_replace(src, dst)
 
-    monkeypatch.setattr(data.os, "replace", replace)
+    monkeypatch.setattr(prepared.os, "replace", replace)
     with pytest.raises(OSError, match="rename failed"):
-        data.save_prepared(stats_dataset(), out, "second")
+        prepared.save_prepared(stats_dataset(), out, "second")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared"]
 
 
 def test_load_prepared_missing(tmp_path):
     with pytest.raises(DataError) as err:
-        data.load_prepared(tmp_path / "prepared")
+        prepared.load_prepared(tmp_path / "prepared")
     assert str(tmp_path / "prepared") in str(err.value)
     assert "dvc repro download" in str(err.value)
+
+
+# ---------------------------------------------------------------- module layout
+
+
+def test_data_modules_load_no_torch_torchvision_or_albumentations():
+    code = (
+        "import sys\n"
+        "import onecycle.archives, onecycle.prepared, onecycle.sources\n"
+        "print([m for m in ('torch', 'torchvision', 'albumentations') if m in sys.modules])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert out.stdout.strip() == "[]"

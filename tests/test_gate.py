@@ -109,8 +109,20 @@ def test_committed_baseline_is_well_formed():
     assert baseline["how_measured"]
 
 
-def test_gate_script_exits_nonzero_on_failure(workspace):
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "ci" / "gate.py"), "--help"], capture_output=True, text=True
+def _gate(root, *args):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "ci" / "gate.py"), "--root", str(root), *args],
+        capture_output=True,
+        text=True,
     )
-    assert proc.returncode == 0 and "--update" in proc.stdout
+
+
+def test_gate_script_exits_nonzero_on_failure(workspace):
+    baseline = json.loads((ROOT / "ci" / "baseline.json").read_text())["metrics"]
+    _write(workspace, accuracy=baseline["accuracy"], max_lr=baseline["max_lr"])
+    passed = _gate(workspace)
+    assert passed.returncode == 0 and "gate: passed" in passed.stdout
+    _write(workspace, accuracy=baseline["accuracy"] - 0.2)  # a far worse run
+    failed = _gate(workspace)
+    assert failed.returncode == 1
+    assert "gate: FAIL: test accuracy" in failed.stderr and "ci/baseline.json" in failed.stderr

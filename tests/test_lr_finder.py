@@ -5,28 +5,8 @@ import pytest
 
 from onecycle import lr_finder as lf
 from onecycle.engine import select_device
-from onecycle.schedule import sweep_lr, sweep_lrs
 
-# ------------------------------------------------------------------ the sweep formula
-
-
-def test_exp_sweep_matches_closed_form():
-    assert sweep_lrs(4, 1e-3, 1.0, "exp") == pytest.approx([1e-3, 1e-2, 1e-1, 1.0], rel=1e-12)
-    n, a, b = 100, 1e-7, 10.0
-    for i in (0, 1, 37, 99):
-        assert sweep_lr(i, n, a, b, "exp") == pytest.approx(a * (b / a) ** (i / (n - 1)), rel=1e-12)
-
-
-def test_linear_sweep_matches_closed_form():
-    # the seed write-ups' linear sweep, 0.001 to 0.065 in 5 steps
-    assert sweep_lrs(5, 0.001, 0.065, "linear") == pytest.approx(
-        [0.001, 0.017, 0.033, 0.049, 0.065], rel=1e-12
-    )
-
-
-def test_unknown_sweep_mode_is_refused():
-    with pytest.raises(ValueError, match="exp"):
-        sweep_lr(0, 10, 1e-3, 1, "cubic")
+# ------------------------------------------------------------------ smoothing
 
 
 def test_ema_is_bias_corrected():
@@ -146,9 +126,31 @@ def test_rising_curve_is_refused():
 def test_range_test_on_real_cifar_gives_a_sane_suggestion(tiny_data, tiny_params):
     p = tiny_params
     cfg = p.lr_find.model_copy(update={"num_iter": 60, "val_images": 64})
-    sweep = lf.range_test(cfg, p.train, p.model, tiny_data, select_device("cpu", 0), seed=0)
+    params = p.model_copy(update={"lr_find": cfg})
+    sweep = lf.range_test(params, tiny_data, select_device("cpu", 0), seed=0)
     assert len(sweep.lrs) >= 20 and len(sweep.val_losses) == len(sweep.lrs)
     assert sweep.lrs[0] == pytest.approx(cfg.start_lr)
     lf.check_curve(sweep, cfg.start_lr, cfg.num_iter)
     chosen = lf.choose([lf.suggestions(sweep)], "valley", (cfg.start_lr, sweep.lrs[-1]))["max_lr"]
     assert 1e-3 <= chosen <= 10
+
+
+def test_find_sweeps_every_seed_and_records_each_curve(tiny_data, tiny_params):
+    params = tiny_params.model_copy(
+        update={
+            "lr_find": tiny_params.lr_find.model_copy(
+                update={"seeds": 2, "num_iter": 60, "smooth_beta": 0.9}
+            )
+        }
+    )
+    found = lf.find(params, tiny_data, select_device("cpu", 0))
+    assert found.seeds == [0, 1] and len(found.per_seed) == 2
+    rows = found.curve_rows()
+    assert {r["seed"] for r in rows} == {0, 1}
+    assert len(rows) == sum(len(s.lrs) for s in found.sweeps)
+    metrics = found.metrics("steepest")
+    picks = sorted(s["steepest"] for s in found.per_seed)
+    assert metrics["max_lr"] == metrics["steepest"] == pytest.approx(sum(picks) / 2)
+    assert (metrics["steepest_min"], metrics["steepest_max"]) == tuple(picks)
+    assert metrics["seeds"] == 2 and metrics["method"] == "steepest"
+    assert "max_lr = " in found.describe("steepest") and "seeds: " in found.describe("steepest")

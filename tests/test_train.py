@@ -2,12 +2,27 @@ import numpy as np
 import pytest
 import torch
 
-from onecycle import training
+from onecycle import checkpoint, training
 from onecycle.config import ConfigError, ModelConfig
 from onecycle.engine import select_device
 from onecycle.model import ResNet9, ResNetConfig, count_parameters
+from onecycle.session import build_session
 
 CPU = select_device("cpu", 0)
+
+
+def _resume(params, data, path, seed=0, max_lr=0.2):
+    key = checkpoint.resume_key(params.train, params.model, data.meta["fingerprint"], seed, max_lr)
+    return checkpoint.ResumeFile(path, key)
+
+
+def _fit(params, data, path, seed=0, max_lr=0.2, state=None, hooks=None, stop=None):
+    """What the train stage does: one session, one plan, then the loop."""
+    cfg = params.train
+    session = build_session(params.model, cfg, data, CPU, seed, cfg.max_momentum)
+    plan = training.make_plan(cfg, max_lr, session, data)
+    resume = _resume(params, data, path, seed, max_lr)
+    return training.fit(session, plan, resume, state, hooks, stop)
 
 
 def _history(result):
@@ -16,6 +31,12 @@ def _history(result):
         (h.train_loss, h.train_acc, h.test_loss, h.test_acc, h.lr, h.momentum)
         for h in result.history
     ]
+
+
+def _stop_after(steps: int) -> tuple[training.Stop, training.Hooks]:
+    """A stop flag set after ``steps`` steps, as Ctrl-C would set it."""
+    stop = training.Stop()
+    return stop, training.Hooks(on_step=lambda s, _: stop.request() if s + 1 == steps else None)
 
 
 def test_default_model_has_the_recipes_parameter_count():
@@ -29,66 +50,63 @@ def test_model_follows_class_count_and_width():
     assert count_parameters(ResNet9(ResNetConfig(width=8))) < 6_573_130 // 50
 
 
-def test_schedule_hits_the_params_at_first_peak_and_last_step(tiny_data, tiny_params, tmp_path):
-    # 640 images / batch 64 = 10 steps per epoch; 24 epochs = 240 steps; peak at 5/24 -> step 49.
-    cfg = tiny_params.train.model_copy(update={"epochs": 24, "eval_every": 0})
-    res = training.fit(cfg, tiny_params.model, tiny_data, CPU, 0, 0.4, tmp_path / "state.pt")
-    steps = {s: (lr, mom) for s, lr, mom in res.schedule}
-    assert len(res.schedule) == 240
-    assert steps[0] == pytest.approx((0.4 / cfg.div_factor, cfg.max_momentum))
-    assert steps[49] == pytest.approx((0.4, cfg.base_momentum))
-    assert max(lr for lr, _ in steps.values()) == pytest.approx(0.4)
-    assert steps[239] == pytest.approx(
-        (0.4 / cfg.div_factor / cfg.final_div_factor, cfg.max_momentum), rel=1e-3, abs=1e-9
+@pytest.mark.parametrize("name", ["onecycle", "constant", "step"])
+def test_every_step_trains_at_the_scheduled_lr_and_momentum(tiny_data, tiny_params, tmp_path, name):
+    params = tiny_params.model_copy(
+        update={"train": tiny_params.train.model_copy(update={"schedule": name, "step_size": 1})}
     )
-    assert res.history[-1].lr == pytest.approx(
-        steps[239][0], abs=1e-9
-    )  # never the negative post-end value
+    cfg = params.train
+    session = build_session(params.model, cfg, tiny_data, CPU, 0, cfg.max_momentum)
+    plan = training.make_plan(cfg, 0.2, session, tiny_data)
+    used = []  # what the optimizer held during each step
 
+    def record(step, loss):
+        group = session.optimizer.param_groups[0]
+        used.append((step, group["lr"], group["momentum"]))
 
-def test_constant_schedule_keeps_max_lr(tiny_data, tiny_params, tmp_path):
-    cfg = tiny_params.train.model_copy(update={"schedule": "constant", "epochs": 1})
-    res = training.fit(cfg, tiny_params.model, tiny_data, CPU, 0, 0.05, tmp_path / "s.pt")
-    assert {lr for _, lr, _ in res.schedule} == {0.05}
+    training.fit(
+        session, plan, _resume(params, tiny_data, tmp_path / "s.pt"), hooks=training.Hooks(record)
+    )
+    assert [s for s, _, _ in used] == list(range(cfg.epochs * session.steps_per_epoch))
+    assert [(lr, m) for _, lr, m in used] == [plan.schedule(s) for s, _, _ in used]
+    rows = training.schedule_rows(plan, session.steps_per_epoch)
+    assert [(r["lr"], r["momentum"]) for r in rows] == [(lr, m) for _, lr, m in used]
 
 
 def test_two_seeded_runs_give_identical_metrics(tiny_data, tiny_params, tmp_path):
-    p = tiny_params
-    a = training.fit(p.train, p.model, tiny_data, CPU, 7, 0.2, tmp_path / "a.pt")
-    b = training.fit(p.train, p.model, tiny_data, CPU, 7, 0.2, tmp_path / "b.pt")
+    a = _fit(tiny_params, tiny_data, tmp_path / "a.pt", seed=7)
+    b = _fit(tiny_params, tiny_data, tmp_path / "b.pt", seed=7)
     assert _history(a) == _history(b)
-    c = training.fit(p.train, p.model, tiny_data, CPU, 8, 0.2, tmp_path / "c.pt")
+    c = _fit(tiny_params, tiny_data, tmp_path / "c.pt", seed=8)
     assert _history(c) != _history(a)
 
 
 @pytest.mark.parametrize("stop_after", [3, 10, 13])  # mid-epoch, at the epoch boundary, in epoch 2
 def test_interrupt_and_resume_equals_uninterrupted(tiny_data, tiny_params, tmp_path, stop_after):
-    p = tiny_params
-    full = training.fit(p.train, p.model, tiny_data, CPU, 0, 0.2, tmp_path / "full.pt")
+    full = _fit(tiny_params, tiny_data, tmp_path / "full.pt")
     state_path = tmp_path / "resume.pt"
+    stop, hooks = _stop_after(stop_after)
     with pytest.raises(KeyboardInterrupt):
-        training.fit(
-            p.train, p.model, tiny_data, CPU, 0, 0.2, state_path, stop_after_steps=stop_after
-        )
+        _fit(tiny_params, tiny_data, state_path, hooks=hooks, stop=stop)
     assert state_path.exists()
-    key = training.resume_key(p.train, p.model, tiny_data, 0, 0.2)
-    state = training.load_resume(state_path, key)
-    resumed = training.fit(p.train, p.model, tiny_data, CPU, 0, 0.2, state_path, state=state)
-    assert resumed.resumed_from is not None
+    state = _resume(tiny_params, tiny_data, state_path).load()
+    assert state["epoch"] * 10 + state["batch"] == stop_after  # 640 / 64 = 10 steps an epoch
+    resumed = _fit(tiny_params, tiny_data, state_path, state=state)
+    assert resumed.resumed_from == (state["epoch"], state["batch"])
     assert _history(resumed) == _history(full)
-    assert [s[1:] for s in resumed.schedule] == [s[1:] for s in full.schedule]
     for k, v in full.model.state_dict().items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k
 
 
 def test_resume_state_with_other_params_is_refused(tiny_data, tiny_params, tmp_path):
-    p = tiny_params
     state_path = tmp_path / "resume.pt"
+    stop, hooks = _stop_after(2)
     with pytest.raises(KeyboardInterrupt):
-        training.fit(p.train, p.model, tiny_data, CPU, 0, 0.2, state_path, stop_after_steps=2)
-    other = p.train.model_copy(update={"epochs": 3, "batch_size": 32})
-    with pytest.raises(training.ResumeMismatch) as err:
-        training.load_resume(state_path, training.resume_key(other, p.model, tiny_data, 0, 0.2))
+        _fit(tiny_params, tiny_data, state_path, hooks=hooks, stop=stop)
+    other = tiny_params.train.model_copy(update={"epochs": 3, "batch_size": 32})
+    other_params = tiny_params.model_copy(update={"train": other})
+    with pytest.raises(checkpoint.ResumeMismatch) as err:
+        _resume(other_params, tiny_data, state_path).load()
     msg = str(err.value)
     assert (
         "train.epochs: saved 2, now 3" in msg
@@ -98,10 +116,9 @@ def test_resume_state_with_other_params_is_refused(tiny_data, tiny_params, tmp_p
 
 
 def test_nan_loss_stops_at_once_and_writes_no_checkpoint(tiny_data, tiny_params, tmp_path):
-    p = tiny_params
     state_path = tmp_path / "resume.pt"
     with pytest.raises(training.NonFiniteLoss, match=r"epoch 1, step \d+ .*LR") as err:
-        training.fit(p.train, p.model, tiny_data, CPU, 0, 1e9, state_path)
+        _fit(tiny_params, tiny_data, state_path, max_lr=1e9)
     assert "train.max_lr" in str(err.value)
     assert not state_path.exists()
 
@@ -110,8 +127,8 @@ def test_weights_refuse_non_finite_values(tmp_path):
     model = ResNet9(ResNetConfig(width=2))
     with torch.no_grad():
         model.fc.weight[0, 0] = float("nan")
-    with pytest.raises(training.NonFiniteLoss):
-        training.save_weights(
+    with pytest.raises(checkpoint.CheckpointError, match="not finite"):
+        checkpoint.save_weights(
             model, ModelConfig(width=2), [str(i) for i in range(10)], tmp_path / "m.pt"
         )
     assert not (tmp_path / "m.pt").exists()
@@ -119,7 +136,7 @@ def test_weights_refuse_non_finite_values(tmp_path):
 
 def test_checkpoint_loads_weights_only(tmp_path):
     model = ResNet9(ResNetConfig(width=2))
-    training.save_weights(model, ModelConfig(width=2), list("abcdefghij"), tmp_path / "m.pt")
+    checkpoint.save_weights(model, ModelConfig(width=2), list("abcdefghij"), tmp_path / "m.pt")
     ckpt = torch.load(tmp_path / "m.pt", weights_only=True)
     assert ckpt["config"]["width"] == 2 and ckpt["classes"] == list("abcdefghij")
     assert set(ckpt["model"]) == set(model.state_dict())

@@ -1,0 +1,136 @@
+"""Every ``torch.save`` and ``torch.load`` of the pipeline: the resume state of an interrupted run
+and the trained weights. Written atomically, read back with ``weights_only=True`` (a checkpoint
+can never run code)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig, TrainConfig
+from .engine import Device, build_model
+from .errors import UserError
+from .files import atomic_write
+
+
+class ResumeMismatch(UserError):
+    """A saved resume state is unreadable or belongs to a run with other settings."""
+
+
+class CheckpointError(UserError):
+    """The weights file is missing, unreadable, not finite, or does not fit the model."""
+
+
+def save(obj: dict, path: Path) -> None:
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ---------------------------------------------------------------- resume state
+
+
+def resume_key(
+    cfg: TrainConfig, model_cfg: ModelConfig, fingerprint: str | None, seed: int, max_lr: float
+) -> dict:
+    """Everything that must match for a saved state to be continued."""
+    return {
+        **{f"train.{k}": v for k, v in cfg.model_dump().items() if k != "eval_every"},
+        **{f"model.{k}": v for k, v in model_cfg.model_dump().items()},
+        "base.seed": seed,
+        "max_lr (used)": max_lr,
+        "data (fingerprint of data/prepared)": fingerprint,
+    }
+
+
+@dataclass
+class ResumeFile:
+    """Where an interrupted run keeps its state; ``key`` must match for it to be continued and
+    ``extra`` travels with it (the train stage keeps its MLflow run id there)."""
+
+    path: Path
+    key: dict
+    extra: dict = field(default_factory=dict)
+
+    def load(self) -> dict | None:
+        """The saved state (None if there is none); refused if its settings differ from ``key``."""
+        if not self.path.exists():
+            return None
+        try:
+            state = load(self.path)
+        except Exception as exc:
+            raise ResumeMismatch(
+                f"{self.path} is unreadable ({exc}); delete it to start over: rm {self.path}"
+            ) from None
+        saved = state.get("key", {})
+        diff = [k for k in sorted(set(self.key) | set(saved)) if saved.get(k) != self.key.get(k)]
+        if diff:
+            lines = "\n".join(
+                f"  {k}: saved {saved.get(k)!r}, now {self.key.get(k)!r}" for k in diff
+            )
+            raise ResumeMismatch(
+                f"{self.path} holds an interrupted run with other settings:\n{lines}\n"
+                "Resuming would mix two runs. Restore those params to resume, or delete the file "
+                f"to start over: rm {self.path}"
+            )
+        return state
+
+    def save(self, state: dict) -> None:
+        save({**state, "key": self.key, "extra": self.extra}, self.path)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- trained weights
+
+
+def save_weights(
+    model: torch.nn.Module, model_cfg: ModelConfig, classes: list[str], path: Path
+) -> None:
+    """Weights plus the little needed to rebuild and check the model; refuses non-finite ones."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    for k, v in state.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise CheckpointError(f"weight {k} is not finite; refusing to write {path}")
+    config = {**model_cfg.model_dump(), "num_classes": len(classes)}
+    save({"model": state, "config": config, "classes": list(classes)}, path)
+
+
+def load_weights(
+    path: Path, model_cfg: ModelConfig, classes: list[str], dev: Device
+) -> torch.nn.Module:
+    """Rebuild the model that params describe and load ``path``'s weights into it (eval mode)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} not found: run the train stage first (`dvc repro train`)")
+    try:
+        ckpt = load(path)
+    except Exception as exc:
+        raise CheckpointError(
+            f"{path} is not a loadable weights-only checkpoint ({exc}); rerun `dvc repro train`"
+        ) from None
+    want = {**model_cfg.model_dump(), "num_classes": len(classes)}
+    have = ckpt.get("config", {})
+    diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+    if diff:
+        what = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+        raise CheckpointError(
+            f"{path} does not fit this model and data ({what}); retrain with `dvc repro train`"
+        )
+    if ckpt.get("classes") not in (None, list(classes)):
+        raise CheckpointError(
+            f"{path} was trained on classes {ckpt['classes']}, the data has {classes}; retrain"
+        )
+    model = build_model(model_cfg, len(classes), dev)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, KeyError) as exc:
+        raise CheckpointError(
+            f"{path}: weights do not fit the model ({str(exc).splitlines()[0]}); retrain"
+        ) from None
+    return model.eval()

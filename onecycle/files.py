@@ -1,0 +1,68 @@
+"""Writing outputs atomically and reading the small JSON/CSV files stages pass to each other.
+
+Every output is written to a temporary file beside it and renamed into place, so a killed
+write never leaves a half-written file that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+from .errors import MissingInput
+
+TMP_SUFFIX = ".tmp"  # temporary files are `.<name>.<random>.tmp` (.gitignore matches them)
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Call ``write(f)`` on a temporary file in ``path``'s folder, then rename it to ``path``.
+
+    The file gets the umask's mode (mkstemp's 0600 would hide results from the rest of a team).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
+    try:
+        with open(tmp, "xb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def write_json(path: Path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_csv(path: Path, rows: Sequence[dict]) -> None:
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    write_text(path, buf.getvalue())
+
+
+def read_json(path: Path, hint: str = "run the earlier stages first (`dvc repro`)") -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise MissingInput(f"{path} not found: {hint}") from None
+
+
+def read_csv(path: Path, hint: str = "run the earlier stages first (`dvc repro`)") -> list[dict]:
+    try:
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+    except FileNotFoundError:
+        raise MissingInput(f"{path} not found: {hint}") from None
