@@ -32,10 +32,15 @@ def main() -> None:
         resume.extra["mlflow_run_id"] = run.info.run_id
         if state is None:
             tracking.log_params_flat(
-                {"train": cfg.model_dump(), "model": params.model.model_dump()}
-                | {"base": params.base.model_dump(), "max_lr_used": max_lr}
-                | {"max_lr_source": lr_source, "parameters": count_parameters(session.model)}
-                | tracking.context(dev, data)
+                {
+                    "train": cfg.model_dump(),
+                    "model": params.model.model_dump(),
+                    "base": params.base.model_dump(),
+                    "max_lr_used": max_lr,
+                    "max_lr_source": lr_source,
+                    "parameters": count_parameters(session.model),
+                    **tracking.context(dev, data),
+                }
             )
         else:
             mlflow.set_tag("resumed", "true")
