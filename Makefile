@@ -12,7 +12,7 @@ QUICK := -S data.source=$(SHARED_CIFAR) -S model.width=16 -S train.batch_size=25
 
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: env repro quick test test-fast lint format mlflow-ui ci-pipeline ci-baseline clean
+.PHONY: env repro quick test test-fast lint format mlflow-ui reset-params ci-pipeline ci-baseline clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,11 @@ format: $(STAMP)
 
 mlflow-ui: $(STAMP)  ## browse the runs at http://127.0.0.1:5000
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+# params.yaml back to the committed defaults. Not `git checkout params.yaml`: after a failed
+# `dvc exp run -S ...` git can show the file clean while it holds the refused value.
+reset-params:
+	git show HEAD:params.yaml > params.yaml
 
 # The experiments side by side: test accuracy, both max_lr values, where train's came from.
 EXP_TABLE := dvc exp show --md --no-pager --drop '.*' \

@@ -66,7 +66,12 @@ class ResumeFile:
             raise ResumeMismatch(
                 f"{self.path} is unreadable ({exc}); delete it to start over: rm {self.path}"
             ) from None
-        saved = state.get("key", {})
+        if not isinstance(state, dict) or not isinstance(state.get("key"), dict):
+            raise ResumeMismatch(
+                f"{self.path} is not a resume state of this pipeline ({type(state).__name__}); "
+                f"delete it to start over: rm {self.path}"
+            )
+        saved = state["key"]
         diff = [k for k in sorted(set(self.key) | set(saved)) if saved.get(k) != self.key.get(k)]
         if diff:
             lines = "\n".join(
@@ -114,8 +119,13 @@ def load_weights(
         raise CheckpointError(
             f"{path} is not a loadable weights-only checkpoint ({exc}); rerun `dvc repro train`"
         ) from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise CheckpointError(
+            f"{path} is not a checkpoint of this pipeline (a {type(ckpt).__name__}, not a dict "
+            "holding 'model', 'config' and 'classes'); rerun `dvc repro train`"
+        )
     want = {**model_cfg.model_dump(), "num_classes": len(classes)}
-    have = ckpt.get("config", {})
+    have = ckpt["config"] if isinstance(ckpt.get("config"), dict) else {}
     diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
     if diff:
         what = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
@@ -127,10 +137,32 @@ def load_weights(
             f"{path} was trained on classes {ckpt['classes']}, the data has {classes}; retrain"
         )
     model = build_model(model_cfg, len(classes), dev)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except (RuntimeError, KeyError) as exc:
-        raise CheckpointError(
-            f"{path}: weights do not fit the model ({str(exc).splitlines()[0]}); retrain"
-        ) from None
+    misfit = state_dict_misfit(model.state_dict(), ckpt["model"])
+    if misfit:
+        raise CheckpointError(f"{path}: weights do not fit the model:\n{misfit}\nRetrain.")
+    model.load_state_dict(ckpt["model"])
     return model.eval()
+
+
+def state_dict_misfit(expected: dict, given: dict, show: int = 8) -> str:
+    """What keeps ``given`` from loading where ``expected`` is: missing and unexpected keys and
+    shape differences, one line each (the first ``show`` of each kind); empty when it fits."""
+
+    def shape(v):
+        return tuple(v.shape) if hasattr(v, "shape") else type(v).__name__
+
+    problems = {
+        "missing": sorted(set(expected) - set(given)),
+        "unexpected": sorted(set(given) - set(expected)),
+        "wrong shape": [
+            f"{k}: checkpoint {shape(given[k])}, model {shape(expected[k])}"
+            for k in sorted(set(expected) & set(given))
+            if shape(given[k]) != shape(expected[k])
+        ],
+    }
+    lines = []
+    for kind, items in problems.items():
+        if items:
+            more = f" (and {len(items) - show} more)" if len(items) > show else ""
+            lines.append(f"  {kind} ({len(items)}): {', '.join(items[:show])}{more}")
+    return "\n".join(lines)

@@ -48,6 +48,10 @@ class DataConfig(_Section):
     train_subset: int | None = Field(None, ge=1)
     test_subset: int | None = Field(None, ge=1)
     timeout: float = Field(60.0, gt=0)
+    # Checked on what a header declares, before reading or decoding: a small archive must not
+    # make the stage allocate gigabytes (a 1 GiB zero file compresses to 1 MB).
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    max_file_mb: float = Field(64.0, gt=0)
 
 
 class ModelConfig(_Section):
@@ -233,6 +237,11 @@ _Loader.add_implicit_resolver(
 )
 
 
+def read_yaml(path: str | os.PathLike):
+    """A YAML file as DVC reads it (YAML 1.2 floats such as ``1e-05``)."""
+    return yaml.load(Path(path).read_text(), Loader=_Loader)
+
+
 def load_params(path: str | os.PathLike = "params.yaml") -> Params:
     """Load the stage's params.yaml from the working directory.
 
@@ -241,7 +250,7 @@ def load_params(path: str | os.PathLike = "params.yaml") -> Params:
     """
     path = Path(path)
     try:
-        raw = yaml.load(path.read_text(), Loader=_Loader)
+        raw = read_yaml(path)
     except FileNotFoundError:
         raise ConfigError(f"{path} not found: run from the repository root") from None
     except yaml.YAMLError as exc:

@@ -10,8 +10,10 @@ import csv
 import io
 import json
 import os
+import shutil
+import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -34,6 +36,23 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temps(folders: Iterable[Path], older_than: float = 60.0) -> list[Path]:
+    """Delete the temporary files (and folders) that killed writes left in ``folders``; a temp
+    touched in the last ``older_than`` seconds may be another process's write in progress."""
+    removed = []
+    now = time.time()
+    for folder in folders:
+        for tmp in Path(folder).glob(f".*{TMP_SUFFIX}") if Path(folder).is_dir() else []:
+            try:
+                if now - tmp.lstat().st_mtime < older_than:
+                    continue
+                shutil.rmtree(tmp) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink()
+                removed.append(tmp)
+            except FileNotFoundError:  # removed meanwhile
+                continue
+    return removed
 
 
 def write_text(path: Path, text: str) -> None:

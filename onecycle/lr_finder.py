@@ -142,23 +142,37 @@ SUGGESTERS = {
 }
 
 
-def check_curve(sweep: Sweep, start_lr: float, num_iter: int) -> None:
-    """Refuse curves no suggestion can be read from, saying what to change."""
+def check_curve(sweep: Sweep, start_lr: float, num_iter: int, smooth_beta: float) -> None:
+    """Refuse curves no suggestion can be read from, saying what caused it and what to change."""
     n = len(sweep.smooth)
-    if n < 10:
+    if n < 10 and sweep.stop == "completed":
         raise LRFindError(
-            f"the sweep stopped after {n} of {num_iter} steps ({sweep.stop}, last LR {sweep.lrs[-1] if n else start_lr:.3g}): "
+            f"lr_find.num_iter is {num_iter}: a curve needs at least 10 steps; raise it (100 is usual)"
+        )
+    if n < 10:
+        last = sweep.lrs[-1] if n else start_lr
+        raise LRFindError(
+            f"the sweep stopped after {n} of {num_iter} steps ({sweep.stop}, last LR {last:.3g}): "
             f"the loss blew up almost at once. Lower lr_find.start_lr (now {start_lr:g}) or raise "
             "lr_find.diverge_factor."
         )
     _, loss = _trim(sweep.lrs, sweep.smooth)
     first, low = loss[0], loss.min()
-    if int(np.argmin(loss)) == 0 or low > 0.98 * first:
-        raise LRFindError(
-            f"the smoothed loss never fell clearly below its start ({first:.3f} -> min {low:.3f}, stop: {sweep.stop}); "
-            "no usable descent. If it only rose, lower lr_find.start_lr; if it stayed flat, raise "
-            "lr_find.end_lr or lr_find.num_iter."
-        )
+    if int(np.argmin(loss)) > 0 and low <= 0.98 * first:
+        return
+    window = 1 / (1 - smooth_beta)  # steps the smoothed loss averages over
+    cause = (
+        f"lr_find.smooth_beta {smooth_beta:g} averages the loss over about {window:.0f} steps, "
+        f"too many for a {n}-step sweep to show a fall: lower it (e.g. "
+        f"{max(0.0, 1 - 5 / n):.2g}) or raise lr_find.num_iter. "
+        if window > n / 2
+        else ""
+    )
+    raise LRFindError(
+        f"the smoothed loss never fell clearly below its start ({first:.3f} -> min {low:.3f} in "
+        f"{n} steps, stop: {sweep.stop}); no usable descent. {cause}If the loss only rose, lower "
+        "lr_find.start_lr; if it stayed flat, raise lr_find.end_lr or lr_find.num_iter."
+    )
 
 
 def suggestions(sweep: Sweep) -> dict[str, float]:
@@ -280,7 +294,7 @@ def find(params: Params, data: Prepared, dev: Device) -> Finding:
     sweeps = []
     for k, s in enumerate(seeds):
         sweep = range_test(params, data, dev, s, desc=f"lr_find seed {k + 1}/{len(seeds)}")
-        check_curve(sweep, lr_cfg.start_lr, lr_cfg.num_iter)
+        check_curve(sweep, lr_cfg.start_lr, lr_cfg.num_iter, lr_cfg.smooth_beta)
         sweeps.append(sweep)
     per_seed = [suggestions(sweep) for sweep in sweeps]
     swept = (lr_cfg.start_lr, min(sweep.lrs[-1] for sweep in sweeps))

@@ -3,6 +3,7 @@ tests/test_pipeline_files.py checks that every path it names is one of these."""
 
 from pathlib import Path
 
+PARAMS_CHECKED = Path("runs/params_checked.txt")  # check_params' constant output (orders stages)
 RAW_DIR = Path("data/raw")  # download cache (not a DVC out: a rerun must not download again)
 PREPARED_DIR = Path("data/prepared")  # uint8 images + labels + classes + mean/std
 DATA_METRICS = Path("metrics/data.json")
@@ -38,3 +39,15 @@ REPORT = PLOTS_DIR / "report.md"
 
 MLFLOW_DB = Path("mlflow.db")
 MLFLOW_ARTIFACTS = Path("mlartifacts")
+
+
+def outputs() -> list[Path]:
+    """Every path above (the folders their temporary files are written in are their parents)."""
+    found: list[Path] = []
+    for value in list(globals().values()):
+        found += [
+            p
+            for p in (value.values() if isinstance(value, dict) else [value])
+            if isinstance(p, Path)
+        ]
+    return found

@@ -12,12 +12,15 @@ import json
 import os
 import shutil
 import uuid
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .errors import DataError
+from .files import TMP_SUFFIX
 
 
 @dataclass
@@ -128,9 +131,12 @@ def save_prepared(ds: Dataset, out_dir: Path, source: str) -> Prepared:
     }
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Not tempfile.mkdtemp: its folder is mode 0700, and the rename would keep that mode.
-    tmp = out_dir.parent / f".{out_dir.name}-{uuid.uuid4().hex[:12]}"
+    # Named like files.atomic_write's temporaries, so git ignores them and the next stage start
+    # removes those a killed run left.
+    tag = uuid.uuid4().hex[:8]
+    tmp = out_dir.parent / f".{out_dir.name}.{tag}{TMP_SUFFIX}"
     tmp.mkdir()
-    old = tmp.with_name(tmp.name + "-old")
+    old = out_dir.parent / f".{out_dir.name}.{tag}-old{TMP_SUFFIX}"
     try:
         np.savez(tmp / "train.npz", x=ds.x_train, y=ds.y_train)
         np.savez(tmp / "test.npz", x=ds.x_test, y=ds.y_test)
@@ -154,21 +160,107 @@ def save_prepared(ds: Dataset, out_dir: Path, source: str) -> Prepared:
     return Prepared(ds.x_train, ds.y_train, ds.x_test, ds.y_test, ds.classes, mean, std, meta)
 
 
-def load_prepared(path: Path) -> Prepared:
+# ---------------------------------------------------------------- loading, checked
+
+
+class _Corrupt(Exception):
+    """What is wrong with one file of data/prepared (turned into a DataError naming it)."""
+
+    def __init__(self, name: str, what: str):
+        super().__init__(what)
+        self.name, self.what = name, what
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and np.isfinite(v)
+
+
+META_CHECKS = {  # key: (check, what it must be)
+    "source": (lambda v: isinstance(v, str), "a string"),
+    "classes": (
+        lambda v: isinstance(v, list) and v and all(isinstance(c, str) for c in v),
+        "a non-empty list of names",
+    ),
+    "image_size": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "num_train": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "num_test": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "train_per_class": (lambda v: isinstance(v, list) and all(map(_is_int, v)), "counts"),
+    "test_per_class": (lambda v: isinstance(v, list) and all(map(_is_int, v)), "counts"),
+    "mean": (lambda v: isinstance(v, list) and len(v) == 3 and all(map(_is_num, v)), "3 numbers"),
+    "std": (lambda v: isinstance(v, list) and len(v) == 3 and all(map(_is_num, v)), "3 numbers"),
+    "fingerprint": (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def _read_meta(path: Path) -> dict:
     try:
         meta = json.loads((path / "meta.json").read_text())
-        with np.load(path / "train.npz") as train, np.load(path / "test.npz") as test:
-            return Prepared(
-                train["x"],
-                train["y"],
-                test["x"],
-                test["y"],
-                list(meta["classes"]),
-                tuple(meta["mean"]),
-                tuple(meta["std"]),
-                meta,
-            )
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise _Corrupt("meta.json", f"not readable as JSON: {exc}") from None
+    if not isinstance(meta, dict):
+        raise _Corrupt("meta.json", f"a JSON {type(meta).__name__}, not an object")
+    for key, (ok, must) in META_CHECKS.items():
+        if key not in meta:
+            raise _Corrupt("meta.json", f"no {key!r}")
+        if not ok(meta[key]):
+            raise _Corrupt("meta.json", f"{key!r} is {meta[key]!r}, not {must}")
+    return meta
+
+
+def _read_split(path: Path, split: str, meta: dict) -> tuple[np.ndarray, np.ndarray]:
+    """``x`` uint8 (N, S, S, 3) and ``y`` int64 (N,) in [0, classes), N and counts as meta says."""
+    name = f"{split}.npz"
+    try:
+        with open(path / name, "rb") as f:  # np.load would try anything else as a pickle
+            if f.read(4) != b"PK\x03\x04":
+                raise _Corrupt(name, "not an .npz archive: no zip header")
+        # allow_pickle=False: a damaged or planted file must never unpickle.
+        with np.load(path / name, allow_pickle=False) as npz:
+            missing = [k for k in ("x", "y") if k not in npz.files]
+            if missing:
+                raise _Corrupt(name, f"no array {' or '.join(map(repr, missing))}")
+            x, y = npz["x"], npz["y"]
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise _Corrupt(name, f"unreadable: {type(exc).__name__}: {exc}") from None
+    size, n, classes = meta["image_size"], meta[f"num_{split}"], len(meta["classes"])
+    if x.dtype != np.uint8 or x.shape != (n, size, size, 3):
+        raise _Corrupt(name, f"x is {x.dtype} {x.shape}, meta.json says uint8 {(n, size, size, 3)}")
+    if y.dtype != np.int64 or y.shape != (n,):
+        raise _Corrupt(name, f"y is {y.dtype} {y.shape}, meta.json says int64 {(n,)}")
+    if y.min() < 0 or y.max() >= classes:
+        raise _Corrupt(name, f"labels span {y.min()}..{y.max()}, outside 0..{classes - 1}")
+    if np.bincount(y, minlength=classes).tolist() != meta[f"{split}_per_class"]:
+        raise _Corrupt(name, f"label counts differ from meta.json's {split}_per_class")
+    return x, y
+
+
+def load_prepared(path: Path) -> Prepared:
+    """Read and check data/prepared: a damaged file is named here, not deep inside training.
+
+    The fingerprint (a SHA-256 of the arrays) is checked too: about 0.1 s for all of CIFAR-10.
+    """
+    try:
+        meta = _read_meta(path)
+        x_train, y_train = _read_split(path, "train", meta)
+        x_test, y_test = _read_split(path, "test", meta)
+        ds = Dataset(x_train, y_train, x_test, y_test, list(meta["classes"]))
+        if fingerprint(ds) != meta["fingerprint"]:
+            raise _Corrupt("train.npz or test.npz", "arrays differ from meta.json's fingerprint")
     except FileNotFoundError as exc:
         raise DataError(
             f"{path}: prepared data missing ({exc.filename}); run `dvc repro download`"
         ) from None
+    except _Corrupt as exc:
+        raise DataError(
+            f"{path / exc.name} is corrupt ({exc.what}); rerun `dvc repro -f download`"
+        ) from None
+    mean, std = tuple(meta["mean"]), tuple(meta["std"])
+    return Prepared(x_train, y_train, x_test, y_test, ds.classes, mean, std, meta)

@@ -5,7 +5,9 @@ Sources (``data.source``):
     MD5-checked before anything in it is read.
   * a path or URL of an official archive (renamed or mirrored): recognised by its MD5.
   * an image-folder dataset, as a directory or a ``.tar.gz``/``.tgz``/``.tar``/``.zip`` archive
-    laid out ``train/<class>/*`` and ``test/<class>/*`` (read by :mod:`onecycle.archives`).
+    (suffix in any case; a URL is downloaded into ``data/raw`` first) laid out
+    ``train/<class>/*`` and ``test/<class>/*`` (read by :mod:`onecycle.archives` and
+    :mod:`onecycle.imagefolder`, within ``data.max_file_mb`` and ``data.max_image_pixels``).
 
 Pickles are only ever read from an archive whose MD5 matched an official one. torchvision is
 imported only when needed (the official specs, a download), not when this module is.
@@ -21,8 +23,11 @@ import posixpath
 import socket
 import tarfile
 import tempfile
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
 import numpy as np
@@ -31,13 +36,18 @@ from PIL import Image
 from .archives import (
     ARCHIVE_ERRORS,
     ARCHIVE_SUFFIXES,
-    read_image_folder_dir,
+    TAR_SUFFIXES,
     read_image_folder_tar,
     read_image_folder_zip,
     tar_members,
 )
 from .errors import DataError
+from .files import TMP_SUFFIX
+from .imagefolder import Limits, read_image_folder_dir
 from .prepared import Dataset
+
+if TYPE_CHECKING:
+    from .config import DataConfig
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,15 @@ class Official:
     meta_file: str
     label_key: str
     names_key: str
+
+
+# torchvision's file names and MD5s (CIFAR10/CIFAR100 .filename, .tgz_md5), pinned so that
+# reading a local image-folder dataset needs no torchvision import (2-4 s and ~650 MB per stage
+# start); tests/test_data.py checks that they still agree with torchvision.
+OFFICIAL_FILES = {
+    "cifar10": ("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),
+    "cifar100": ("cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85"),
+}
 
 
 @functools.cache
@@ -89,49 +108,88 @@ def md5sum(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-# ---------------------------------------------------------------- official archive
+# ---------------------------------------------------------------- downloads
 
 
-def download_official(spec: Official, url: str, raw_dir: Path, timeout: float) -> Path:
-    """Download into a temporary folder, verify the MD5, then move into ``raw_dir``.
+def _download(
+    url: str, raw_dir: Path, filename: str, timeout: float, hint: str, check: Callable[[Path], None]
+) -> Path:
+    """Download into a temporary folder in ``raw_dir``, ``check(path)`` it, then rename it to
+    ``raw_dir/filename``: a partial, failed or refused download never reaches ``raw_dir``.
 
-    A partial or corrupt download never reaches ``raw_dir``, so no later run can trust it.
+    ``timeout`` bounds each wait for the network; ``hint`` says what to do without one.
     """
-    from torchvision.datasets.utils import check_integrity, download_url
+    from torchvision.datasets.utils import download_url
 
-    target = raw_dir / spec.filename
-    if check_integrity(str(target), spec.md5):
-        return target
     raw_dir.mkdir(parents=True, exist_ok=True)
     old_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(timeout)
     try:
-        with tempfile.TemporaryDirectory(dir=raw_dir, prefix=".partial-") as tmp:
+        with tempfile.TemporaryDirectory(dir=raw_dir, prefix=".partial-", suffix=TMP_SUFFIX) as tmp:
             # No md5= here: download_url would raise a bare "File not found or corrupted."
-            # RuntimeError; the check below says what failed.
-            download_url(url, tmp, filename=spec.filename)
-            got = Path(tmp) / spec.filename
-            if not check_integrity(str(got), spec.md5):
-                raise DataError(
-                    f"{url}: downloaded file failed its MD5 check (got {md5sum(got)}, expected "
-                    f"{spec.md5}); it is corrupt or not the official {spec.filename}. Retry, or "
-                    f"point data.source at a verified local copy: "
-                    f"dvc exp run -S data.source=/path/to/{spec.filename}"
-                )
-            os.replace(got, target)
+            # RuntimeError; check says what failed.
+            download_url(url, tmp, filename=filename)
+            got = Path(tmp) / filename
+            check(got)
+            os.replace(got, raw_dir / filename)
     except DataError:
         raise
     except Exception as exc:  # urllib, socket and torchvision all raise their own kinds
-        raise DataError(
-            f"could not download {url} ({type(exc).__name__}: {exc}).\n"
-            f"Without network access, fetch {spec.filename} elsewhere and point the stage at it:\n"
-            f"  dvc exp run -S data.source=/path/to/{spec.filename}\n"
-            "or at an image-folder copy (train/<class>/*, test/<class>/*), e.g. "
-            "data.source=../shared/datasets/cifar10-jpg.tar.gz"
-        ) from exc
+        raise DataError(f"could not download {url} ({type(exc).__name__}: {exc}).\n{hint}") from exc
     finally:
         socket.setdefaulttimeout(old_timeout)
-    return target
+    return raw_dir / filename
+
+
+def download_official(spec: Official, url: str, raw_dir: Path, timeout: float) -> Path:
+    """Download and MD5-check an official archive; a verified copy in ``raw_dir`` is reused."""
+    from torchvision.datasets.utils import check_integrity
+
+    target = raw_dir / spec.filename
+    if check_integrity(str(target), spec.md5):
+        return target
+
+    def check(got: Path) -> None:
+        if not check_integrity(str(got), spec.md5):
+            raise DataError(
+                f"{url}: downloaded file failed its MD5 check (got {md5sum(got)}, expected "
+                f"{spec.md5}); it is corrupt or not the official {spec.filename}. Retry, or "
+                f"point data.source at a verified local copy: "
+                f"dvc exp run -S data.source=/path/to/{spec.filename}"
+            )
+
+    hint = (
+        f"Without network access, fetch {spec.filename} elsewhere and point the stage at it:\n"
+        f"  dvc exp run -S data.source=/path/to/{spec.filename}\n"
+        "or at an image-folder copy (train/<class>/*, test/<class>/*), e.g. "
+        "data.source=../shared/datasets/cifar10-jpg.tar.gz"
+    )
+    return _download(url, raw_dir, spec.filename, timeout, hint, check)
+
+
+def download_archive(url: str, filename: str, raw_dir: Path, timeout: float) -> Path:
+    """Download an image-folder archive into ``raw_dir``, every time.
+
+    Nothing says whether an earlier copy is still what the URL serves, so none is reused; the
+    description of the source records the MD5 of what was read.
+    """
+    is_zip = filename.lower().endswith(".zip")
+
+    def check(got: Path) -> None:  # headers only: an error page must not land in raw_dir
+        if not (zipfile.is_zipfile(got) if is_zip else tarfile.is_tarfile(got)):
+            raise DataError(
+                f"{url}: the downloaded file is not a {'zip' if is_zip else 'tar'} archive (an "
+                "error page, or another file under that name?); check the URL"
+            )
+
+    hint = (
+        f"Without network access, download {filename} elsewhere and point the stage at it:\n"
+        f"  dvc exp run -S data.source=/path/to/{filename}"
+    )
+    return _download(url, raw_dir, filename, timeout, hint, check)
+
+
+# ---------------------------------------------------------------- official archive
 
 
 def read_official(path: Path, spec: Official) -> Dataset:
@@ -186,14 +244,17 @@ def _official_sized(ds: Dataset, image_size: int) -> Dataset:
 # ---------------------------------------------------------------- the source switch
 
 
-def fetch(
-    source: str, root: Path, raw_dir: Path, image_size: int, timeout: float
-) -> tuple[Dataset, str]:
-    """Read ``data.source`` into memory. Returns the dataset and a description of the source."""
-    specs = official_specs()
-    if source in specs:
-        spec = specs[source]
-        path = download_official(spec, spec.url, raw_dir, timeout)
+def fetch(cfg: DataConfig, root: Path, raw_dir: Path) -> tuple[Dataset, str]:
+    """Read ``data.source`` into memory. Returns the dataset and a description of the source.
+
+    ``cfg`` is the ``data`` section: the source, image size, download timeout and the limits
+    on one file and one image.
+    """
+    source, image_size = cfg.source, cfg.image_size
+    limits = Limits(cfg.max_image_pixels, cfg.max_file_mb)
+    if source in OFFICIAL_FILES:
+        spec = official_specs()[source]
+        path = download_official(spec, spec.url, raw_dir, cfg.timeout)
         return _official_sized(
             read_official(path, spec), image_size
         ), f"{spec.url} (md5 {spec.md5})"
@@ -206,35 +267,57 @@ def fetch(
             raise DataError(f"data.source: {source} names a remote host; give a local path")
         source = unquote(url.path)
     elif url.scheme in ("http", "https", "ftp"):
-        name = posixpath.basename(url.path)
-        spec = next((s for s in specs.values() if s.filename == name), None)
-        if spec is None:
-            raise DataError(
-                f"data.source: URL {source} must end in an official archive name "
-                f"({', '.join(s.filename for s in specs.values())}); for an image-folder "
-                "dataset, download it and give its local path"
-            )
-        path = download_official(spec, source, raw_dir, timeout)
-        return _official_sized(read_official(path, spec), image_size), f"{source} (md5 {spec.md5})"
+        return _fetch_url(source, raw_dir, image_size, cfg.timeout, limits)
 
     path = Path(source).expanduser()
-    return _read_local((path if path.is_absolute() else root / path).resolve(), image_size)
+    return _read_local((path if path.is_absolute() else root / path).resolve(), image_size, limits)
 
 
-def _read_local(path: Path, image_size: int) -> tuple[Dataset, str]:
-    """A local official archive (recognised by its MD5), image-folder archive or directory."""
+def _fetch_url(
+    source: str, raw_dir: Path, image_size: int, timeout: float, limits: Limits
+) -> tuple[Dataset, str]:
+    """An official archive's URL (MD5-checked, cached) or an image-folder archive's."""
+    specs = official_specs()
+    # Unquoted before taking the last part: "%2F" must not smuggle a folder into raw_dir.
+    name = posixpath.basename(unquote(urlparse(source).path))
+    spec = next((s for s in specs.values() if s.filename == name), None)
+    if spec is not None:
+        path = download_official(spec, source, raw_dir, timeout)
+        return _official_sized(read_official(path, spec), image_size), f"{source} (md5 {spec.md5})"
+    if not name.lower().endswith(ARCHIVE_SUFFIXES):
+        raise DataError(
+            f"data.source: URL {source} must end in an official archive name "
+            f"({', '.join(s.filename for s in specs.values())}) or an image-folder archive "
+            f"name ({', '.join(ARCHIVE_SUFFIXES)})"
+        )
+    path = download_archive(source, name, raw_dir, timeout)
+    try:
+        return _read_local(path, image_size, limits, label=source)
+    except DataError as exc:
+        raise DataError(f"{exc}\n(downloaded from {source})") from None
+
+
+def _read_local(
+    path: Path, image_size: int, limits: Limits, label: str | None = None
+) -> tuple[Dataset, str]:
+    """A local official archive (recognised by its MD5), image-folder archive or directory.
+
+    ``label`` names the source in the description (a URL the file was downloaded from).
+    """
     if not path.exists():
         raise DataError(
             f"data.source: {path} does not exist; give cifar10, cifar100, the official archive's "
             "path or URL, or an image-folder dataset (directory or .tar.gz/.zip)"
         )
     if path.is_dir():
-        return read_image_folder_dir(path, image_size), str(path)
-    specs = official_specs()
+        return read_image_folder_dir(path, image_size, limits), str(path)
     digest = md5sum(path)
+    described = f"{label or path} (md5 {digest})"
+    maybe_official = any(path.name == f or digest == m for f, m in OFFICIAL_FILES.values())
+    specs = official_specs() if maybe_official else {}
     spec = next((s for s in specs.values() if s.md5 == digest), None)
     if spec is not None:
-        return _official_sized(read_official(path, spec), image_size), f"{path} (md5 {digest})"
+        return _official_sized(read_official(path, spec), image_size), described
     official_name = next((s for s in specs.values() if s.filename == path.name), None)
     if official_name is not None:
         raise DataError(
@@ -242,11 +325,12 @@ def _read_local(path: Path, image_size: int) -> tuple[Dataset, str]:
             f"({official_name.md5}); the file is corrupt or not the official archive. "
             "Delete it and download it again."
         )
-    if path.name.endswith(ARCHIVE_SUFFIXES[:3]):
-        return read_image_folder_tar(path, image_size), f"{path} (md5 {digest})"
-    if path.name.endswith(".zip"):
-        return read_image_folder_zip(path, image_size), f"{path} (md5 {digest})"
+    name = path.name.lower()
+    if name.endswith(TAR_SUFFIXES):
+        return read_image_folder_tar(path, image_size, limits), described
+    if name.endswith(".zip"):
+        return read_image_folder_zip(path, image_size, limits), described
     raise DataError(
         f"data.source: {path} is neither an official CIFAR archive nor an image-folder "
-        f"archive ({', '.join(ARCHIVE_SUFFIXES)}) or directory"
+        f"archive ({', '.join(ARCHIVE_SUFFIXES)}, any case) or directory"
     )

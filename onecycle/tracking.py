@@ -3,6 +3,10 @@
 The store is an SQLite database at the repository root (``$DVC_ROOT/mlflow.db``), with artifacts
 beside it, so queued ``dvc exp run`` experiments (which run in a temporary copy under .dvc/tmp)
 record into the same store. ``MLFLOW_TRACKING_URI`` overrides it (a team's tracking server).
+
+Tracking never costs training: the store is checked once at a stage's start (an unusable one
+stops the stage there, in one line, within about 30 s); after that a failing call is kept,
+warned about once, retried later, and whatever could not be logged is listed at the end.
 """
 
 from __future__ import annotations
@@ -11,15 +15,31 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from . import files, paths
+from . import files, paths, progress
 from .config import repo_root
-from .errors import MissingInput
+from .errors import MissingInput, UserError
 
 EXPERIMENT = os.environ.get("MLFLOW_EXPERIMENT_NAME", "cifar10-onecycle")
+CHECK_SECONDS = 30  # how long a stage waits for the store to answer at its start
+RETRY_SECONDS = 60  # after a failed call, how long logging waits before trying again
+# MLflow's own HTTP retries default to 7 with backoff 2 and a 120 s timeout (about 4 minutes per
+# call against a dead server); bounded here unless the user set them.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+}
+
+
+class TrackingError(UserError):
+    """The MLflow store cannot be reached or used; the message names it and the way out."""
 
 
 def tracking_uri(root: Path | None = None) -> str:
@@ -28,30 +48,77 @@ def tracking_uri(root: Path | None = None) -> str:
     return f"sqlite:///{(root or repo_root()) / paths.MLFLOW_DB}"
 
 
-def _quiet_mlflow() -> None:
-    for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent", "mlflow.store"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+def _way_out(uri: str) -> str:
+    if uri.startswith("sqlite:///"):
+        db = uri.removeprefix("sqlite:///")
+        return (
+            f"move it aside to start a new store (mv {db} {db}.broken), make it and its folder "
+            "writable, or set MLFLOW_TRACKING_URI to another store"
+        )
+    return (
+        "start the server or fix MLFLOW_TRACKING_URI (unset it to use the local mlflow.db); "
+        "for a server with authentication set MLFLOW_TRACKING_USERNAME/PASSWORD"
+    )
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
+
+
+def _within(seconds: float, what: str, uri: str, fn: Callable):
+    """``fn()``, or a TrackingError if it raises or has not returned after ``seconds``."""
+    box: dict = {}
+
+    def call():
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            box["error"] = exc
+
+    worker = threading.Thread(target=call, daemon=True)  # daemon: a hung call cannot block exit
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise TrackingError(
+            f"MLflow store {uri} did not answer within {seconds:.0f} s ({what}): {_way_out(uri)}"
+        )
+    if "error" in box:
+        raise TrackingError(
+            f"MLflow store {uri} cannot be used ({what}: {_short(box['error'])}): {_way_out(uri)}"
+        )
+    return box.get("value")
+
+
+def _experiment_id(root: Path, user_store: bool) -> str:
+    import mlflow
+
+    exp = mlflow.get_experiment_by_name(EXPERIMENT)
+    if exp is not None:
+        return exp.experiment_id
+    # An explicit artifact root: MLflow's default (./mlruns) follows the working directory.
+    location = None if user_store else (root / paths.MLFLOW_ARTIFACTS).as_uri()
+    try:
+        return mlflow.create_experiment(EXPERIMENT, artifact_location=location)
+    except Exception:  # created meanwhile by a parallel queued experiment
+        return mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
 
 
 def setup(root: Path | None = None) -> str:
-    """Point MLflow at the project's store and experiment; returns the experiment id."""
+    """Point MLflow at the project's store and experiment, checking that the store answers;
+    returns the experiment id. Call it first in a stage that logs, before any work."""
     import mlflow
 
-    _quiet_mlflow()
+    for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent", "mlflow.store"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     root = root or repo_root()
     # Read before set_tracking_uri, which exports MLFLOW_TRACKING_URI itself.
     user_store = bool(os.environ.get("MLFLOW_TRACKING_URI"))
-    mlflow.set_tracking_uri(tracking_uri(root))
-    exp = mlflow.get_experiment_by_name(EXPERIMENT)
-    if exp is not None:
-        exp_id = exp.experiment_id
-    else:
-        # An explicit artifact root: MLflow's default (./mlruns) follows the working directory.
-        location = None if user_store else (root / paths.MLFLOW_ARTIFACTS).as_uri()
-        try:
-            exp_id = mlflow.create_experiment(EXPERIMENT, artifact_location=location)
-        except Exception:  # created meanwhile by a parallel queued experiment
-            exp_id = mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
+    uri = tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
+    exp_id = _within(CHECK_SECONDS, "opening it", uri, lambda: _experiment_id(root, user_store))
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 
@@ -66,8 +133,18 @@ def git_commit() -> str | None:
         return None
 
 
+def _here() -> dict[str, str]:
+    """Who runs the stage: the workspace (a queued experiment's temporary copy is its own), the
+    host and the process. A RUNNING run whose process is gone was killed."""
+    return {
+        "onecycle.workspace": str(Path.cwd().resolve()),
+        "onecycle.host": socket.gethostname(),
+        "onecycle.pid": str(os.getpid()),
+    }
+
+
 def dvc_tags(stage: str) -> dict[str, str]:
-    tags = {"dvc.stage": stage}
+    tags = {"dvc.stage": stage, **_here()}
     for env, tag in (
         ("DVC_EXP_NAME", "dvc.exp_name"),
         ("DVC_EXP_BASELINE_REV", "dvc.exp_baseline_rev"),
@@ -79,6 +156,42 @@ def dvc_tags(stage: str) -> dict[str, str]:
         tags["git.commit"] = commit
         tags["mlflow.source.git.commit"] = commit
     return tags
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def close_stale_runs(stage: str, keep: str | None = None) -> list[str]:
+    """Mark KILLED the RUNNING runs of ``stage`` that this workspace started on this host from a
+    process that is gone (SIGKILL, a power cut): MLflow never heard they ended."""
+    import mlflow
+
+    here = _here()
+    client = mlflow.MlflowClient()
+    exp = mlflow.get_experiment_by_name(EXPERIMENT)
+    query = (
+        f"tags.`dvc.stage` = '{stage}' and attributes.status = 'RUNNING' and "
+        f"tags.`onecycle.workspace` = '{here['onecycle.workspace']}' and "
+        f"tags.`onecycle.host` = '{here['onecycle.host']}'"
+    )
+    closed = []
+    for run in client.search_runs([exp.experiment_id], query):
+        pid = run.data.tags.get("onecycle.pid", "")
+        if run.info.run_id == keep or not pid.isdigit() or _alive(int(pid)):
+            continue
+        client.set_tag(run.info.run_id, "onecycle.closed_as_stale", "true")
+        client.set_terminated(run.info.run_id, "KILLED")
+        closed.append(run.info.run_id)
+    if closed:
+        progress.say(f"{stage}: closed {len(closed)} run(s) left RUNNING by a killed process")
+    return closed
 
 
 class Terminated(KeyboardInterrupt):
@@ -97,70 +210,210 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+class Recorder:
+    """Logs into one run. A failing call costs no work: it is kept, warned about once, retried
+    before later calls (at most once a minute) and at the end; :meth:`unlogged` lists the rest."""
+
+    def __init__(self, run_id: str, experiment_id: str, uri: str):
+        self.run_id, self.experiment_id, self.uri = run_id, experiment_id, uri
+        self._pending: list[tuple[str, Callable[[], None]]] = []
+        self._retry_at = 0.0
+        self._warned = False
+
+    def _call(self, what: str, fn: Callable[[], None]) -> None:
+        self._pending.append((what, fn))
+        if time.monotonic() >= self._retry_at:
+            self.flush()
+
+    def flush(self) -> bool:
+        """Send what is waiting, in order; False if the store still fails."""
+        while self._pending:
+            what, fn = self._pending[0]
+            try:
+                fn()
+            except Exception as exc:  # noqa: BLE001 - logging must never stop the work
+                self._retry_at = time.monotonic() + RETRY_SECONDS
+                if not self._warned:
+                    self._warned = True
+                    progress.say(
+                        f"warning: MLflow at {self.uri} failed ({_short(exc)}) while logging "
+                        f"{what}; the work goes on and logging is retried"
+                    )
+                return False
+            self._pending.pop(0)
+        return True
+
+    def unlogged(self) -> list[str]:
+        return [what for what, _ in self._pending]
+
+    def _client(self):
+        import mlflow
+
+        return mlflow.MlflowClient()
+
+    def log_params(self, params: dict) -> None:
+        """Nested dicts become dotted keys: ``{"train": {"epochs": 24}}`` -> ``train.epochs``."""
+        from mlflow.entities import Param
+
+        flat = _flatten(params)
+        batch = [Param(k, str(v)) for k, v in flat.items()]
+        self._call("params", lambda: self._client().log_batch(self.run_id, params=batch))
+
+    def set_tags(self, tags: dict) -> None:
+        from mlflow.entities import RunTag
+
+        batch = [RunTag(k, str(v)) for k, v in tags.items()]
+        self._call("tags", lambda: self._client().log_batch(self.run_id, tags=batch))
+
+    def log_metrics(self, values: dict, step: int | None = None) -> None:
+        """The numbers of ``values`` at ``step``; None and non-numbers are left out."""
+        numbers = {k: float(v) for k, v in values.items() if isinstance(v, int | float)}
+        self.log_series([{**numbers, "_step": step or 0}], list(numbers), "_step")
+
+    def log_series(self, rows: list[dict], keys: list[str], step_key: str = "step") -> None:
+        """Every row's ``keys`` as metrics at the row's step, 1000 values a request."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(k, float(r[k]), now, int(r[step_key])) for r in rows for k in keys if k in r
+        ]
+        for start in range(0, len(metrics), 1000):
+            chunk = metrics[start : start + 1000]
+            steps = f"{chunk[0].step}..{chunk[-1].step}" if len(rows) > 1 else f"{chunk[0].step}"
+            what = f"metrics {', '.join(sorted({m.key for m in chunk}))} at step {steps}"
+            self._call(what, lambda c=chunk: self._client().log_batch(self.run_id, metrics=c))
+
+    def log_files(self, *local: str | Path, artifact_path: str | None = None) -> None:
+        for path in local:
+            what = f"file {path}"
+            self._call(
+                what, lambda p=str(path): self._client().log_artifact(self.run_id, p, artifact_path)
+            )
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    flat: dict = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat |= _flatten(v, f"{prefix}{k}.")
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def _report_unlogged(recorder: Recorder, stage: str) -> None:
+    if recorder.flush():
+        return
+    lines = "\n".join(f"  - {what}" for what in recorder.unlogged())
+    progress.say(
+        f"{stage}: MLflow at {recorder.uri} is unreachable; run {recorder.run_id} is missing:\n"
+        f"{lines}\nThe stage's own outputs hold all of it (metrics/, plots/, models/)."
+    )
+
+
 @contextlib.contextmanager
-def stage_run(stage: str, run_id: str | None = None, tags: dict | None = None) -> Iterator:
+def stage_run(
+    stage: str, run_id: str | None = None, tags: dict | None = None
+) -> Iterator[Recorder]:
     """One MLflow run for one stage execution (or a resumed one, given ``run_id``).
 
-    Ends FINISHED on success, KILLED on Ctrl-C or SIGTERM, FAILED on any other exception: never
-    left RUNNING.
+    Ends FINISHED on success, KILLED on Ctrl-C or SIGTERM, FAILED on any other exception. Runs
+    that a killed process left RUNNING in this workspace are closed as KILLED first.
     """
     import mlflow
 
-    setup()
+    exp_id = setup()
+    uri = mlflow.get_tracking_uri()
     run_tags = {**dvc_tags(stage), **(tags or {})}
-    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else stage, tags=run_tags)
+
+    _within(CHECK_SECONDS, "looking for stale runs", uri, lambda: close_stale_runs(stage, run_id))
+    try:  # in this thread: MLflow keeps the active run per thread
+        run = mlflow.start_run(run_id=run_id, run_name=None if run_id else stage, tags=run_tags)
+    except Exception as exc:
+        raise TrackingError(
+            f"MLflow store {uri} cannot be used (starting a run: {_short(exc)}): {_way_out(uri)}"
+        ) from None
+    recorder = Recorder(run.info.run_id, exp_id, uri)
+    status = "FINISHED"
     try:
         with sigterm_as_interrupt():
-            yield run
+            yield recorder
     except KeyboardInterrupt:
-        mlflow.end_run("KILLED")
+        status = "KILLED"
         raise
     except BaseException:
-        mlflow.end_run("FAILED")
+        status = "FAILED"
         raise
-    mlflow.end_run("FINISHED")
+    finally:
+        _report_unlogged(recorder, stage)
+        try:
+            mlflow.end_run(status)
+        except Exception as exc:  # noqa: BLE001 - the work is done; say what MLflow lacks
+            fate = (
+                "the next stage that logs into it marks it FINISHED"
+                if status == "FINISHED"
+                else f"the next run of {stage} here closes it as KILLED"
+            )
+            progress.say(
+                f"{stage}: could not mark run {recorder.run_id} {status} ({_short(exc)}); {fate}"
+            )
 
 
 @contextlib.contextmanager
-def add_to_run(ref_path: Path, stage: str) -> Iterator:
-    """Reopen the run named in ``ref_path`` (written by train) to add a later stage's results.
-
-    The run keeps the status it had (FINISHED); a failure here is recorded as a tag on it, not by
-    marking the training FAILED.
-    """
+def add_to_run(ref_path: Path, stage: str) -> Iterator[Recorder]:
+    """Log a later stage's results into the run named in ``ref_path`` (written by lr_find or
+    train). The run keeps its status; a failure here is recorded as a tag on it."""
     import mlflow
 
     ref = read_run_ref(ref_path)
-    setup()
-    client = mlflow.MlflowClient()
+    exp_id = setup()
+    uri = mlflow.get_tracking_uri()
     try:
-        before = client.get_run(ref["run_id"]).info.status
-    except Exception as exc:
+        _within(
+            CHECK_SECONDS,
+            "finding the run",
+            uri,
+            lambda: mlflow.MlflowClient().get_run(ref["run_id"]),
+        )
+    except TrackingError as exc:
         raise MissingInput(
-            f"{ref_path} names MLflow run {ref['run_id']}, which is not in {mlflow.get_tracking_uri()} "
-            f"({type(exc).__name__}); rerun the train stage (`dvc repro -f train`)"
+            f"{ref_path} names MLflow run {ref['run_id']}, which {uri} cannot give ({exc}); "
+            f"rerun the stage that wrote it (`dvc repro -f {ref_path.stem}`)"
         ) from None
-    final = before if before in ("FINISHED", "FAILED", "KILLED") else "FINISHED"
-    run = mlflow.start_run(run_id=ref["run_id"])
+    recorder = Recorder(ref["run_id"], exp_id, uri)
+    _finish_if_orphaned(ref["run_id"], stage)
     try:
         with sigterm_as_interrupt():
-            yield run
+            yield recorder
     except BaseException as exc:
-        mlflow.set_tag(f"{stage}.error", f"{type(exc).__name__}: {exc}"[:500])
-        mlflow.end_run(final)
+        recorder.set_tags({f"{stage}.error": f"{type(exc).__name__}: {exc}"[:500]})
+        _report_unlogged(recorder, stage)
         raise
-    mlflow.set_tag(f"{stage}.done", "true")
-    mlflow.end_run(final)
+    recorder.set_tags({f"{stage}.done": "true"})
+    _report_unlogged(recorder, stage)
 
 
-def write_run_ref(path: Path, run) -> None:
-    """The file a later stage reads to log into this run (never 'the latest run')."""
+def _finish_if_orphaned(run_id: str, stage: str) -> None:
+    """A run named in a run-reference file finished its stage (the file is written last); if it
+    is still RUNNING and its process is gone, the store was out of reach when it ended."""
     import mlflow
 
+    client = mlflow.MlflowClient()
+    run = client.get_run(run_id)
+    pid = run.data.tags.get("onecycle.pid", "")
+    if run.info.status == "RUNNING" and pid.isdigit() and not _alive(int(pid)):
+        client.set_tag(run_id, "onecycle.finished_by", stage)
+        client.set_terminated(run_id, "FINISHED")
+        progress.say(f"{stage}: marked run {run_id} FINISHED (the store was away when it ended)")
+
+
+def write_run_ref(path: Path, recorder: Recorder) -> None:
+    """The file a later stage reads to log into this run (never 'the latest run')."""
     ref = {
-        "run_id": run.info.run_id,
-        "experiment_id": run.info.experiment_id,
-        "tracking_uri": mlflow.get_tracking_uri(),
+        "run_id": recorder.run_id,
+        "experiment_id": recorder.experiment_id,
+        "tracking_uri": recorder.uri,
     }
     files.write_json(path, ref)
 
@@ -185,56 +438,3 @@ def context(dev, data) -> dict:
         "data_source": data.meta["source"],
         "versions": f"python {platform.python_version()}, {versions}",
     }
-
-
-def log_params_flat(params: dict, prefix: str = "") -> None:
-    """Nested dicts become dotted keys: ``{"train": {"epochs": 24}}`` -> ``train.epochs``."""
-    import mlflow
-
-    flat: dict[str, object] = {}
-
-    def walk(d, pre):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(v, f"{pre}{k}.")
-            else:
-                flat[f"{pre}{k}"] = v
-
-    walk(params, prefix)
-    mlflow.log_params(flat)
-
-
-def log_metrics(values: dict, step: int | None = None) -> None:
-    """The numbers of ``values`` at ``step``; None and non-numbers are left out."""
-    import mlflow
-
-    numbers = {k: float(v) for k, v in values.items() if isinstance(v, int | float)}
-    mlflow.log_metrics(numbers, step=step)
-
-
-def log_series(rows: list[dict], keys: list[str], step_key: str = "step") -> None:
-    """Every row's ``keys`` as metrics at the row's step, in batches (one request per 1000
-    values rather than one per step: it matters against a remote tracking server)."""
-    import time
-
-    import mlflow
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    metrics = [Metric(k, float(r[k]), now, int(r[step_key])) for r in rows for k in keys if k in r]
-    run_id = mlflow.active_run().info.run_id
-    client = mlflow.MlflowClient()
-    for start in range(0, len(metrics), 1000):
-        client.log_batch(run_id, metrics=metrics[start : start + 1000])
-
-
-def log_files(
-    *local: str | Path, artifact_path: str | None = None, run_id: str | None = None
-) -> None:
-    """Copy files into the active run's artifacts (or into run ``run_id``'s)."""
-    import mlflow
-
-    client = mlflow.MlflowClient()
-    run_id = run_id or mlflow.active_run().info.run_id
-    for path in local:
-        client.log_artifact(run_id, str(path), artifact_path)

@@ -29,6 +29,11 @@ from .preprocess import normalize
 from .schedule import Schedule
 from .session import Session
 
+# Below these, BatchNorm's running statistics (momentum 0.1) and a warm-up-then-anneal schedule
+# have too few steps: 2,000 images at batch 512 (3 steps an epoch) ended at chance accuracy.
+MIN_STEPS_PER_EPOCH = 10
+MIN_STEPS = 50
+
 
 class NonFiniteLoss(UserError):
     """The loss became NaN or inf; no checkpoint was written."""
@@ -70,6 +75,7 @@ class Plan:
     eval_every: int  # epochs between test-set looks; 0 = the last epoch only
     x_test: torch.Tensor  # normalized (N, C, H, W)
     y_test: torch.Tensor
+    warning: str | None = None  # too few steps (see too_few_steps)
 
 
 @dataclass
@@ -235,11 +241,33 @@ def fit(
     return Result(session.model, history, resumed)
 
 
+def too_few_steps(images: int, batch_size: int, epochs: int) -> str | None:
+    """Why a run this short may end near chance, and what to change (None when it is long enough)."""
+    per_epoch = max(images // min(batch_size, images), 1)
+    if per_epoch >= MIN_STEPS_PER_EPOCH and per_epoch * epochs >= MIN_STEPS:
+        return None
+    if per_epoch < MIN_STEPS_PER_EPOCH:
+        batch = 1 << max(3, (images // MIN_STEPS_PER_EPOCH).bit_length() - 1)  # a power of two
+        advice = f"lower train.batch_size (e.g. {batch}) or raise data.train_subset"
+    else:
+        advice = f"raise train.epochs (e.g. {-(-MIN_STEPS // per_epoch)})"
+    return (
+        f"only {per_epoch} steps an epoch, {per_epoch * epochs} in all ({images:,} training "
+        f"images at train.batch_size {batch_size}, {epochs} epochs): BatchNorm statistics and the "
+        f"schedule need at least {MIN_STEPS_PER_EPOCH} an epoch and {MIN_STEPS} in all, or the "
+        f"model may end near chance; {advice}."
+    )
+
+
 def make_plan(cfg: TrainConfig, max_lr: float, session: Session, data: Prepared) -> Plan:
-    """``cfg``'s schedule at ``max_lr`` over ``session``'s batches, watched on the test split."""
+    """``cfg``'s schedule at ``max_lr`` over ``session``'s batches, watched on the test split;
+    warns (and the plan says) when the run is too short to train."""
     x_test, y_test = test_tensors(data, session.dev)
     sched = schedule.for_training(cfg, max_lr, session.steps_per_epoch)
-    return Plan(cfg.epochs, sched, cfg.eval_every, x_test, y_test)
+    warning = too_few_steps(len(data.y_train), cfg.batch_size, cfg.epochs)
+    if warning:
+        progress.say(f"warning: {warning}")
+    return Plan(cfg.epochs, sched, cfg.eval_every, x_test, y_test, warning)
 
 
 # ---------------------------------------------------------------- what the train stage writes

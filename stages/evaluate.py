@@ -9,6 +9,7 @@ from onecycle.preprocess import normalize
 
 def main() -> None:
     params = load_params()
+    tracking.setup()  # an unusable MLflow store stops the stage here, before any work
     data = load_prepared(paths.PREPARED_DIR)
     dev = select_device(params.base.device)
     model = checkpoint.load_weights(paths.MODEL, params.model, data.classes, dev)
@@ -19,9 +20,9 @@ def main() -> None:
     files.write_json(paths.EVAL_METRICS, metrics)
     rows = evaluation.prediction_rows(data.y_test, pred, conf, data.classes)
     files.write_csv(paths.PREDICTIONS, rows)
-    with tracking.add_to_run(paths.TRAIN_RUN, "evaluate"):
-        tracking.log_metrics(evaluation.flat_metrics(metrics))
-        tracking.log_files(paths.EVAL_METRICS)
+    with tracking.add_to_run(paths.TRAIN_RUN, "evaluate") as run:
+        run.log_metrics(evaluation.flat_metrics(metrics))
+        run.log_files(paths.EVAL_METRICS)
     print(
         f"evaluate: accuracy {100 * metrics['accuracy']:.2f}% ({metrics['misclassified']:,} of "
         f"{metrics['num_test']:,} misclassified), loss {metrics['loss']:.4f}"

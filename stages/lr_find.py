@@ -1,7 +1,5 @@
 """lr_find: Leslie Smith's LR range test; writes the chosen max LR for train (metrics/lr_find.json)."""
 
-import mlflow
-
 from onecycle import cli, files, lr_finder, paths, tracking
 from onecycle.config import load_params
 from onecycle.engine import select_device
@@ -13,11 +11,12 @@ SHARED_TRAIN_KEYS = ("batch_size", "nesterov", "weight_decay")  # what the sweep
 def main() -> None:
     params = load_params()
     cfg, tcfg = params.lr_find, params.train
+    tracking.setup()  # an unusable MLflow store stops the stage here, before any work
     data = load_prepared(paths.PREPARED_DIR)
     dev = select_device(params.base.device, params.base.num_workers)
 
     with tracking.stage_run("lr_find") as run:
-        tracking.log_params_flat(
+        run.log_params(
             {
                 "lr_find": cfg.model_dump(),
                 "model": params.model.model_dump(),
@@ -27,15 +26,15 @@ def main() -> None:
                 "data": {"num_train": len(data.y_train), "source": data.meta["source"]},
             }
         )
-        mlflow.set_tags({"device": str(dev.device)})
+        run.set_tags({"device": str(dev.device)})
         found = lr_finder.find(params, data, dev)
         rows = found.curve_rows()
         files.write_csv(paths.LR_FIND_CURVE, rows)
         files.write_json(paths.LR_FIND_METRICS, found.metrics(cfg.suggestion))
         first_seed = [r for r in rows if r["seed"] == params.base.seed]
-        tracking.log_series(first_seed, ["lr", "loss", "smooth_loss", "val_loss"])
-        tracking.log_metrics(found.result)
-        tracking.log_files("params.yaml", paths.LR_FIND_METRICS, paths.LR_FIND_CURVE)
+        run.log_series(first_seed, ["lr", "loss", "smooth_loss", "val_loss"])
+        run.log_metrics(found.result)
+        run.log_files("params.yaml", paths.LR_FIND_METRICS, paths.LR_FIND_CURVE)
         tracking.write_run_ref(paths.LR_FIND_RUN, run)
     print(f"lr_find: {found.describe(cfg.suggestion)}")
 

@@ -14,6 +14,7 @@ from onecycle.prepared import load_prepared
 
 def main() -> None:
     params = load_params()
+    tracking.setup()  # an unusable MLflow store stops the stage here, before any work
     data = load_prepared(paths.PREPARED_DIR)
     lr_find = files.read_json(paths.LR_FIND_METRICS)
     curve = [r for r in files.read_csv(paths.LR_FIND_CURVE) if int(r["seed"]) == params.base.seed]
@@ -57,11 +58,11 @@ def main() -> None:
     sections = [(title, paths.FIGURES[k].name) for k, (title, _) in built.items()]
     meta = data.meta | {"num_classes": len(data.classes)}
     files.write_text(paths.REPORT, report.render(lr_find, train, evaluation, meta, sections))
-    with tracking.add_to_run(paths.TRAIN_RUN, "plots"):
-        tracking.log_files(*pngs, artifact_path="figures")
-        tracking.log_files(paths.REPORT)
-    with tracking.add_to_run(paths.LR_FIND_RUN, "plots"):
-        tracking.log_files(paths.FIGURES["lr_find"], artifact_path="figures")
+    with tracking.add_to_run(paths.TRAIN_RUN, "plots") as run:
+        run.log_files(*pngs, artifact_path="figures")
+        run.log_files(paths.REPORT)
+    with tracking.add_to_run(paths.LR_FIND_RUN, "plots") as run:
+        run.log_files(paths.FIGURES["lr_find"], artifact_path="figures")
     print(f"plots: {len(pngs)} figures and {paths.REPORT} in {paths.PLOTS_DIR}/")
 
 

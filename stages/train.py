@@ -1,7 +1,5 @@
 """train: the custom ResNet with the 1cycle policy; writes models/model.pt and the per-epoch history."""
 
-import mlflow
-
 from onecycle import checkpoint, cli, files, paths, tracking, training
 from onecycle.config import load_params
 from onecycle.engine import select_device
@@ -13,6 +11,7 @@ from onecycle.session import build_session
 def main() -> None:
     params = load_params()
     cfg = params.train
+    tracking.setup()  # an unusable MLflow store stops the stage here, before any work
     data = load_prepared(paths.PREPARED_DIR)
     dev = select_device(params.base.device, params.base.num_workers)
     lr_find = files.read_json(paths.LR_FIND_METRICS) if paths.LR_FIND_METRICS.exists() else None
@@ -29,9 +28,9 @@ def main() -> None:
 
     run_id = state["extra"].get("mlflow_run_id") if state else None
     with tracking.stage_run("train", run_id, tags={"lr_find_run_id": lr_run}) as run:
-        resume.extra["mlflow_run_id"] = run.info.run_id
+        resume.extra["mlflow_run_id"] = run.run_id
         if state is None:
-            tracking.log_params_flat(
+            run.log_params(
                 {
                     "train": cfg.model_dump(),
                     "model": params.model.model_dump(),
@@ -43,8 +42,10 @@ def main() -> None:
                 }
             )
         else:
-            mlflow.set_tag("resumed", "true")
-        hooks = training.Hooks(on_epoch=lambda s: tracking.log_metrics(s.metrics(), s.epoch))
+            run.set_tags({"resumed": "true"})
+        if plan.warning:
+            run.set_tags({"warning": plan.warning})
+        hooks = training.Hooks(on_epoch=lambda s: run.log_metrics(s.metrics(), s.epoch))
         result = training.fit(session, plan, resume, state, hooks)
 
         checkpoint.save_weights(result.model, params.model, data.classes, paths.MODEL)
@@ -52,7 +53,7 @@ def main() -> None:
         files.write_json(paths.TRAIN_METRICS, metrics)
         files.write_csv(paths.TRAIN_HISTORY, training.history_rows(result.history))
         files.write_csv(paths.TRAIN_SCHEDULE, training.schedule_rows(plan, session.steps_per_epoch))
-        tracking.log_files("params.yaml", paths.TRAIN_METRICS, paths.TRAIN_HISTORY)
+        run.log_files("params.yaml", paths.TRAIN_METRICS, paths.TRAIN_HISTORY)
         tracking.write_run_ref(paths.TRAIN_RUN, run)
     resume.remove()
     acc = "n/a" if metrics["test_acc"] is None else f"{100 * metrics['test_acc']:.2f}%"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from onecycle import prepared, sources
-from onecycle.config import parse_params
+from onecycle.config import DataConfig, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
 # The shared image-folder copy beside the repo; ONECYCLE_TEST_DATA points elsewhere (any source
@@ -32,7 +32,8 @@ def shared_cifar() -> Path:
 @pytest.fixture(scope="session")
 def cifar_full(shared_cifar):
     """All 60,000 real images, decoded once per session (about 6 s)."""
-    ds, _ = sources.fetch(str(shared_cifar), ROOT, ROOT / "data" / "raw", 32, 60)
+    cfg = DataConfig(source=str(shared_cifar), image_size=32, timeout=60)
+    ds, _ = sources.fetch(cfg, ROOT, ROOT / "data" / "raw")
     return ds
 
 

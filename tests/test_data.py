@@ -1,12 +1,14 @@
-"""onecycle.sources, .archives and .prepared: every data.source kind, bad input, subsets and
-the prepared form.
+"""onecycle.sources, .archives, .imagefolder and .prepared: every data.source kind, bad input,
+the limits on one file and one image, subsets and the prepared form (a damaged data/prepared:
+tests/test_prepared.py).
 
-Every archive is made here, in tmp_path, a few images at a time; nothing is downloaded. The one
-"download" test serves a made-up archive from a local HTTP server on 127.0.0.1.
+Every archive is made here, in tmp_path, a few images at a time; nothing is downloaded from
+outside: the "download" tests serve made-up archives from a local HTTP server on 127.0.0.1.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import gzip
@@ -17,14 +19,18 @@ import json
 import os
 import pickle
 import shutil
+import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import tarfile
 import threading
 import types
+import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +38,7 @@ import pytest
 from PIL import Image
 
 from onecycle import archives, prepared, sources
+from onecycle.config import ConfigError, DataConfig, load_params, parse_params
 from onecycle.errors import DataError
 
 OFFICIAL_NAME = "cifar-10-python.tar.gz"
@@ -135,8 +142,10 @@ def tar_of(path: Path, members: list[tarfile.TarInfo | tuple[str, bytes]]) -> Pa
     return path
 
 
-def fetch(source, tmp_path: Path, image_size: int = 32, timeout: float = 5.0):
-    return sources.fetch(str(source), tmp_path, tmp_path / "raw", image_size, timeout)
+def fetch(source, tmp_path: Path, image_size: int = 32, timeout: float = 5.0, **data):
+    """``sources.fetch`` with a ``data`` section of these values (others keep their defaults)."""
+    cfg = DataConfig(source=str(source), image_size=image_size, timeout=timeout, **data)
+    return sources.fetch(cfg, tmp_path, tmp_path / "raw")
 
 
 def assert_dataset(ds: prepared.Dataset, expected: dict) -> None:
@@ -164,7 +173,27 @@ def official(tmp_path, monkeypatch):
     expected = make_official_archive(path)
     spec = dataclasses.replace(sources.official_specs()["cifar10"], md5=_md5(path))
     monkeypatch.setitem(sources.official_specs(), "cifar10", spec)
+    monkeypatch.setitem(sources.OFFICIAL_FILES, "cifar10", (spec.filename, spec.md5))
     return types.SimpleNamespace(path=path, expected=expected, spec=spec)
+
+
+def test_the_pinned_official_names_and_md5s_are_torchvisions():
+    specs = sources.official_specs()
+    assert sources.OFFICIAL_FILES == {k: (s.filename, s.md5) for k, s in specs.items()}
+
+
+def test_reading_a_local_image_folder_loads_no_torchvision(tmp_path):
+    root = tmp_path / "imgs"
+    make_image_folder(root)
+    archive = make_tar(root, tmp_path / "set.tar.gz")
+    code = (
+        "import sys; from pathlib import Path; from onecycle import sources; "
+        "from onecycle.config import DataConfig; "
+        f"sources.fetch(DataConfig(source={str(archive)!r}), Path('.'), Path('raw')); "
+        "print('torchvision' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 @pytest.fixture
@@ -306,9 +335,14 @@ def test_download_with_wrong_md5_is_refused_and_not_kept(official, tmp_path, htt
     assert list((tmp_path / "raw").iterdir()) == []
 
 
-def test_url_of_a_non_official_name_is_refused(tmp_path):
-    with pytest.raises(DataError, match=r"must end in an official archive name"):
-        fetch("https://example.invalid/images.tar.gz", tmp_path)
+@pytest.mark.parametrize("name", ["images.rar", "images", ""])
+def test_url_of_neither_an_official_nor_an_archive_name_is_refused(name, tmp_path):
+    with pytest.raises(DataError) as err:
+        fetch(f"https://example.invalid/data/{name}", tmp_path)
+    msg = str(err.value)
+    assert "must end in an official archive name" in msg
+    assert OFFICIAL_NAME in msg and ".tar.gz" in msg and ".zip" in msg
+    assert not (tmp_path / "raw").exists()  # refused before any download
 
 
 # ---------------------------------------------------------------- image folders
@@ -392,9 +426,9 @@ def test_grayscale_random_pixels_are_copied_to_three_channels(tmp_path):
 # ---------------------------------------------------------------- bad input
 
 
-def assert_refused(source, tmp_path, *needles):
+def assert_refused(source, tmp_path, *needles, **data):
     with pytest.raises(DataError) as err:
-        fetch(source, tmp_path)
+        fetch(source, tmp_path, **data)
     msg = str(err.value)
     assert str(source) in msg, msg
     for needle in needles:
@@ -578,10 +612,13 @@ def test_tar_member_escaping_the_target_is_refused(member, tmp_path):
     assert_refused(path, tmp_path, repr(name), "refusing")
 
 
-def test_tar_symlink_inside_the_folder_is_skipped(tmp_path):
+def test_tar_symlink_inside_the_folder_is_skipped(tmp_path, capsys):
     path = tar_of(tmp_path / "set.tar.gz", [_info("train/a/link.png", tarfile.SYMTYPE, "0.png")])
     ds, _ = fetch(path, tmp_path)
     assert len(ds.y_train) == 2  # the link is neither read nor counted
+    # ... but said, in one line on stderr
+    err = capsys.readouterr().err
+    assert f"{path}: skipped 1 symbolic link(s), not read and not counted: train/a/link.png" in err
 
 
 @pytest.mark.parametrize("name", ["../evil.png", "train/../../evil.png", "/evil.png"])
@@ -648,10 +685,12 @@ def test_tar_device_or_fifo_is_refused(tmp_path):
     assert_refused(path, tmp_path, "'train/a/fifo.png'", "device or FIFO", "refusing")
 
 
-def test_zip_symlink_inside_the_folder_is_skipped(tmp_path):
+def test_zip_symlink_inside_the_folder_is_skipped(tmp_path, capsys):
     path = zip_of(tmp_path / "set.zip", "train/a/link.png", b"0.png", symlink=True)
     ds, _ = fetch(path, tmp_path)
     assert len(ds.y_train) == 2  # the link is neither read nor counted
+    err = capsys.readouterr().err
+    assert f"{path}: skipped 1 symbolic link(s), not read and not counted: train/a/link.png" in err
 
 
 def test_symlink_targets_are_relative_to_their_folder_hardlinks_to_the_archive():
@@ -699,6 +738,310 @@ def _as(kind: str, root: Path, tmp_path: Path) -> Path:
     if kind == "zip":
         return make_zip(root, tmp_path / "set.zip")
     return make_tar(root, tmp_path / "set.tar.gz")
+
+
+# ---------------------------------------------------------------- links and duplicate members
+
+
+def test_tar_hardlink_is_read_as_the_file_it_links_to(folder, tmp_path):
+    # tar stores the second name of a file with two links as a hardlink member (LNKTYPE).
+    cat = folder.root / "train" / "cat"
+    os.link(cat / "0.png", cat / "9.png")
+    path = make_tar(folder.root, tmp_path / "set.tar.gz")
+    with tarfile.open(path) as tar:
+        assert tar.getmember("train/cat/9.png").islnk()
+    ds, _ = fetch(path, tmp_path)
+    assert len(ds.y_train) == 7 and np.bincount(ds.y_train).tolist() == [2, 3, 2]
+    cat0 = folder.expected["x_train"][2]  # labels follow sorted names: ant, cat, dog
+    np.testing.assert_array_equal(ds.x_train[2], cat0)
+    np.testing.assert_array_equal(ds.x_train[4], cat0)  # 0.png, 1.png, 9.png
+
+
+def test_tar_hardlink_to_a_file_outside_the_layout(tmp_path):
+    link = _info("train/b/1.png", tarfile.LNKTYPE, "originals/x.png")
+    path = tar_of(tmp_path / "set.tar.gz", [("originals/x.png", png_bytes(7)), link])
+    ds, _ = fetch(path, tmp_path)
+    assert ds.y_train.tolist() == [0, 1, 1]
+    assert (ds.x_train[2] == 7).all()
+
+
+@pytest.mark.parametrize("target", ["train/a/missing.png", "train/a/later.png", "train/a"])
+def test_tar_hardlink_to_no_earlier_file_is_refused(target, tmp_path):
+    members = [_info("train/a/1.png", tarfile.LNKTYPE, target), ("train/a/later.png", png_bytes())]
+    path = tar_of(tmp_path / "set.tar.gz", members)
+    assert_refused(path, tmp_path, "hardlink 'train/a/1.png'", repr(target), "names no file")
+
+
+def test_many_skipped_links_are_summarised_in_one_line(tmp_path, capsys):
+    links = [_info(f"train/a/l{i}.png", tarfile.SYMTYPE, "0.png") for i in range(5)]
+    fetch(tar_of(tmp_path / "set.tar.gz", links), tmp_path)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "symbolic link" in line]
+    assert len(lines) == 1
+    assert "skipped 5 symbolic link(s)" in lines[0]
+    assert "train/a/l0.png, train/a/l1.png, train/a/l2.png, ... (2 more)" in lines[0]
+
+
+@pytest.mark.parametrize("name", ["train/a/0.png", "./train/a/0.png", "test/b/0.png"])
+def test_tar_member_twice_is_refused(name, tmp_path):
+    path = tar_of(tmp_path / "set.tar.gz", [(name, png_bytes(9))])
+    assert_refused(path, tmp_path, repr(name), "occurs more than once", "refusing the archive")
+
+
+def test_zip_member_twice_is_refused(tmp_path):
+    with pytest.warns(UserWarning, match="Duplicate name"):
+        path = zip_of(tmp_path / "set.zip", "train/a/0.png", png_bytes(9))
+    assert_refused(path, tmp_path, "'train/a/0.png'", "occurs more than once", "refusing")
+
+
+def test_a_folder_entry_twice_is_fine(tmp_path):
+    path = tar_of(tmp_path / "set.tar.gz", [_info("train/a", tarfile.DIRTYPE)] * 2)
+    assert len(fetch(path, tmp_path)[0].y_train) == 2
+
+
+# ---------------------------------------------------------------- limits on one file, one image
+
+
+def test_limit_keys_defaults_ranges_and_params_yaml():
+    assert (DataConfig().max_image_pixels, DataConfig().max_file_mb) == (40_000_000, 64)
+    data = load_params(Path(__file__).resolve().parents[1] / "params.yaml").data
+    assert (data.max_image_pixels, data.max_file_mb) == (40_000_000, 64)
+    for key, bad in [("max_image_pixels", 0), ("max_image_pixels", 1.5), ("max_file_mb", 0)]:
+        with pytest.raises(ConfigError, match=rf"  data\.{key}: "):
+            parse_params({"data": {key: bad}})
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` pixels and holds none (decoding it fails)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("kind", ["dir", "tar.gz", "zip"])
+def test_image_over_the_pixel_limit_is_refused_before_decoding(kind, folder, tmp_path):
+    (folder.root / "train" / "cat" / "huge.png").write_bytes(png_header(13000, 13000))
+    source = _as(kind, folder.root, tmp_path)
+    before = Image.MAX_IMAGE_PIXELS
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # "image too large", not "unreadable image": refused from the header, never decoded
+        msg = assert_refused(
+            source, tmp_path, "train/cat/huge.png: image too large (13000x13000 = 169,000,000 "
+            "pixels), over data.max_image_pixels=40,000,000", "-S data.max_image_pixels="
+        )  # fmt: skip
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+    assert Image.MAX_IMAGE_PIXELS == before  # PIL's global limit is put back
+    assert msg.count("\n") == 0
+
+
+def test_pixel_limit_is_the_param(folder, tmp_path):
+    # 32x32 images: 1,024 pixels. Just below, PIL would only have warned (under twice its limit).
+    msg = "32x32 = 1,024 pixels), over data.max_image_pixels=1,023"
+    assert_refused(folder.root, tmp_path, msg, max_image_pixels=1023)
+    ds, _ = fetch(folder.root, tmp_path, max_image_pixels=1024)
+    assert_dataset(ds, folder.expected)
+
+
+@pytest.mark.parametrize("kind", ["dir", "tar.gz", "zip"])
+def test_file_over_the_size_limit_is_refused_before_reading(kind, folder, tmp_path, monkeypatch):
+    with open(folder.root / "test" / "dog" / "big.png", "wb") as f:
+        f.truncate(8192)  # sparse zeros: declared 8 KiB, nothing written
+    source = _as(kind, folder.root, tmp_path)
+    read = []
+    spies = {
+        "dir": (Path, "read_bytes", lambda self: self),
+        "tar.gz": (tarfile.TarFile, "extractfile", lambda self, m: m.name),
+        "zip": (zipfile.ZipFile, "open", lambda self, i, *a, **k: getattr(i, "filename", i)),
+    }
+    cls, attr, name_of = spies[kind]
+    real = getattr(cls, attr)
+
+    def spy(self, *args, **kwargs):
+        read.append(str(name_of(self, *args, **kwargs)))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, attr, spy)
+    with pytest.raises(DataError) as err:
+        fetch(source, tmp_path, max_file_mb=0.005)
+    msg = str(err.value)
+    assert "test/dog/big.png: 8,192 bytes, over data.max_file_mb=0.005 (5,242 bytes)" in msg
+    assert "-S data.max_file_mb=" in msg
+    assert not [r for r in read if r.endswith("big.png")]
+
+
+def test_size_limit_holds_for_a_hardlink_target(tmp_path):
+    link = _info("train/b/1.png", tarfile.LNKTYPE, "originals/x.bin")
+    path = tar_of(tmp_path / "set.tar.gz", [("originals/x.bin", bytes(8192)), link])
+    with pytest.raises(DataError, match=r"train/b/1.png \(-> originals/x.bin\): 8,192 bytes"):
+        fetch(path, tmp_path, max_file_mb=0.005)
+
+
+def test_files_outside_the_layout_are_not_held_to_the_size_limit(folder, tmp_path):
+    (folder.root / "notes.bin").write_bytes(bytes(8192))
+    for source in (
+        folder.root,
+        make_tar(folder.root, tmp_path / "s.tar"),
+        make_zip(folder.root, tmp_path / "s.zip"),
+    ):
+        assert_dataset(fetch(source, tmp_path, max_file_mb=0.005)[0], folder.expected)
+
+
+# ---------------------------------------------------------------- directory entries
+
+
+def test_dir_unreadable_image_is_named(folder, tmp_path, monkeypatch):
+    # Simulated: as root (CI) chmod 000 does not stop a read.
+    victim = folder.root / "train" / "dog" / "1.png"
+    real = Path.read_bytes
+
+    def read_bytes(self):
+        if self == victim:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    assert_refused(folder.root, tmp_path, f"{victim}: unreadable (Permission denied)")
+
+
+def test_dir_unreadable_class_folder_is_named_not_called_empty(folder, tmp_path, monkeypatch):
+    victim = folder.root / "test" / "cat"
+    real = os.scandir
+
+    def scandir(path="."):
+        if Path(path) == victim:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)  # what os.walk calls
+    msg = assert_refused(folder.root, tmp_path, f"{victim}: unreadable (Permission denied)")
+    assert "empty" not in msg
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+@pytest.mark.parametrize("what", ["test/cat/0.png", "test/cat"])
+def test_dir_unreadable_for_real(what, folder, tmp_path):
+    victim = folder.root / what
+    victim.chmod(0)
+    try:
+        assert_refused(folder.root, tmp_path, f"{victim}: unreadable (Permission denied)")
+    finally:
+        victim.chmod(0o755)
+
+
+@contextlib.contextmanager
+def no_hang(seconds: int = 10):
+    def timeout(*args):
+        raise TimeoutError(f"hung for {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize("kind", ["FIFO", "socket", "device"])
+def test_dir_non_regular_file_is_refused_by_name_never_opened(kind, folder, tmp_path):
+    node = folder.root / "train" / "cat" / "x.png"
+    with contextlib.ExitStack() as stack:
+        if kind == "FIFO":
+            os.mkfifo(node)  # opening it would block until a writer comes: forever
+        elif kind == "socket":
+            sock = stack.enter_context(socket.socket(socket.AF_UNIX))
+            sock.bind(str(node))
+        else:
+            # /dev/null, not /dev/zero: should this check ever break, a read of /dev/zero
+            # would fill memory before any alarm could stop it.
+            node.symlink_to("/dev/null")
+        with no_hang():
+            assert_refused(folder.root, tmp_path, f"{node} is not a regular file (a {kind})")
+
+
+def test_dir_dangling_symlink_is_named(folder, tmp_path):
+    link = folder.root / "train" / "cat" / "gone.png"
+    link.symlink_to(tmp_path / "nowhere.png")
+    assert_refused(folder.root, tmp_path, f"{link}: unreadable (No such file or directory)")
+
+
+# ---------------------------------------------------------------- archive names and URLs
+
+
+@pytest.mark.parametrize("name", ["SET.TAR.GZ", "set.Tgz", "set.TAR", "set.Zip"])
+def test_archive_suffix_in_any_case(name, folder, tmp_path):
+    if name.lower().endswith(".zip"):
+        source = make_zip(folder.root, tmp_path / name)
+    else:
+        mode = "w" if name.lower().endswith(".tar") else "w:gz"
+        source = make_tar(folder.root, tmp_path / name, mode=mode)
+    assert_dataset(fetch(source, tmp_path)[0], folder.expected)
+
+
+@pytest.mark.parametrize("name", ["imgs.tar.gz", "imgs.TGZ", "imgs.tar", "imgs.zip"])
+def test_url_of_an_image_folder_archive_is_downloaded_and_read(name, folder, tmp_path, http_dir):
+    served, base = http_dir
+    if name.endswith("zip"):
+        make_zip(folder.root, served / name)
+    else:
+        make_tar(folder.root, served / name, mode="w" if name.endswith(".tar") else "w:gz")
+    url = f"{base}/sets/../{name}?v=1"
+    ds, desc = fetch(url, tmp_path)
+    assert_dataset(ds, folder.expected)
+    assert desc == f"{url} (md5 {_md5(served / name)})"
+    assert [p.name for p in (tmp_path / "raw").iterdir()] == [name]  # no .partial-* left
+    assert (tmp_path / "raw" / name).read_bytes() == (served / name).read_bytes()
+
+
+def test_url_archive_is_downloaded_again_not_reused(folder, tmp_path, http_dir):
+    # No checksum says whether an earlier copy is still what the URL serves.
+    served, base = http_dir
+    make_tar(folder.root, served / "imgs.tar.gz")
+    fetch(f"{base}/imgs.tar.gz", tmp_path)
+    shutil.rmtree(folder.root / "test" / "dog")
+    make_tar(folder.root, served / "imgs.tar.gz")
+    with pytest.raises(DataError) as err:
+        fetch(f"{base}/imgs.tar.gz", tmp_path)
+    msg = str(err.value)
+    assert f"{tmp_path / 'raw' / 'imgs.tar.gz'}: class folder(s) dog present in train/" in msg
+    assert msg.endswith(f"(downloaded from {base}/imgs.tar.gz)")
+
+
+def test_url_of_the_official_archive_under_another_name_is_recognised(official, tmp_path, http_dir):
+    served, base = http_dir
+    shutil.copy(official.path, served / "mirror.tgz")
+    ds, desc = fetch(f"{base}/mirror.tgz", tmp_path)
+    assert_dataset(ds, official.expected)
+    assert desc == f"{base}/mirror.tgz (md5 {official.spec.md5})"
+
+
+def test_url_archive_download_failure_leaves_nothing(tmp_path):
+    url = f"http://127.0.0.1:{closed_port()}/imgs.zip"
+    assert_refused(url, tmp_path, "could not download", "data.source=/path/to/imgs.zip")
+    assert list((tmp_path / "raw").iterdir()) == []
+
+
+@pytest.mark.parametrize("name, kind", [("imgs.tar.gz", "tar"), ("imgs.ZIP", "zip")])
+def test_url_archive_with_a_bad_body_is_refused_and_not_kept(name, kind, tmp_path, http_dir):
+    served, base = http_dir
+    (served / name).write_bytes(b"<html>Sorry, this dataset has moved</html>")
+    assert_refused(f"{base}/{name}", tmp_path, f"is not a {kind} archive", "check the URL")
+    assert list((tmp_path / "raw").iterdir()) == []
+
+
+def test_url_name_cannot_climb_out_of_the_raw_folder(folder, tmp_path, http_dir):
+    # The server resolves x/../../evil.tar.gz to its own evil.tar.gz and serves it; the file
+    # must land as raw/evil.tar.gz, not two folders up from a temporary folder in raw/.
+    served, base = http_dir
+    make_tar(folder.root, served / "evil.tar.gz")
+    ds, _ = fetch(f"{base}/x%2F..%2F..%2Fevil.tar.gz", tmp_path)
+    assert_dataset(ds, folder.expected)
+    assert [p.name for p in (tmp_path / "raw").iterdir()] == ["evil.tar.gz"]
+    assert not (tmp_path / "evil.tar.gz").exists()
 
 
 # ---------------------------------------------------------------- subsets
@@ -878,8 +1221,8 @@ def test_failed_rename_puts_the_old_output_back(tmp_path, monkeypatch):
     real_replace = os.replace
 
     def replace(src, dst):
-        if Path(dst) == out and Path(src).name.startswith(".prepared-"):
-            if not Path(src).name.endswith("-old"):
+        if Path(dst) == out and Path(src).name.startswith(".prepared."):
+            if not Path(src).name.endswith("-old.tmp"):
                 raise OSError("rename failed")
         real_replace(src, dst)
 
@@ -914,3 +1257,29 @@ def test_data_modules_load_no_torch_torchvision_or_albumentations():
         cwd=Path(__file__).resolve().parents[1],
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_zip_symlink_whose_target_is_not_text_is_refused(tmp_path):
+    path = tmp_path / "set.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("train/a/0.png", png_bytes())
+        zf.writestr("test/a/0.png", png_bytes())
+        link = zipfile.ZipInfo("train/a/1.png")
+        link.external_attr = (stat.S_IFLNK | 0o777) << 16
+        zf.writestr(link, b"\xff\xfe\xfd")
+    assert_refused(path, tmp_path, "'train/a/1.png'", "not text")
+
+
+def test_encrypted_zip_member_is_named(tmp_path, monkeypatch):
+    # zipfile writes no encrypted archives: its reader's refusal of one is simulated
+    make_image_folder(tmp_path / "imgs")
+    path = make_zip(tmp_path / "imgs", tmp_path / "set.zip")
+    real_open = zipfile.ZipFile.open
+
+    def encrypted(self, name, *args, **kwargs):
+        if getattr(name, "filename", name).endswith(".png"):
+            raise RuntimeError(f"File {name!r} is encrypted, password required for extraction")
+        return real_open(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(zipfile.ZipFile, "open", encrypted)
+    assert_refused(path, tmp_path, "is encrypted", "without a password")

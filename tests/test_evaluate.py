@@ -105,3 +105,24 @@ def test_report_names_the_right_accuracy():
     assert f"**Test accuracy: {100 * m['accuracy']:.2f}%**" in text
     assert f"{m['misclassified']:,} of 300" in text
     assert "![LR range test](lr_find.png)" in text
+
+
+def test_a_checkpoint_that_is_a_plain_list_is_refused_by_name(tmp_path):
+    torch.save([1, 2, 3], tmp_path / "model.pt")
+    with pytest.raises(CheckpointError, match=r"not a checkpoint of this pipeline \(a list"):
+        load_checkpoint(tmp_path / "model.pt", ModelConfig(width=2), CLASSES, CPU)
+
+
+def test_weights_that_do_not_fit_list_the_keys_and_shapes(tmp_path):
+    model = _save(tmp_path)
+    ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
+    del ckpt["model"]["fc.bias"]
+    ckpt["model"]["extra.weight"] = torch.zeros(1)
+    ckpt["model"]["prep.0.weight"] = torch.zeros(2, 3, 5, 5)
+    torch.save(ckpt, tmp_path / "model.pt")
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(tmp_path / "model.pt", ModelConfig(width=2), CLASSES, CPU)
+    msg = str(err.value)
+    assert "missing (1): fc.bias" in msg and "unexpected (1): extra.weight" in msg
+    expected = tuple(model.state_dict()["prep.0.weight"].shape)
+    assert f"prep.0.weight: checkpoint (2, 3, 5, 5), model {expected}" in msg

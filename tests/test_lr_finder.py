@@ -105,19 +105,19 @@ def test_choose_refuses_a_value_outside_the_swept_range():
 def test_curve_diverging_from_the_start_is_refused_with_advice():
     sweep = lf.run_sweep(_stepper([2.0, 3.0, 50.0]), [1, 2, 3], 0.0, 4.0)
     with pytest.raises(lf.LRFindError, match="lr_find.start_lr"):
-        lf.check_curve(sweep, 1e-4, 100)
+        lf.check_curve(sweep, 1e-4, 100, 0.0)
 
 
 def test_flat_curve_is_refused_with_advice():
     sweep = lf.run_sweep(_stepper([2.3] * 50), LRS[:50], 0.9, 4.0)
     with pytest.raises(lf.LRFindError, match="end_lr"):
-        lf.check_curve(sweep, 1e-4, 50)
+        lf.check_curve(sweep, 1e-4, 50, 0.9)
 
 
 def test_rising_curve_is_refused():
     sweep = lf.run_sweep(_stepper(list(np.linspace(2.0, 3.0, 40))), LRS[:40], 0.0, 100.0)
     with pytest.raises(lf.LRFindError, match="no usable descent"):
-        lf.check_curve(sweep, 1e-4, 40)
+        lf.check_curve(sweep, 1e-4, 40, 0.0)
 
 
 # ------------------------------------------------------------------ the real range test
@@ -130,7 +130,7 @@ def test_range_test_on_real_cifar_gives_a_sane_suggestion(tiny_data, tiny_params
     sweep = lf.range_test(params, tiny_data, select_device("cpu", 0), seed=0)
     assert len(sweep.lrs) >= 20 and len(sweep.val_losses) == len(sweep.lrs)
     assert sweep.lrs[0] == pytest.approx(cfg.start_lr)
-    lf.check_curve(sweep, cfg.start_lr, cfg.num_iter)
+    lf.check_curve(sweep, cfg.start_lr, cfg.num_iter, cfg.smooth_beta)
     chosen = lf.choose([lf.suggestions(sweep)], "valley", (cfg.start_lr, sweep.lrs[-1]))["max_lr"]
     assert 1e-3 <= chosen <= 10
 
@@ -154,3 +154,22 @@ def test_find_sweeps_every_seed_and_records_each_curve(tiny_data, tiny_params):
     assert (metrics["steepest_min"], metrics["steepest_max"]) == tuple(picks)
     assert metrics["seeds"] == 2 and metrics["method"] == "steepest"
     assert "max_lr = " in found.describe("steepest") and "seeds: " in found.describe("steepest")
+
+
+def test_a_short_sweep_with_long_smoothing_names_smooth_beta():
+    # 30 steps with beta 0.98 (a 50-step average): the raw loss falls 9% over six steps before
+    # it rises, the smoothed one only 1%; a 5-step average shows the fall
+    losses = [2.3] * 18 + list(np.linspace(2.3, 2.1, 6)) + [2.1, 2.4, 2.6, 3.2, 3.8, 4.4]
+    sweep = lf.run_sweep(_stepper(losses), LRS[:30], 0.98, 100.0)
+    with pytest.raises(
+        lf.LRFindError, match=r"lr_find.smooth_beta 0.98 averages .* about 50 steps"
+    ):
+        lf.check_curve(sweep, 1e-4, 30, 0.98)
+    smoothed = lf.run_sweep(_stepper(losses), LRS[:30], 0.8, 100.0)
+    lf.check_curve(smoothed, 1e-4, 30, 0.8)  # the advice works
+
+
+def test_a_sweep_too_short_to_read_says_so():
+    sweep = lf.run_sweep(_stepper([2.3, 2.2, 2.1, 2.0, 1.9]), LRS[:5], 0.0, 4.0)
+    with pytest.raises(lf.LRFindError, match="num_iter is 5: a curve needs at least 10 steps"):
+        lf.check_curve(sweep, 1e-4, 5, 0.0)

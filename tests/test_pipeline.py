@@ -218,15 +218,68 @@ def test_max_lr_override_reruns_train_not_lr_find(pipeline):
     assert latest.data.params["max_lr_used"] == "0.05" and latest.data.tags.get("dvc.exp_name")
 
 
+def _reset_params(repo: Path) -> None:
+    """The README's way back to the committed params (works where `git checkout` does not)."""
+    _run(repo, "make", "reset-params")
+    head = _run(repo, "git", "show", "HEAD:params.yaml").stdout
+    assert (repo / "params.yaml").read_text() == head
+
+
 def test_a_typo_given_to_exp_run_fails_loudly(pipeline):
     # DVC refuses `-S train.max_lrr=...` itself (the key does not exist); `+` makes DVC add it,
-    # and then the train stage's own check must stop it before any work.
+    # and then check_params stops it before any stage runs.
     proc = _run(pipeline, "dvc", "exp", "run", "-S", "+train.max_lrr=0.05", ok=False)
     out = proc.stderr + proc.stdout
     assert proc.returncode != 0
-    assert "train.max_lrr: unknown key" in out and "Running stage 'train'" in out
-    assert "epoch 1" not in out
-    subprocess.run(["git", "checkout", "params.yaml"], cwd=pipeline, check=True)
+    assert "train.max_lrr: unknown key" in out and "Running stage 'train'" not in out
+    _reset_params(pipeline)
+
+
+def test_a_typo_in_a_new_section_fails_loudly(pipeline):
+    proc = _run(pipeline, "dvc", "exp", "run", "-S", "+trian.epochs=1", ok=False)
+    out = proc.stderr + proc.stdout
+    assert proc.returncode != 0 and "trian: unknown key (a typo of 'train'?)" in out
+    _reset_params(pipeline)
+
+
+def test_a_refused_param_value_loses_no_result(pipeline):
+    _reset_params(pipeline)
+    _run(pipeline, "dvc", "repro")
+    kept = (paths.MODEL, paths.TRAIN_METRICS, paths.TRAIN_RUN, paths.EVAL_METRICS, paths.REPORT)
+    before = {p: (pipeline / p).read_bytes() for p in kept}
+    proc = _run(pipeline, "dvc", "exp", "run", "-S", "train.batch_size=0", ok=False)
+    out = proc.stderr + proc.stdout
+    assert proc.returncode != 0 and "train.batch_size" in out
+    assert "Running stage 'train'" not in out
+    assert {p: (pipeline / p).read_bytes() for p in kept} == before
+    _reset_params(pipeline)  # the documented way back, even where git shows params.yaml clean
+    out = _run(pipeline, "dvc", "repro").stdout
+    assert "Running stage 'train'" not in out, out  # the kept results are still the current ones
+
+
+def test_params_changed_while_train_runs_are_not_recorded(pipeline):
+    _reset_params(pipeline)
+    _set_params(pipeline, {"train": {"epochs": 3}})
+    proc = subprocess.Popen(
+        ["dvc", "repro"],
+        cwd=pipeline,
+        env=_env(pipeline),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    seen = []
+    for line in proc.stdout:  # a second `dvc exp run -S train.epochs=4` rewrites params.yaml
+        seen.append(line)
+        if line.startswith("epoch 1:"):
+            _set_params(pipeline, {"train": {"epochs": 4}})
+            break
+    out = "".join(seen) + proc.communicate(timeout=300)[0]
+    assert proc.returncode != 0 and "params.yaml changed while the stage ran" in out
+    lock = yaml.safe_load((pipeline / "dvc.lock").read_text())
+    assert lock["stages"]["train"]["params"]["params.yaml"]["train"]["epochs"] != 4
+    assert "train" in _run(pipeline, "dvc", "status").stdout  # not called up to date
+    _reset_params(pipeline)
 
 
 def test_sigterm_leaves_a_resumable_state_and_a_killed_run(pipeline):
@@ -256,7 +309,91 @@ def test_sigterm_leaves_a_resumable_state_and_a_killed_run(pipeline):
     _, runs = _runs(pipeline)
     resumed = next(r for r in runs if r.info.run_id == killed.info.run_id)
     assert resumed.info.status == "FINISHED" and resumed.data.tags.get("resumed") == "true"
-    subprocess.run(["git", "checkout", "params.yaml"], cwd=pipeline, check=True)
+    _reset_params(pipeline)
+
+
+def _train(repo: Path, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "stages.train"],
+        cwd=repo,
+        env=env or _env(repo),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_a_run_killed_before_its_first_save_is_closed_by_the_next(pipeline):
+    _set_params(pipeline, {"train": {"epochs": 3, "max_lr": 0.07}})
+    proc = _train(pipeline)
+    for line in proc.stdout:  # universal newlines: the progress bar's "\r" ends a line too
+        if "epoch 1/3" in line:
+            proc.kill()  # SIGKILL: no handler runs, MLflow never hears the run ended
+            break
+    proc.communicate(timeout=60)
+    (pipeline / paths.RESUME_STATE).unlink(missing_ok=True)  # killed before the first save
+    _, runs = _runs(pipeline)
+    stale = next(r for r in runs if r.data.tags.get("onecycle.pid") == str(proc.pid))
+    assert stale.info.status == "RUNNING"
+    out = _train(pipeline).communicate(timeout=300)[0]
+    assert "closed 1 run(s) left RUNNING by a killed process" in out
+    client, _ = _runs(pipeline)
+    assert client.get_run(stale.info.run_id).info.status == "KILLED"
+    _reset_params(pipeline)
+
+
+def _mlflow_server(store: Path):
+    port = _free_port()
+    server = subprocess.Popen(
+        ["mlflow", "server", "--backend-store-uri", f"sqlite:///{store / 'server.db'}",
+         "--artifacts-destination", str(store / "artifacts"), "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1"],
+        env=_env(store),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    import urllib.request
+
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            return server, url
+        except OSError:
+            time.sleep(0.5)
+    os.killpg(server.pid, signal.SIGKILL)
+    raise AssertionError("mlflow server did not start within 60 s")
+
+
+def test_a_tracking_server_lost_mid_training_costs_no_training(pipeline, tmp_path):
+    server, url = _mlflow_server(tmp_path)
+    _set_params(pipeline, {"train": {"epochs": 3, "max_lr": 0.07}})
+    (pipeline / paths.MODEL).unlink(missing_ok=True)
+    proc = _train(pipeline, {**_env(pipeline), "MLFLOW_TRACKING_URI": url})
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("epoch 1:"):
+            os.killpg(server.pid, signal.SIGKILL)  # the server dies after the first epoch
+            server.wait()
+            break
+    out = "".join(seen) + proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out
+    assert "warning: MLflow at" in out and "is missing:" in out and "test_acc" in out
+    assert "epoch 3:" in out and (pipeline / paths.MODEL).exists()
+    _reset_params(pipeline)
+
+
+def test_an_unreachable_tracking_server_stops_the_stage_at_once(pipeline):
+    uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    t0 = time.perf_counter()
+    out = _train(pipeline, {**_env(pipeline), "MLFLOW_TRACKING_URI": uri}).communicate(timeout=120)[
+        0
+    ]
+    assert time.perf_counter() - t0 < 40
+    assert f"train: error: MLflow store {uri}" in out and "Traceback" not in out
+    assert "epoch 1" not in out
 
 
 def _free_port() -> int:

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from onecycle import cli, paths
-from onecycle.errors import UserError
+from onecycle import paths
 
 from .conftest import ROOT
 
@@ -185,21 +184,3 @@ def test_a_stage_loads_only_what_it_uses(stage, heavy):
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "[]", f"stages.{stage} imports {out.stdout.strip()}"
-
-
-def test_the_runner_prints_a_user_error_in_one_line_and_exits_1(capsys):
-    def main():
-        raise UserError("params.yaml: train.epochs must be >= 1")
-
-    with pytest.raises(SystemExit) as exit_:
-        cli.run(main, "train")
-    assert exit_.value.code == 1
-    assert capsys.readouterr().err.strip() == "train: error: params.yaml: train.epochs must be >= 1"
-
-
-def test_the_runner_lets_a_bug_keep_its_traceback():
-    def main():
-        raise KeyError("a bug, not a user error")
-
-    with pytest.raises(KeyError):
-        cli.run(main, "train")

@@ -26,9 +26,10 @@ def test_store_is_at_the_repository_root_not_the_working_directory(store):
         mlflow.log_metric("x", 1.0, step=0)
         mlflow.log_text("hi", "a.txt")
     assert (store / "mlflow.db").exists() and not (store / "elsewhere" / "mlflow.db").exists()
-    assert run.info.artifact_uri.startswith((store / "mlartifacts").as_uri())
+    artifact_uri = mlflow.MlflowClient().get_run(run.run_id).info.artifact_uri
+    assert artifact_uri.startswith((store / "mlartifacts").as_uri())
     assert (store / "mlartifacts").exists() and not (store / "elsewhere" / "mlruns").exists()
-    assert _status(run.info.run_id) == "FINISHED"
+    assert _status(run.run_id) == "FINISHED"
 
 
 def test_env_var_overrides_the_store(store, tmp_path, monkeypatch):
@@ -40,13 +41,13 @@ def test_env_var_overrides_the_store(store, tmp_path, monkeypatch):
 def test_exception_leaves_the_run_failed(store):
     with pytest.raises(ValueError), tracking.stage_run("lr_find") as run:
         raise ValueError("boom")
-    assert _status(run.info.run_id) == "FAILED"
+    assert _status(run.run_id) == "FAILED"
 
 
 def test_ctrl_c_leaves_the_run_killed(store):
     with pytest.raises(KeyboardInterrupt), tracking.stage_run("train") as run:
         raise KeyboardInterrupt
-    assert _status(run.info.run_id) == "KILLED"
+    assert _status(run.run_id) == "KILLED"
 
 
 def test_sigterm_leaves_the_run_killed(store):
@@ -55,7 +56,7 @@ def test_sigterm_leaves_the_run_killed(store):
 
     with pytest.raises(KeyboardInterrupt), tracking.stage_run("train") as run:
         os.kill(os.getpid(), signal.SIGTERM)
-    assert _status(run.info.run_id) == "KILLED"
+    assert _status(run.run_id) == "KILLED"
 
 
 def test_runs_carry_dvc_tags(store, monkeypatch):
@@ -63,7 +64,7 @@ def test_runs_carry_dvc_tags(store, monkeypatch):
     monkeypatch.setenv("DVC_EXP_BASELINE_REV", "abc123")
     with tracking.stage_run("train") as run:
         pass
-    tags = mlflow.MlflowClient().get_run(run.info.run_id).data.tags
+    tags = mlflow.MlflowClient().get_run(run.run_id).data.tags
     assert (
         tags["dvc.stage"] == "train"
         and tags["dvc.exp_name"] == "brisk-lark"
@@ -76,11 +77,11 @@ def test_later_stages_add_to_the_train_run_without_changing_its_status(store, tm
         pass
     ref = tmp_path / "train.json"
     tracking.write_run_ref(ref, run)
-    with tracking.add_to_run(ref, "evaluate"):
-        mlflow.log_metric("eval.accuracy", 0.9)
+    with tracking.add_to_run(ref, "evaluate") as later:
+        later.log_metrics({"eval.accuracy": 0.9})
     with pytest.raises(RuntimeError), tracking.add_to_run(ref, "plots"):
         raise RuntimeError("plot failed")
-    got = mlflow.MlflowClient().get_run(run.info.run_id)
+    got = mlflow.MlflowClient().get_run(run.run_id)
     assert got.info.status == "FINISHED" and got.data.metrics["eval.accuracy"] == 0.9
     assert (
         "plot failed" in got.data.tags["plots.error"] and got.data.tags["evaluate.done"] == "true"
@@ -93,3 +94,168 @@ def test_a_missing_run_reference_names_the_stage_to_run(store, tmp_path):
         tracking.add_to_run(tmp_path / "nope.json", "evaluate"),
     ):
         pass
+
+
+# ---------------------------------------------------------------- an unusable or lost store
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_server_stops_the_stage_at_once_naming_the_uri(store, monkeypatch):
+    import time
+
+    uri = f"http://127.0.0.1:{_closed_port()}"  # nothing listens there
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    t0 = time.perf_counter()
+    with pytest.raises(tracking.TrackingError) as err:
+        tracking.setup()
+    assert time.perf_counter() - t0 < tracking.CHECK_SECONDS + 5
+    msg = str(err.value)
+    assert uri in msg and "MLFLOW_TRACKING_URI" in msg and len(msg.splitlines()) == 1
+
+
+def test_a_server_that_never_answers_is_given_up_after_the_deadline(store, monkeypatch):
+    import socket
+    import time
+
+    listener = socket.socket()  # accepts connections, never answers a request
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    monkeypatch.setattr(tracking, "CHECK_SECONDS", 2)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{listener.getsockname()[1]}")
+    t0 = time.perf_counter()
+    with pytest.raises(tracking.TrackingError, match="did not answer within 2 s"):
+        tracking.setup()
+    assert time.perf_counter() - t0 < 5
+    listener.close()
+
+
+@pytest.mark.parametrize(
+    "content", [b"this is not a database" * 100, b"SQLite format 3\x00" + b"\xff" * 4000]
+)
+def test_a_corrupt_store_is_named_with_the_way_out(store, content):
+    (store / "mlflow.db").write_bytes(content)
+    with pytest.raises(tracking.TrackingError) as err:
+        tracking.setup()
+    msg = str(err.value)
+    assert str(store / "mlflow.db") in msg and "mv " in msg and "MLFLOW_TRACKING_URI" in msg
+
+
+def test_a_store_folder_that_cannot_be_created_is_named(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("a file where the repository folder should be")
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "file" / "repo"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(tracking.TrackingError, match="mlflow.db"):
+        tracking.setup()
+
+
+def test_a_read_only_store_is_named_when_the_run_starts(store, monkeypatch):
+    # As root (CI) chmod cannot make a file read-only, so the store's own error is simulated.
+    tracking.setup()
+
+    def refuse(*args, **kwargs):
+        raise mlflow.exceptions.MlflowException(
+            "(sqlite3.OperationalError) attempt to write a readonly database"
+        )
+
+    monkeypatch.setattr(mlflow, "start_run", refuse)
+    with pytest.raises(tracking.TrackingError, match="readonly database") as err:
+        with tracking.stage_run("train"):
+            pytest.fail("the stage must not start")
+    assert "mv " in str(err.value)
+
+
+def test_a_store_lost_mid_run_costs_no_work_and_logs_the_rest_once_back(store, monkeypatch, capsys):
+    down = {"on": False}
+    real = mlflow.MlflowClient.log_batch
+
+    def flaky(self, *args, **kwargs):
+        if down["on"]:
+            raise ConnectionError("server gone")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "log_batch", flaky)
+    monkeypatch.setattr(tracking, "RETRY_SECONDS", 0)
+    with tracking.stage_run("train") as run:
+        run.log_metrics({"loss": 3.0}, step=1)
+        down["on"] = True
+        run.log_metrics({"loss": 2.0}, step=2)  # kept, not raised
+        run.log_metrics({"loss": 1.5}, step=3)
+        assert run.unlogged() == ["metrics loss at step 2", "metrics loss at step 3"]
+        down["on"] = False
+        run.log_metrics({"loss": 1.0}, step=4)  # sends what waited first, in order
+    history = mlflow.MlflowClient().get_metric_history(run.run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(1, 3.0), (2, 2.0), (3, 1.5), (4, 1.0)]
+    out = capsys.readouterr()
+    assert (out.out + out.err).count("warning: MLflow") == 1
+    assert _status(run.run_id) == "FINISHED"
+
+
+def test_what_could_not_be_logged_is_listed_at_the_end(store, monkeypatch, capsys):
+    def down(self, *args, **kwargs):
+        raise ConnectionError("server gone")
+
+    with tracking.stage_run("train") as run:
+        monkeypatch.setattr(mlflow.MlflowClient, "log_batch", down)
+        run.log_metrics({"test_acc": 0.5}, step=2)
+    text = "".join(capsys.readouterr())
+    assert f"run {run.run_id} is missing" in text and "metrics test_acc at step 2" in text
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_run_left_running_by_a_killed_process_is_closed_by_the_next_run(store):
+    exp_id = tracking.setup()
+    client = mlflow.MlflowClient()
+    here = tracking._here()
+    stale = client.create_run(
+        exp_id, tags={"dvc.stage": "train", **here, "onecycle.pid": str(_dead_pid())}
+    )
+    alive = client.create_run(exp_id, tags={"dvc.stage": "train", **here})  # this process
+    elsewhere = client.create_run(
+        exp_id,
+        tags={
+            "dvc.stage": "train",
+            **here,
+            "onecycle.workspace": "/another/checkout",
+            "onecycle.pid": str(_dead_pid()),
+        },
+    )
+    other_stage = client.create_run(
+        exp_id, tags={"dvc.stage": "lr_find", **here, "onecycle.pid": str(_dead_pid())}
+    )
+    with tracking.stage_run("train"):
+        pass
+    assert _status(stale.info.run_id) == "KILLED"
+    for run in (alive, elsewhere, other_stage):
+        assert _status(run.info.run_id) == "RUNNING"
+
+
+def test_a_finished_run_the_store_missed_ending_is_finished_by_the_next_stage(store, tmp_path):
+    # train wrote runs/train.json (its last act) while the server was away, so its run stayed
+    # RUNNING; evaluate, logging into it later, marks it FINISHED
+    exp_id = tracking.setup()
+    client = mlflow.MlflowClient()
+    tags = {"dvc.stage": "train", **tracking._here(), "onecycle.pid": str(_dead_pid())}
+    run = client.create_run(exp_id, tags=tags)
+    ref = tmp_path / "train.json"
+    tracking.write_run_ref(
+        ref, tracking.Recorder(run.info.run_id, exp_id, mlflow.get_tracking_uri())
+    )
+    with tracking.add_to_run(ref, "evaluate") as later:
+        later.log_metrics({"eval.accuracy": 0.5})
+    got = client.get_run(run.info.run_id)
+    assert got.info.status == "FINISHED" and got.data.tags["onecycle.finished_by"] == "evaluate"

@@ -115,6 +115,14 @@ def test_resume_state_with_other_params_is_refused(tiny_data, tiny_params, tmp_p
     )
 
 
+@pytest.mark.parametrize("content", [[1, 2, 3], {"model": {}}])
+def test_a_resume_state_of_another_kind_is_refused_with_the_rm_command(tmp_path, content):
+    path = tmp_path / "resume.pt"
+    torch.save(content, path)
+    with pytest.raises(checkpoint.ResumeMismatch, match=f"not a resume state.*rm {path}"):
+        checkpoint.ResumeFile(path, {}).load()
+
+
 def test_nan_loss_stops_at_once_and_writes_no_checkpoint(tiny_data, tiny_params, tmp_path):
     state_path = tmp_path / "resume.pt"
     with pytest.raises(training.NonFiniteLoss, match=r"epoch 1, step \d+ .*LR") as err:
@@ -176,3 +184,16 @@ def test_augmented_batches_are_reproducible_and_differ_by_epoch(tiny_data, tiny_
     # cutout with p=1: every image has an 8x8 patch at the mean (0 after normalising)
     zeros = (x.abs() < 0.05).all(1).sum((1, 2))  # the fill is rounded to uint8 before normalising
     assert (zeros >= 64 - 8).float().mean() > 0.9 and np.isfinite(x.numpy()).all()
+
+
+@pytest.mark.parametrize(
+    ("images", "batch", "epochs", "warns"),
+    [(2000, 512, 4, True), (50_000, 512, 24, False), (640, 64, 5, False), (640, 64, 2, True)],
+)
+def test_a_run_too_short_to_train_is_named_with_the_key_to_change(images, batch, epochs, warns):
+    warning = training.too_few_steps(images, batch, epochs)
+    assert (warning is not None) == warns
+    if warns:
+        assert f"{images:,} training images" in warning
+        assert ("lower train.batch_size" in warning) == (images // batch < 10)
+        assert ("raise train.epochs" in warning) == (images // batch >= 10)

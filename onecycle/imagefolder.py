@@ -1,0 +1,256 @@
+"""The image-folder layout, and decoding it: ``train/<class>/*`` and ``test/<class>/*``.
+
+Any prefix folder above ``train`` is allowed; labels follow the sorted class folder names, and
+every image is decoded to RGB at ``data.image_size``. Hidden files and ``__MACOSX`` folders are
+ignored. The archive readers (:mod:`onecycle.archives`) fill the same :class:`Layout` as the
+directory reader here, and share its limits: every file's declared size (``data.max_file_mb``)
+and every image's declared pixel count (``data.max_image_pixels``) is checked before it is read
+or decoded, and a directory entry that is not a regular file is refused before it is opened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import posixpath
+import stat
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from .errors import DataError
+from .prepared import Dataset
+
+SPLITS = ("train", "test")
+MB = 1 << 20  # data.max_file_mb counts MiB
+
+
+@dataclass(frozen=True)
+class Limits:
+    """``data.max_image_pixels`` and ``data.max_file_mb``: what one image or file may cost.
+
+    Both are checked on what a header declares, before anything is read or decoded, so a tiny
+    archive cannot make the stage allocate gigabytes.
+    """
+
+    max_image_pixels: int
+    max_file_mb: float
+
+    @property
+    def max_file_bytes(self) -> int:
+        return int(self.max_file_mb * MB)
+
+    def check_size(self, name: str, size: int) -> None:
+        if size > self.max_file_bytes:
+            raise DataError(
+                f"{name}: {size:,} bytes, over data.max_file_mb={self.max_file_mb:g} "
+                f"({self.max_file_bytes:,} bytes); refused before reading it. If files this "
+                "large are expected, raise it: dvc exp run -S data.max_file_mb=<MiB>"
+            )
+
+
+# ---------------------------------------------------------------- layout and decoding
+
+
+@contextlib.contextmanager
+def _pixel_limit(max_pixels: int) -> Iterator[None]:
+    """PIL's own decompression-bomb check at ``data.max_image_pixels``, its warning an error.
+
+    PIL checks the size each header declares when :func:`Image.open` reads it, before any pixel
+    is decoded, and again for frames it loads later (ICO, GIF); left alone it only warns,
+    unnamed, below twice its own limit (89 MP) and decodes the image anyway.
+    """
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+def _too_large(name: str, data: bytes, max_pixels: int, exc: Exception) -> DataError:
+    """Name the image, the size its header declares and the key (PIL names neither file nor key)."""
+    old, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # the header only: no pixels are decoded
+            w, h = img.size
+        size = f"{w}x{h} = {w * h:,} pixels"
+    except Exception:
+        size = str(exc)
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+    return DataError(
+        f"{name}: image too large ({size}), over data.max_image_pixels={max_pixels:,}; refused "
+        "before decoding it. If images this large are expected, raise it: "
+        "dvc exp run -S data.max_image_pixels=<pixels>"
+    )
+
+
+def _decode(data: bytes, name: str, image_size: int, max_pixels: int) -> np.ndarray:
+    """Decode one image to RGB at ``image_size``; call it inside :func:`_pixel_limit`."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # reads the header, checks its pixel count
+            img = img.convert("RGB")
+            if img.size != (image_size, image_size):
+                img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
+            return np.asarray(img, dtype=np.uint8)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise _too_large(name, data, max_pixels, exc) from None
+    except Exception as exc:
+        raise DataError(f"{name}: unreadable image ({type(exc).__name__}: {exc})") from None
+
+
+def _is_hidden(parts: list[str]) -> bool:
+    return any(p.startswith(".") or p == "__MACOSX" for p in parts)
+
+
+class Layout:
+    """Collects ``<prefix>/<split>/<class>/<file>`` entries and checks the folder layout."""
+
+    def __init__(self, origin: str):
+        self.origin = origin
+        self.prefix: tuple[str, ...] | None = None
+        self.files: dict[str, dict[str, list]] = {s: {} for s in SPLITS}
+        self.dirs: dict[str, set[str]] = {s: set() for s in SPLITS}
+        self.skipped_links: list[str] = []
+
+    def place(self, path: str, is_dir: bool) -> tuple[str, str] | None:
+        parts = [p for p in path.strip("/").split("/") if p not in ("", ".")]
+        if not parts or _is_hidden(parts):
+            return None
+        depth = 2 if is_dir else 3  # split/class (folder) or split/class/file
+        if len(parts) < depth or parts[-depth] not in SPLITS:
+            return None
+        prefix = tuple(parts[:-depth])
+        if self.prefix is None and not is_dir:
+            self.prefix = prefix
+        if self.prefix is not None and prefix != self.prefix:
+            return None
+        split, cls = parts[-depth], parts[-depth + 1]
+        if is_dir:
+            self.dirs[split].add(cls)
+            return None
+        return split, cls
+
+    def add(self, split: str, cls: str, item) -> None:
+        self.files[split].setdefault(cls, []).append(item)
+
+    def report_links(self) -> None:
+        """One line on stderr: a skipped link is a deliberate choice, not a silent loss."""
+        if links := self.skipped_links:
+            more = f", ... ({len(links) - 3} more)" if len(links) > 3 else ""
+            tqdm.write(
+                f"{self.origin}: skipped {len(links)} symbolic link(s), not read and not "
+                f"counted: {', '.join(links[:3])}{more}",
+                file=sys.stderr,
+            )
+
+    def classes(self) -> list[str]:
+        for split in SPLITS:
+            for cls in self.dirs[split]:
+                if cls not in self.files[split]:
+                    raise DataError(f"{self.origin}: class folder {split}/{cls} is empty")
+        train, test = set(self.files["train"]), set(self.files["test"])
+        if not train:
+            raise DataError(
+                f"{self.origin}: no images found under train/<class>/; expected an image-folder "
+                "layout train/<class>/*.png|jpg and test/<class>/*"
+            )
+        if train - test:
+            raise DataError(
+                f"{self.origin}: class folder(s) {', '.join(sorted(train - test))} present in "
+                "train/ but not in test/"
+            )
+        if test - train:
+            raise DataError(
+                f"{self.origin}: class folder(s) {', '.join(sorted(test - train))} present in "
+                "test/ but not in train/"
+            )
+        return sorted(train)
+
+
+def assemble(
+    layout: Layout, load: Callable[[tuple], tuple[str, bytes]], image_size: int, limits: Limits
+) -> Dataset:
+    classes = layout.classes()
+    layout.report_links()
+    out = {}
+    total = sum(len(v) for s in SPLITS for v in layout.files[s].values())
+    with (
+        _pixel_limit(limits.max_image_pixels),
+        tqdm(total=total, desc="decode images", unit="img", mininterval=1.0) as bar,
+    ):
+        for split in SPLITS:
+            xs, ys = [], []
+            for label, cls in enumerate(classes):
+                for item in sorted(layout.files[split][cls], key=lambda t: t[0]):
+                    name, data = load(item)
+                    xs.append(_decode(data, name, image_size, limits.max_image_pixels))
+                    ys.append(label)
+                    bar.update()
+            out[split] = (np.stack(xs), np.asarray(ys, dtype=np.int64))
+    return Dataset(*out["train"], *out["test"], classes)
+
+
+# ---------------------------------------------------------------- the directory reader
+
+
+def _unreadable(path, exc: OSError) -> DataError:
+    return DataError(
+        f"{path}: unreadable ({exc.strerror or exc}); fix its permissions or leave it out of "
+        "data.source"
+    )
+
+
+def _check_dir_file(path: Path, limits: Limits) -> None:
+    """Only a regular file is ever opened: opening a FIFO blocks forever, a device never ends."""
+    try:
+        st = os.stat(path)  # follows a symlink, as reading it does
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+    mode = st.st_mode
+    if not stat.S_ISREG(mode):
+        kind = (
+            "a FIFO" if stat.S_ISFIFO(mode)
+            else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "of another kind"
+        )  # fmt: skip
+        raise DataError(f"{path} is not a regular file ({kind}); remove it from data.source")
+    limits.check_size(str(path), st.st_size)
+
+
+def read_image_folder_dir(root: Path, image_size: int, limits: Limits) -> Dataset:
+    layout = Layout(str(root))
+
+    def walk_error(exc: OSError) -> None:  # os.walk would skip the folder, unnamed
+        raise _unreadable(exc.filename, exc)
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=walk_error):
+        rel = Path(dirpath).relative_to(root).as_posix()
+        dirnames[:] = [d for d in dirnames if not _is_hidden([d])]  # ignored: never walked
+        for d in dirnames:
+            layout.place(posixpath.join(rel, d), is_dir=True)
+        for f in filenames:
+            placed = layout.place(posixpath.join(rel, f), is_dir=False)
+            if placed:
+                path = Path(dirpath) / f
+                _check_dir_file(path, limits)
+                layout.add(*placed, (str(path), path))
+
+    def load(item: tuple[str, Path]) -> tuple[str, bytes]:
+        try:
+            return item[0], item[1].read_bytes()
+        except OSError as exc:
+            raise _unreadable(item[0], exc) from None
+
+    return assemble(layout, load, image_size, limits)

@@ -1,0 +1,19 @@
+"""check_params: params.yaml in full (every section, key and value), before any other stage.
+
+DVC removes a stage's outputs before it runs the stage, so a value the stage then refused would
+cost the last results. This stage runs first whenever params.yaml changes and stops the pipeline
+before any output is removed; a new section that no stage reads (``-S +trian.x=1``) stops it too.
+Its output never changes, so it makes nothing else rerun.
+"""
+
+from onecycle import cli, files, paths
+from onecycle.config import load_params
+
+
+def main() -> None:
+    load_params()
+    files.write_text(paths.PARAMS_CHECKED, "params.yaml: every section, key and value is valid\n")
+
+
+if __name__ == "__main__":
+    cli.run(main, "check_params")

@@ -1,0 +1,125 @@
+"""The stage runner (onecycle/cli.py): one-line user errors, params changed under a running stage,
+and the temporary files that killed writes leave behind."""
+
+import os
+import shutil
+import time
+
+import pytest
+
+from onecycle import cli, files
+from onecycle.errors import UserError
+
+from .conftest import ROOT
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    """A folder with the project's dvc.yaml and params.yaml, as a stage's working directory."""
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _exit_code(main, stage: str) -> int:
+    with pytest.raises(SystemExit) as exit_:
+        cli.run(main, stage)
+    return exit_.value.code
+
+
+def test_a_user_error_is_one_line_and_exit_1(workspace, capsys):
+    def main():
+        raise UserError("params.yaml: train.epochs must be >= 1")
+
+    assert _exit_code(main, "train") == 1
+    assert capsys.readouterr().err.strip() == "train: error: params.yaml: train.epochs must be >= 1"
+
+
+def test_a_bug_keeps_its_traceback(workspace):
+    def main():
+        raise KeyError("a bug, not a user error")
+
+    with pytest.raises(KeyError):
+        cli.run(main, "train")
+
+
+def _edit(path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+
+
+def test_params_changed_under_a_running_stage_fail_it_naming_the_key(workspace, capsys):
+    # what a second `dvc exp run -S train.epochs=2` does to a 24-epoch train already running
+    def main():
+        _edit(workspace / "params.yaml", "epochs: 24", "epochs: 2")
+
+    assert _exit_code(main, "train") == 1
+    err = capsys.readouterr().err
+    assert "params.yaml changed while the stage ran" in err and "'epochs': 24" in err
+
+
+def test_a_change_to_params_the_stage_does_not_read_is_not_its_business(workspace):
+    def main():
+        _edit(workspace / "params.yaml", "dpi: 120", "dpi: 150")  # plots.dpi: not train's
+
+    cli.run(main, "train")  # returns normally
+
+
+def test_check_params_watches_the_whole_file(workspace):
+    def main():
+        (workspace / "params.yaml").write_text(
+            (workspace / "params.yaml").read_text() + "\ntrian:\n  x: 1\n"
+        )
+
+    assert _exit_code(main, "check_params") == 1
+
+
+def test_stale_temporary_files_of_killed_writes_are_removed_at_the_start(workspace):
+    models = workspace / "models"
+    models.mkdir()
+    stale = models / ".model.pt.4qvtmp7a.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    fresh = models / ".model.pt.inflight.tmp"  # another process may be writing it right now
+    fresh.write_bytes(b"being written")
+    keep = models / "model.pt"
+    keep.write_bytes(b"weights")
+
+    cli.run(lambda: None, "train")
+    assert not stale.exists() and fresh.exists() and keep.exists()
+
+
+def test_atomic_writes_get_the_umask_mode_and_leave_nothing_behind(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        files.write_json(tmp_path / "metrics" / "m.json", {"a": 1})
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "metrics" / "m.json").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+    assert [p.name for p in (tmp_path / "metrics").iterdir()] == ["m.json"]
+
+
+def test_a_failed_write_keeps_the_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / "m.json"
+    files.write_json(path, {"old": True})
+
+    def broken(f):
+        f.write(b"{half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        files.atomic_write(path, broken)
+    assert path.read_text().strip() == '{\n  "old": true\n}'
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
+@pytest.mark.parametrize(
+    "name", ["models/.model.pt.4qvtmp7a.tmp", "metrics/.eval.json.ab12cd34.tmp"]
+)
+def test_temporary_names_are_ignored_by_git(name):
+    import subprocess
+
+    assert subprocess.run(["git", "check-ignore", "-q", name], cwd=ROOT).returncode == 0
