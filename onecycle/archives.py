@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from .errors import DataError
-from .imagefolder import Layout, Limits, assemble
+from .imagefolder import Layout, Limits, Pick, assemble
 from .prepared import Dataset
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")  # matched case-insensitively
@@ -169,7 +169,9 @@ def _link_target(
     return target
 
 
-def read_image_folder_tar(path: Path, image_size: int, limits: Limits) -> Dataset:
+def read_image_folder_tar(
+    path: Path, image_size: int, limits: Limits, pick: Pick | None = None
+) -> Dataset:
     layout = Layout(str(path))
     blobs: dict[str, bytes] = {}  # by member name; a hardlink shares its target's bytes
     seen: set[str] = set()
@@ -199,7 +201,7 @@ def read_image_folder_tar(path: Path, image_size: int, limits: Limits) -> Datase
                     layout.add(*placed, (member.name, None))
     except ARCHIVE_ERRORS as exc:
         raise DataError(f"{path}: corrupt or truncated archive ({exc})") from None
-    return assemble(layout, lambda m: (f"{path}:{m[0]}", blobs[m[0]]), image_size, limits)
+    return assemble(layout, lambda m: (f"{path}:{m[0]}", blobs[m[0]]), image_size, limits, pick)
 
 
 def _zip_link(path: Path, info: zipfile.ZipInfo, read) -> str:
@@ -212,7 +214,9 @@ def _zip_link(path: Path, info: zipfile.ZipInfo, read) -> str:
         ) from None
 
 
-def read_image_folder_zip(path: Path, image_size: int, limits: Limits) -> Dataset:
+def read_image_folder_zip(
+    path: Path, image_size: int, limits: Limits, pick: Pick | None = None
+) -> Dataset:
     layout = Layout(str(path))
     seen: set[str] = set()
     try:
@@ -247,7 +251,7 @@ def read_image_folder_zip(path: Path, image_size: int, limits: Limits) -> Datase
                     limits.check_size(f"{path}:{info.filename}", info.file_size)
                     layout.add(*placed, (info.filename, info))
             return assemble(
-                layout, lambda item: (f"{path}:{item[0]}", read(item[1])), image_size, limits
+                layout, lambda m: (f"{path}:{m[0]}", read(m[1])), image_size, limits, pick
             )
     except ARCHIVE_ERRORS as exc:
         raise DataError(f"{path}: corrupt or truncated archive ({exc})") from None

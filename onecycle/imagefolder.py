@@ -178,26 +178,42 @@ class Layout:
         return sorted(train)
 
 
+Pick = Callable[[str, np.ndarray], np.ndarray]  # (split, labels of all its images) -> kept indices
+
+
 def assemble(
-    layout: Layout, load: Callable[[tuple], tuple[str, bytes]], image_size: int, limits: Limits
+    layout: Layout,
+    load: Callable[[tuple], tuple[str, bytes]],
+    image_size: int,
+    limits: Limits,
+    pick: Pick | None = None,
 ) -> Dataset:
+    """Decode the images of each split in label order; with ``pick`` (a subset), only those it
+    keeps: the labels are known from the folders before any image is decoded."""
     classes = layout.classes()
     layout.report_links()
+    splits = {}
+    for split in SPLITS:
+        items = [
+            (label, item)
+            for label, cls in enumerate(classes)
+            for item in sorted(layout.files[split][cls], key=lambda t: t[0])
+        ]
+        y = np.asarray([label for label, _ in items], dtype=np.int64)
+        splits[split] = (items, y, pick(split, y) if pick else np.arange(len(y)))
     out = {}
-    total = sum(len(v) for s in SPLITS for v in layout.files[s].values())
+    total = sum(len(keep) for _, _, keep in splits.values())
     with (
         _pixel_limit(limits.max_image_pixels),
         tqdm(total=total, desc="decode images", unit="img", mininterval=1.0) as bar,
     ):
-        for split in SPLITS:
-            xs, ys = [], []
-            for label, cls in enumerate(classes):
-                for item in sorted(layout.files[split][cls], key=lambda t: t[0]):
-                    name, data = load(item)
-                    xs.append(_decode(data, name, image_size, limits.max_image_pixels))
-                    ys.append(label)
-                    bar.update()
-            out[split] = (np.stack(xs), np.asarray(ys, dtype=np.int64))
+        for split, (items, y, keep) in splits.items():
+            xs = []
+            for i in keep:
+                name, data = load(items[i][1])
+                xs.append(_decode(data, name, image_size, limits.max_image_pixels))
+                bar.update()
+            out[split] = (np.stack(xs), y[keep])
     return Dataset(*out["train"], *out["test"], classes)
 
 
@@ -229,7 +245,9 @@ def _check_dir_file(path: Path, limits: Limits) -> None:
     limits.check_size(str(path), st.st_size)
 
 
-def read_image_folder_dir(root: Path, image_size: int, limits: Limits) -> Dataset:
+def read_image_folder_dir(
+    root: Path, image_size: int, limits: Limits, pick: Pick | None = None
+) -> Dataset:
     layout = Layout(str(root))
 
     def walk_error(exc: OSError) -> None:  # os.walk would skip the folder, unnamed
@@ -253,4 +271,4 @@ def read_image_folder_dir(root: Path, image_size: int, limits: Limits) -> Datase
         except OSError as exc:
             raise _unreadable(item[0], exc) from None
 
-    return assemble(layout, load, image_size, limits)
+    return assemble(layout, load, image_size, limits, pick)

@@ -82,11 +82,26 @@ def _proportional_subset(y: np.ndarray, count: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(picked))
 
 
+def picker(train_count: int | None, test_count: int | None, seed: int):
+    """``data.train_subset`` / ``data.test_subset`` as a function of (split, labels) -> indices,
+    so a reader can keep the subset before it decodes anything."""
+    counts = {"train": (train_count, "data.train_subset"), "test": (test_count, "data.test_subset")}
+
+    def pick(split: str, y: np.ndarray) -> np.ndarray:
+        count, key = counts[split]
+        return stratified_subset(y, count, seed, key)
+
+    return pick
+
+
+def take(ds: Dataset, pick) -> Dataset:
+    tr, te = pick("train", ds.y_train), pick("test", ds.y_test)
+    return Dataset(ds.x_train[tr], ds.y_train[tr], ds.x_test[te], ds.y_test[te], ds.classes)
+
+
 def subset(ds: Dataset, train_count: int | None, test_count: int | None, seed: int) -> Dataset:
     """Stratified ``data.train_subset`` / ``data.test_subset``, reproducible from ``base.seed``."""
-    tr = stratified_subset(ds.y_train, train_count, seed, "data.train_subset")
-    te = stratified_subset(ds.y_test, test_count, seed, "data.test_subset")
-    return Dataset(ds.x_train[tr], ds.y_train[tr], ds.x_test[te], ds.y_test[te], ds.classes)
+    return take(ds, picker(train_count, test_count, seed))
 
 
 # ---------------------------------------------------------------- stats and storage

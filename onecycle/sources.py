@@ -43,8 +43,8 @@ from .archives import (
 )
 from .errors import DataError
 from .files import TMP_SUFFIX
-from .imagefolder import Limits, read_image_folder_dir
-from .prepared import Dataset
+from .imagefolder import Limits, Pick, read_image_folder_dir
+from .prepared import Dataset, picker, take
 
 if TYPE_CHECKING:
     from .config import DataConfig
@@ -244,20 +244,20 @@ def _official_sized(ds: Dataset, image_size: int) -> Dataset:
 # ---------------------------------------------------------------- the source switch
 
 
-def fetch(cfg: DataConfig, root: Path, raw_dir: Path) -> tuple[Dataset, str]:
+def fetch(cfg: DataConfig, root: Path, raw_dir: Path, seed: int = 0) -> tuple[Dataset, str]:
     """Read ``data.source`` into memory. Returns the dataset and a description of the source.
 
-    ``cfg`` is the ``data`` section: the source, image size, download timeout and the limits
-    on one file and one image.
+    ``cfg`` is the ``data`` section: the source, image size, download timeout, the limits on one
+    file and one image, and the subsets (drawn with ``seed``; an image-folder reader decodes
+    only the images they keep).
     """
     source, image_size = cfg.source, cfg.image_size
     limits = Limits(cfg.max_image_pixels, cfg.max_file_mb)
+    pick = picker(cfg.train_subset, cfg.test_subset, seed)
     if source in OFFICIAL_FILES:
         spec = official_specs()[source]
         path = download_official(spec, spec.url, raw_dir, cfg.timeout)
-        return _official_sized(
-            read_official(path, spec), image_size
-        ), f"{spec.url} (md5 {spec.md5})"
+        return _official(path, spec, image_size, pick), f"{spec.url} (md5 {spec.md5})"
 
     url = urlparse(source)
     if url.scheme == "file":
@@ -267,14 +267,20 @@ def fetch(cfg: DataConfig, root: Path, raw_dir: Path) -> tuple[Dataset, str]:
             raise DataError(f"data.source: {source} names a remote host; give a local path")
         source = unquote(url.path)
     elif url.scheme in ("http", "https", "ftp"):
-        return _fetch_url(source, raw_dir, image_size, cfg.timeout, limits)
+        return _fetch_url(source, raw_dir, image_size, cfg.timeout, limits, pick)
 
     path = Path(source).expanduser()
-    return _read_local((path if path.is_absolute() else root / path).resolve(), image_size, limits)
+    path = (path if path.is_absolute() else root / path).resolve()
+    return _read_local(path, image_size, limits, pick)
+
+
+def _official(path: Path, spec: Official, image_size: int, pick: Pick) -> Dataset:
+    """A verified official archive, subset first (resizing is the slow part), then resized."""
+    return _official_sized(take(read_official(path, spec), pick), image_size)
 
 
 def _fetch_url(
-    source: str, raw_dir: Path, image_size: int, timeout: float, limits: Limits
+    source: str, raw_dir: Path, image_size: int, timeout: float, limits: Limits, pick: Pick
 ) -> tuple[Dataset, str]:
     """An official archive's URL (MD5-checked, cached) or an image-folder archive's."""
     specs = official_specs()
@@ -283,7 +289,7 @@ def _fetch_url(
     spec = next((s for s in specs.values() if s.filename == name), None)
     if spec is not None:
         path = download_official(spec, source, raw_dir, timeout)
-        return _official_sized(read_official(path, spec), image_size), f"{source} (md5 {spec.md5})"
+        return _official(path, spec, image_size, pick), f"{source} (md5 {spec.md5})"
     if not name.lower().endswith(ARCHIVE_SUFFIXES):
         raise DataError(
             f"data.source: URL {source} must end in an official archive name "
@@ -292,13 +298,13 @@ def _fetch_url(
         )
     path = download_archive(source, name, raw_dir, timeout)
     try:
-        return _read_local(path, image_size, limits, label=source)
+        return _read_local(path, image_size, limits, pick, label=source)
     except DataError as exc:
         raise DataError(f"{exc}\n(downloaded from {source})") from None
 
 
 def _read_local(
-    path: Path, image_size: int, limits: Limits, label: str | None = None
+    path: Path, image_size: int, limits: Limits, pick: Pick, label: str | None = None
 ) -> tuple[Dataset, str]:
     """A local official archive (recognised by its MD5), image-folder archive or directory.
 
@@ -310,14 +316,14 @@ def _read_local(
             "path or URL, or an image-folder dataset (directory or .tar.gz/.zip)"
         )
     if path.is_dir():
-        return read_image_folder_dir(path, image_size, limits), str(path)
+        return read_image_folder_dir(path, image_size, limits, pick), str(path)
     digest = md5sum(path)
     described = f"{label or path} (md5 {digest})"
     maybe_official = any(path.name == f or digest == m for f, m in OFFICIAL_FILES.values())
     specs = official_specs() if maybe_official else {}
     spec = next((s for s in specs.values() if s.md5 == digest), None)
     if spec is not None:
-        return _official_sized(read_official(path, spec), image_size), described
+        return _official(path, spec, image_size, pick), described
     official_name = next((s for s in specs.values() if s.filename == path.name), None)
     if official_name is not None:
         raise DataError(
@@ -327,9 +333,9 @@ def _read_local(
         )
     name = path.name.lower()
     if name.endswith(TAR_SUFFIXES):
-        return read_image_folder_tar(path, image_size, limits), described
+        return read_image_folder_tar(path, image_size, limits, pick), described
     if name.endswith(".zip"):
-        return read_image_folder_zip(path, image_size, limits), described
+        return read_image_folder_zip(path, image_size, limits, pick), described
     raise DataError(
         f"data.source: {path} is neither an official CIFAR archive nor an image-folder "
         f"archive ({', '.join(ARCHIVE_SUFFIXES)}, any case) or directory"

@@ -18,17 +18,16 @@ import signal
 import socket
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from . import files, paths, progress
 from .config import repo_root
 from .errors import MissingInput, UserError
+from .recorder import Recorder, report_unlogged, short_error
 
 EXPERIMENT = os.environ.get("MLFLOW_EXPERIMENT_NAME", "cifar10-onecycle")
 CHECK_SECONDS = 30  # how long a stage waits for the store to answer at its start
-RETRY_SECONDS = 60  # after a failed call, how long logging waits before trying again
 # MLflow's own HTTP retries default to 7 with backoff 2 and a 120 s timeout (about 4 minutes per
 # call against a dead server); bounded here unless the user set them.
 HTTP_DEFAULTS = {
@@ -61,11 +60,6 @@ def _way_out(uri: str) -> str:
     )
 
 
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
-
-
 def _within(seconds: float, what: str, uri: str, fn: Callable):
     """``fn()``, or a TrackingError if it raises or has not returned after ``seconds``."""
     box: dict = {}
@@ -85,7 +79,7 @@ def _within(seconds: float, what: str, uri: str, fn: Callable):
         )
     if "error" in box:
         raise TrackingError(
-            f"MLflow store {uri} cannot be used ({what}: {_short(box['error'])}): {_way_out(uri)}"
+            f"MLflow store {uri} cannot be used ({what}: {short_error(box['error'])}): {_way_out(uri)}"
         )
     return box.get("value")
 
@@ -210,108 +204,6 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-class Recorder:
-    """Logs into one run. A failing call costs no work: it is kept, warned about once, retried
-    before later calls (at most once a minute) and at the end; :meth:`unlogged` lists the rest."""
-
-    def __init__(self, run_id: str, experiment_id: str, uri: str):
-        self.run_id, self.experiment_id, self.uri = run_id, experiment_id, uri
-        self._pending: list[tuple[str, Callable[[], None]]] = []
-        self._retry_at = 0.0
-        self._warned = False
-
-    def _call(self, what: str, fn: Callable[[], None]) -> None:
-        self._pending.append((what, fn))
-        if time.monotonic() >= self._retry_at:
-            self.flush()
-
-    def flush(self) -> bool:
-        """Send what is waiting, in order; False if the store still fails."""
-        while self._pending:
-            what, fn = self._pending[0]
-            try:
-                fn()
-            except Exception as exc:  # noqa: BLE001 - logging must never stop the work
-                self._retry_at = time.monotonic() + RETRY_SECONDS
-                if not self._warned:
-                    self._warned = True
-                    progress.say(
-                        f"warning: MLflow at {self.uri} failed ({_short(exc)}) while logging "
-                        f"{what}; the work goes on and logging is retried"
-                    )
-                return False
-            self._pending.pop(0)
-        return True
-
-    def unlogged(self) -> list[str]:
-        return [what for what, _ in self._pending]
-
-    def _client(self):
-        import mlflow
-
-        return mlflow.MlflowClient()
-
-    def log_params(self, params: dict) -> None:
-        """Nested dicts become dotted keys: ``{"train": {"epochs": 24}}`` -> ``train.epochs``."""
-        from mlflow.entities import Param
-
-        flat = _flatten(params)
-        batch = [Param(k, str(v)) for k, v in flat.items()]
-        self._call("params", lambda: self._client().log_batch(self.run_id, params=batch))
-
-    def set_tags(self, tags: dict) -> None:
-        from mlflow.entities import RunTag
-
-        batch = [RunTag(k, str(v)) for k, v in tags.items()]
-        self._call("tags", lambda: self._client().log_batch(self.run_id, tags=batch))
-
-    def log_metrics(self, values: dict, step: int | None = None) -> None:
-        """The numbers of ``values`` at ``step``; None and non-numbers are left out."""
-        numbers = {k: float(v) for k, v in values.items() if isinstance(v, int | float)}
-        self.log_series([{**numbers, "_step": step or 0}], list(numbers), "_step")
-
-    def log_series(self, rows: list[dict], keys: list[str], step_key: str = "step") -> None:
-        """Every row's ``keys`` as metrics at the row's step, 1000 values a request."""
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        metrics = [
-            Metric(k, float(r[k]), now, int(r[step_key])) for r in rows for k in keys if k in r
-        ]
-        for start in range(0, len(metrics), 1000):
-            chunk = metrics[start : start + 1000]
-            steps = f"{chunk[0].step}..{chunk[-1].step}" if len(rows) > 1 else f"{chunk[0].step}"
-            what = f"metrics {', '.join(sorted({m.key for m in chunk}))} at step {steps}"
-            self._call(what, lambda c=chunk: self._client().log_batch(self.run_id, metrics=c))
-
-    def log_files(self, *local: str | Path, artifact_path: str | None = None) -> None:
-        for path in local:
-            what = f"file {path}"
-            self._call(
-                what, lambda p=str(path): self._client().log_artifact(self.run_id, p, artifact_path)
-            )
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    flat: dict = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            flat |= _flatten(v, f"{prefix}{k}.")
-        else:
-            flat[f"{prefix}{k}"] = v
-    return flat
-
-
-def _report_unlogged(recorder: Recorder, stage: str) -> None:
-    if recorder.flush():
-        return
-    lines = "\n".join(f"  - {what}" for what in recorder.unlogged())
-    progress.say(
-        f"{stage}: MLflow at {recorder.uri} is unreachable; run {recorder.run_id} is missing:\n"
-        f"{lines}\nThe stage's own outputs hold all of it (metrics/, plots/, models/)."
-    )
-
-
 @contextlib.contextmanager
 def stage_run(
     stage: str, run_id: str | None = None, tags: dict | None = None
@@ -332,7 +224,7 @@ def stage_run(
         run = mlflow.start_run(run_id=run_id, run_name=None if run_id else stage, tags=run_tags)
     except Exception as exc:
         raise TrackingError(
-            f"MLflow store {uri} cannot be used (starting a run: {_short(exc)}): {_way_out(uri)}"
+            f"MLflow store {uri} cannot be used (starting a run: {short_error(exc)}): {_way_out(uri)}"
         ) from None
     recorder = Recorder(run.info.run_id, exp_id, uri)
     status = "FINISHED"
@@ -346,7 +238,7 @@ def stage_run(
         status = "FAILED"
         raise
     finally:
-        _report_unlogged(recorder, stage)
+        report_unlogged(recorder, stage)
         try:
             mlflow.end_run(status)
         except Exception as exc:  # noqa: BLE001 - the work is done; say what MLflow lacks
@@ -356,7 +248,7 @@ def stage_run(
                 else f"the next run of {stage} here closes it as KILLED"
             )
             progress.say(
-                f"{stage}: could not mark run {recorder.run_id} {status} ({_short(exc)}); {fate}"
+                f"{stage}: could not mark run {recorder.run_id} {status} ({short_error(exc)}); {fate}"
             )
 
 
@@ -388,10 +280,10 @@ def add_to_run(ref_path: Path, stage: str) -> Iterator[Recorder]:
             yield recorder
     except BaseException as exc:
         recorder.set_tags({f"{stage}.error": f"{type(exc).__name__}: {exc}"[:500]})
-        _report_unlogged(recorder, stage)
+        report_unlogged(recorder, stage)
         raise
     recorder.set_tags({f"{stage}.done": "true"})
-    _report_unlogged(recorder, stage)
+    report_unlogged(recorder, stage)
 
 
 def _finish_if_orphaned(run_id: str, stage: str) -> None:

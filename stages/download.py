@@ -8,8 +8,7 @@ def main() -> None:
     params = load_params()
     cfg = params.data
     root = repo_root()
-    ds, source = sources.fetch(cfg, root, root / paths.RAW_DIR)
-    ds = prepared.subset(ds, cfg.train_subset, cfg.test_subset, params.base.seed)
+    ds, source = sources.fetch(cfg, root, root / paths.RAW_DIR, params.base.seed)
     meta = prepared.save_prepared(ds, paths.PREPARED_DIR, source).meta
     counts = {k: meta[k] for k in ("num_train", "num_test")} | {"num_classes": len(ds.classes)}
     files.write_json(paths.DATA_METRICS, counts)

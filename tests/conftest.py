@@ -30,17 +30,11 @@ def shared_cifar() -> Path:
 
 
 @pytest.fixture(scope="session")
-def cifar_full(shared_cifar):
-    """All 60,000 real images, decoded once per session (about 6 s)."""
-    cfg = DataConfig(source=str(shared_cifar), image_size=32, timeout=60)
-    ds, _ = sources.fetch(cfg, ROOT, ROOT / "data" / "raw")
-    return ds
-
-
-@pytest.fixture(scope="session")
-def tiny_data(cifar_full, tmp_path_factory):
-    """A stratified 640-train / 200-test slice of real CIFAR-10, saved and loaded like the stage does."""
-    ds = prepared.subset(cifar_full, 640, 200, seed=0)
+def tiny_data(shared_cifar, tmp_path_factory):
+    """A stratified 640-train / 200-test slice of real CIFAR-10 (only those images decoded),
+    saved and loaded like the download stage does."""
+    cfg = DataConfig(source=str(shared_cifar), train_subset=640, test_subset=200)
+    ds, _ = sources.fetch(cfg, ROOT, ROOT / "data" / "raw", seed=0)
     out = tmp_path_factory.mktemp("prepared") / "prepared"
     prepared.save_prepared(ds, out, "test slice of cifar10-jpg")
     return prepared.load_prepared(out)

@@ -37,7 +37,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from onecycle import archives, prepared, sources
+from onecycle import archives, imagefolder, prepared, sources
 from onecycle.config import ConfigError, DataConfig, load_params, parse_params
 from onecycle.errors import DataError
 
@@ -631,14 +631,19 @@ def test_zip_member_escaping_the_target_is_refused(name, tmp_path):
     assert_refused(path, tmp_path, repr(name), "refusing")
 
 
-def test_zip_symlink_pointing_outside_is_refused(tmp_path):
-    path = tmp_path / "set.zip"
+def _zip_with_link(path: Path, target: str | bytes) -> Path:
+    """An image folder zip whose train/a/1.png is a symbolic link to ``target``."""
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("train/a/0.png", png_bytes())
         zf.writestr("test/a/0.png", png_bytes())
         link = zipfile.ZipInfo("train/a/1.png")
         link.external_attr = (stat.S_IFLNK | 0o777) << 16
-        zf.writestr(link, "../../../../etc/passwd")
+        zf.writestr(link, target)
+    return path
+
+
+def test_zip_symlink_pointing_outside_is_refused(tmp_path):
+    path = _zip_with_link(tmp_path / "set.zip", "../../../../etc/passwd")
     assert_refused(path, tmp_path, "'train/a/1.png'", "points outside")
 
 
@@ -1260,13 +1265,7 @@ def test_data_modules_load_no_torch_torchvision_or_albumentations():
 
 
 def test_zip_symlink_whose_target_is_not_text_is_refused(tmp_path):
-    path = tmp_path / "set.zip"
-    with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr("train/a/0.png", png_bytes())
-        zf.writestr("test/a/0.png", png_bytes())
-        link = zipfile.ZipInfo("train/a/1.png")
-        link.external_attr = (stat.S_IFLNK | 0o777) << 16
-        zf.writestr(link, b"\xff\xfe\xfd")
+    path = _zip_with_link(tmp_path / "set.zip", b"\xff\xfe\xfd")
     assert_refused(path, tmp_path, "'train/a/1.png'", "not text")
 
 
@@ -1283,3 +1282,22 @@ def test_encrypted_zip_member_is_named(tmp_path, monkeypatch):
 
     monkeypatch.setattr(zipfile.ZipFile, "open", encrypted)
     assert_refused(path, tmp_path, "is encrypted", "without a password")
+
+
+@pytest.mark.parametrize("kind", ["dir", "tar.gz", "zip"])
+def test_a_subset_is_picked_before_decoding_and_equals_subsetting_after(
+    kind, tmp_path, monkeypatch
+):
+    root = tmp_path / "imgs"
+    make_image_folder(root, counts={"train": 6, "test": 4})
+    source = _as(kind, root, tmp_path)
+    full, _ = fetch(source, tmp_path)
+    decoded = []
+    real = imagefolder._decode
+    monkeypatch.setattr(
+        imagefolder, "_decode", lambda data, name, *a: decoded.append(name) or real(data, name, *a)
+    )
+    cfg = DataConfig(source=str(source), train_subset=9, test_subset=6)
+    picked, _ = sources.fetch(cfg, tmp_path, tmp_path / "raw", seed=5)
+    assert len(decoded) == 9 + 6
+    assert prepared.fingerprint(picked) == prepared.fingerprint(prepared.subset(full, 9, 6, 5))

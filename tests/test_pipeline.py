@@ -197,6 +197,20 @@ def test_second_repro_runs_nothing(pipeline):
     assert "Running stage" not in out, out
 
 
+def test_a_refused_param_value_loses_no_result(pipeline):
+    # Right after the first repro: every stage is up to date and the outputs are its.
+    kept = (paths.MODEL, paths.TRAIN_METRICS, paths.TRAIN_RUN, paths.EVAL_METRICS, paths.REPORT)
+    before = {p: (pipeline / p).read_bytes() for p in kept}
+    proc = _run(pipeline, "dvc", "exp", "run", "-S", "train.batch_size=0", ok=False)
+    out = proc.stderr + proc.stdout
+    assert proc.returncode != 0 and "train.batch_size" in out
+    assert "Running stage 'train'" not in out
+    assert {p: (pipeline / p).read_bytes() for p in kept} == before
+    _reset_params(pipeline)  # the documented way back, even where git shows params.yaml clean
+    out = _run(pipeline, "dvc", "repro").stdout
+    assert "Running stage 'train'" not in out, out  # the kept results are still the current ones
+
+
 def test_plots_show_renders(pipeline):
     out = pipeline / "dvc_plots_test"
     _run(pipeline, "dvc", "plots", "show", "-o", str(out))
@@ -240,21 +254,6 @@ def test_a_typo_in_a_new_section_fails_loudly(pipeline):
     out = proc.stderr + proc.stdout
     assert proc.returncode != 0 and "trian: unknown key (a typo of 'train'?)" in out
     _reset_params(pipeline)
-
-
-def test_a_refused_param_value_loses_no_result(pipeline):
-    _reset_params(pipeline)
-    _run(pipeline, "dvc", "repro")
-    kept = (paths.MODEL, paths.TRAIN_METRICS, paths.TRAIN_RUN, paths.EVAL_METRICS, paths.REPORT)
-    before = {p: (pipeline / p).read_bytes() for p in kept}
-    proc = _run(pipeline, "dvc", "exp", "run", "-S", "train.batch_size=0", ok=False)
-    out = proc.stderr + proc.stdout
-    assert proc.returncode != 0 and "train.batch_size" in out
-    assert "Running stage 'train'" not in out
-    assert {p: (pipeline / p).read_bytes() for p in kept} == before
-    _reset_params(pipeline)  # the documented way back, even where git shows params.yaml clean
-    out = _run(pipeline, "dvc", "repro").stdout
-    assert "Running stage 'train'" not in out, out  # the kept results are still the current ones
 
 
 def test_params_changed_while_train_runs_are_not_recorded(pipeline):
@@ -370,7 +369,8 @@ def test_a_tracking_server_lost_mid_training_costs_no_training(pipeline, tmp_pat
     server, url = _mlflow_server(tmp_path)
     _set_params(pipeline, {"train": {"epochs": 3, "max_lr": 0.07}})
     (pipeline / paths.MODEL).unlink(missing_ok=True)
-    proc = _train(pipeline, {**_env(pipeline), "MLFLOW_TRACKING_URI": url})
+    quick_retries = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    proc = _train(pipeline, {**_env(pipeline), "MLFLOW_TRACKING_URI": url, **quick_retries})
     seen = []
     for line in proc.stdout:
         seen.append(line)

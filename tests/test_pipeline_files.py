@@ -23,6 +23,7 @@ NOT_DEPS = {
     "onecycle/cli.py": "the stage runner: how an error is printed",
     "onecycle/progress.py": "progress bars and lines printed beside them",
     "onecycle/tracking.py": "what is logged to MLflow (and the run reference files)",
+    "onecycle/recorder.py": "how a failed MLflow call is kept and retried",
 }
 PACKAGES = ("onecycle", "stages")
 

@@ -1,7 +1,7 @@
 import mlflow
 import pytest
 
-from onecycle import tracking
+from onecycle import recorder, tracking
 
 
 @pytest.fixture
@@ -181,7 +181,7 @@ def test_a_store_lost_mid_run_costs_no_work_and_logs_the_rest_once_back(store, m
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(mlflow.MlflowClient, "log_batch", flaky)
-    monkeypatch.setattr(tracking, "RETRY_SECONDS", 0)
+    monkeypatch.setattr(recorder, "RETRY_SECONDS", 0)
     with tracking.stage_run("train") as run:
         run.log_metrics({"loss": 3.0}, step=1)
         down["on"] = True

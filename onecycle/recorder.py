@@ -1,0 +1,123 @@
+"""Logging into one MLflow run without ever costing the work: a failing call is kept, warned
+about once, retried later (at most once a minute), and what could not be logged is listed."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from . import progress
+
+RETRY_SECONDS = 60  # after a failed call, how long logging waits before trying again
+
+
+def short_error(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
+
+
+class Recorder:
+    """Logs into one run. A failing call costs no work: it is kept, warned about once, retried
+    before later calls (at most once a minute) and at the end; :meth:`unlogged` lists the rest."""
+
+    def __init__(self, run_id: str, experiment_id: str, uri: str):
+        self.run_id, self.experiment_id, self.uri = run_id, experiment_id, uri
+        self._pending: list[tuple[str, Callable[[], None]]] = []
+        self._retry_at = 0.0
+        self._warned = False
+        self._mlflow_client = None
+
+    def _call(self, what: str, fn: Callable[[], None]) -> None:
+        self._pending.append((what, fn))
+        if time.monotonic() >= self._retry_at:
+            self.flush()
+
+    def flush(self) -> bool:
+        """Send what is waiting, in order; False if the store still fails."""
+        while self._pending:
+            what, fn = self._pending[0]
+            try:
+                fn()
+            except Exception as exc:  # noqa: BLE001 - logging must never stop the work
+                self._retry_at = time.monotonic() + RETRY_SECONDS
+                if not self._warned:
+                    self._warned = True
+                    progress.say(
+                        f"warning: MLflow at {self.uri} failed ({short_error(exc)}) while logging "
+                        f"{what}; the work goes on and logging is retried"
+                    )
+                return False
+            self._pending.pop(0)
+        return True
+
+    def unlogged(self) -> list[str]:
+        return [what for what, _ in self._pending]
+
+    def _client(self):
+        import mlflow
+
+        if self._mlflow_client is None:
+            self._mlflow_client = mlflow.MlflowClient(self.uri)
+        return self._mlflow_client
+
+    def log_params(self, params: dict) -> None:
+        """Nested dicts become dotted keys: ``{"train": {"epochs": 24}}`` -> ``train.epochs``."""
+        from mlflow.entities import Param
+
+        flat = _flatten(params)
+        batch = [Param(k, str(v)) for k, v in flat.items()]
+        self._call("params", lambda: self._client().log_batch(self.run_id, params=batch))
+
+    def set_tags(self, tags: dict) -> None:
+        from mlflow.entities import RunTag
+
+        batch = [RunTag(k, str(v)) for k, v in tags.items()]
+        self._call("tags", lambda: self._client().log_batch(self.run_id, tags=batch))
+
+    def log_metrics(self, values: dict, step: int | None = None) -> None:
+        """The numbers of ``values`` at ``step``; None and non-numbers are left out."""
+        numbers = {k: float(v) for k, v in values.items() if isinstance(v, int | float)}
+        self.log_series([{**numbers, "_step": step or 0}], list(numbers), "_step")
+
+    def log_series(self, rows: list[dict], keys: list[str], step_key: str = "step") -> None:
+        """Every row's ``keys`` as metrics at the row's step, 1000 values a request."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(k, float(r[k]), now, int(r[step_key])) for r in rows for k in keys if k in r
+        ]
+        for start in range(0, len(metrics), 1000):
+            chunk = metrics[start : start + 1000]
+            steps = f"{chunk[0].step}..{chunk[-1].step}" if len(rows) > 1 else f"{chunk[0].step}"
+            what = f"metrics {', '.join(sorted({m.key for m in chunk}))} at step {steps}"
+            self._call(what, lambda c=chunk: self._client().log_batch(self.run_id, metrics=c))
+
+    def log_files(self, *local: str | Path, artifact_path: str | None = None) -> None:
+        for path in local:
+            what = f"file {path}"
+            self._call(
+                what, lambda p=str(path): self._client().log_artifact(self.run_id, p, artifact_path)
+            )
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    flat: dict = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat |= _flatten(v, f"{prefix}{k}.")
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def report_unlogged(recorder: Recorder, stage: str) -> None:
+    """At a stage's end: send what waits, or list what the run lacks."""
+    if recorder.flush():
+        return
+    lines = "\n".join(f"  - {what}" for what in recorder.unlogged())
+    progress.say(
+        f"{stage}: MLflow at {recorder.uri} is unreachable; run {recorder.run_id} is missing:\n"
+        f"{lines}\nThe stage's own outputs hold all of it (metrics/, plots/, models/)."
+    )
