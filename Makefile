@@ -12,7 +12,7 @@ QUICK := -S data.source=$(SHARED_CIFAR) -S model.width=16 -S train.batch_size=25
 
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: env repro quick test test-fast lint format mlflow-ui reset-params ci-pipeline ci-baseline clean
+.PHONY: env repro quick test test-fast lint format mlflow-ui reset-params bench ci-pipeline ci-baseline clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,9 @@ test-fast: lint
 format: $(STAMP)
 	ruff check --fix .
 	ruff format .
+
+bench: $(STAMP)  ## training step vs a bare loop on this device: a table and metrics/bench.json
+	python -m onecycle.bench
 
 mlflow-ui: $(STAMP)  ## browse the runs at http://127.0.0.1:5000
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000

@@ -1,4 +1,5 @@
-"""Augmentation (albumentations) and the mini-batch stream shared by lr_find and train.
+"""The albumentations backend: the training transform, per image, and its batches for a
+DataLoader (see batches.py for both backends).
 
 Batch ``b`` of epoch ``e`` is a fixed slice of a permutation seeded by ``(seed, e)``, augmented with
 a generator seeded by ``(seed, e, b)``. So a batch is the same whichever worker builds it, two runs
@@ -15,7 +16,6 @@ import numpy as np
 import torch
 
 from .config import AugmentConfig
-from .prepared import Prepared
 from .preprocess import to_tensor
 
 
@@ -47,6 +47,11 @@ def train_transform(
     return A.Compose(steps)
 
 
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order of the ``n`` training images in ``epoch``: batch ``b`` is its ``b``-th slice."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
 class AugmentedBatches(torch.utils.data.Dataset):
     """Indexed by ``(epoch, batch)``; returns an augmented ``(images, labels)`` batch."""
 
@@ -62,8 +67,7 @@ class AugmentedBatches(torch.utils.data.Dataset):
 
     def indices(self, epoch: int, batch: int) -> np.ndarray:
         if self._perm is None or self._perm[0] != epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            self._perm = (epoch, rng.permutation(len(self.x)))
+            self._perm = (epoch, epoch_order(self.seed, epoch, len(self.x)))
         return self._perm[1][batch * self.batch_size : (batch + 1) * self.batch_size]
 
     def __len__(self) -> int:
@@ -108,16 +112,3 @@ def batch_loader(
         prefetch_factor=4 if num_workers > 0 else None,
     )
     return loader, sampler
-
-
-def augmented_samples(
-    data: Prepared, aug: AugmentConfig, seed: int, n: int = 32
-) -> tuple[np.ndarray, np.ndarray]:
-    """The first ``n`` images of epoch 0's first batch as training sees them, as uint8 for display."""
-    transform = train_transform(aug, data.x_train.shape[1], data.mean, data.std)
-    ds = AugmentedBatches(data.x_train, data.y_train, min(n, len(data.y_train)), transform, seed)
-    images, labels = ds[(0, 0)]
-    img = images.permute(0, 2, 3, 1).numpy() * np.asarray(data.std, np.float32) + np.asarray(
-        data.mean, np.float32
-    )
-    return (np.clip(img, 0, 1) * 255).round().astype(np.uint8), labels.numpy()

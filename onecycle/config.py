@@ -81,6 +81,7 @@ class LRFindConfig(_Section):
 
 
 class AugmentConfig(_Section):
+    backend: Literal["auto", "albumentations", "torch"] = "auto"
     pad: int = Field(4, ge=0, le=64)
     flip: bool = True
     cutout: int = Field(8, ge=0, le=512)
@@ -105,6 +106,7 @@ class TrainConfig(_Section):
     step_size: int = Field(8, ge=1)
     gamma: float = Field(0.1, gt=0, le=1)
     eval_every: int = Field(1, ge=0)
+    compile: Literal["auto"] | bool = "auto"
     augment: AugmentConfig = AugmentConfig()
 
     @field_validator("max_lr")

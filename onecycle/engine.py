@@ -82,11 +82,6 @@ def make_scaler(dev: Device) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(dev.type, enabled=dev.amp_dtype == torch.float16)
 
 
-def to_device(x: torch.Tensor, y: torch.Tensor, dev: Device) -> tuple[torch.Tensor, torch.Tensor]:
-    x = x.to(dev.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-    return x, y.to(dev.device, non_blocking=True)
-
-
 def train_step(model, optimizer, scaler, x, y, dev: Device) -> tuple[torch.Tensor, torch.Tensor]:
     """One SGD step on a batch already on the device. Returns (mean loss, correct count), unsynced."""
     with dev.autocast():

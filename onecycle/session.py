@@ -13,39 +13,28 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .augment import AugmentedBatches, EpochSampler, batch_loader, train_transform
+from .batches import Batch, make_stream
 from .config import ModelConfig, TrainConfig
-from .engine import (
-    Device,
-    build_model,
-    build_optimizer,
-    make_scaler,
-    seed_everything,
-    to_device,
-    train_step,
-)
+from .engine import Device, build_model, build_optimizer, make_scaler, seed_everything, train_step
 from .prepared import Prepared
 
 
 @dataclass
 class Session:
     dev: Device
-    model: torch.nn.Module
+    model: torch.nn.Module  # what is saved and evaluated
+    forward: torch.nn.Module  # what trains: the model, or its torch.compile'd form
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    batches: AugmentedBatches
-    loader: torch.utils.data.DataLoader
-    sampler: EpochSampler
+    batches: object  # batches.AlbumentationsStream or batches.TensorStream
 
     @property
     def steps_per_epoch(self) -> int:
         return len(self.batches)
 
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         """``(batch index, images, labels)`` of ``epoch`` from batch ``start`` on, on the device."""
-        self.sampler.epoch, self.sampler.start = epoch, start
-        for b, (x, y) in enumerate(self.loader, start=start):
-            yield b, *to_device(x, y, self.dev)
+        return self.batches.epoch(epoch, start)
 
     def stream(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches without end, epoch after epoch (the range test's)."""
@@ -57,7 +46,7 @@ class Session:
         """One SGD step at ``lr``/``momentum``; returns (mean loss, correct count), unsynced."""
         for group in self.optimizer.param_groups:
             group["lr"], group["momentum"] = lr, momentum
-        return train_step(self.model, self.optimizer, self.scaler, x, y, self.dev)
+        return train_step(self.forward, self.optimizer, self.scaler, x, y, self.dev)
 
     def state_dict(self) -> dict:
         return {
@@ -72,6 +61,11 @@ class Session:
         self.scaler.load_state_dict(state["scaler"])
 
 
+def use_compile(setting: str | bool, dev: Device) -> bool:
+    """``train.compile``: ``auto`` compiles on CUDA only (on a CPU the compile time outweighs)."""
+    return dev.type == "cuda" if setting == "auto" else bool(setting)
+
+
 def build_session(
     model_cfg: ModelConfig,
     train_cfg: TrainConfig,
@@ -84,14 +78,13 @@ def build_session(
     """Everything one run trains with; ``indices`` restricts the training images (the range
     test's held-out split). ``momentum`` is the optimizer's first (it decides Nesterov)."""
     seed_everything(seed)
-    x, y = (
-        (data.x_train, data.y_train)
-        if indices is None
-        else (data.x_train[indices], data.y_train[indices])
-    )
+    x, y = data.x_train, data.y_train
+    if indices is not None:
+        x, y = x[indices], y[indices]
     model = build_model(model_cfg, len(data.classes), dev)
+    forward = torch.compile(model) if use_compile(train_cfg.compile, dev) else model
     optimizer = build_optimizer(model, 0.0, momentum, train_cfg.nesterov, train_cfg.weight_decay)
-    transform = train_transform(train_cfg.augment, x.shape[1], data.mean, data.std)
-    batches = AugmentedBatches(x, y, train_cfg.batch_size, transform, seed)
-    loader, sampler = batch_loader(batches, dev.num_workers, pin_memory=dev.type == "cuda")
-    return Session(dev, model, optimizer, make_scaler(dev), batches, loader, sampler)
+    stream = make_stream(
+        x, y, train_cfg.batch_size, train_cfg.augment, data.mean, data.std, seed, dev
+    )
+    return Session(dev, model, forward, optimizer, make_scaler(dev), stream)

@@ -33,6 +33,7 @@ from .session import Session
 # have too few steps: 2,000 images at batch 512 (3 steps an epoch) ended at chance accuracy.
 MIN_STEPS_PER_EPOCH = 10
 MIN_STEPS = 50
+SYNC_EVERY = 50  # steps between host syncs on a GPU (loss shown, NaN checked)
 
 
 class NonFiniteLoss(UserError):
@@ -82,7 +83,7 @@ class Plan:
 class Hooks:
     """Observers of the loop (the train stage logs each epoch to MLflow)."""
 
-    on_step: Callable[[int, float], None] | None = None  # (0-based global step, loss)
+    on_step: Callable[[int], None] | None = None  # after each step: its 0-based global step
     on_epoch: Callable[[EpochStats], None] | None = None
 
 
@@ -125,36 +126,80 @@ def test_tensors(data: Prepared, dev: Device) -> tuple[torch.Tensor, torch.Tenso
     return x, torch.from_numpy(data.y_test)
 
 
+class _DeviceSums:
+    """An epoch's running loss, correct count and first non-finite step, kept on the device so a
+    step needs no host sync; :meth:`sync` moves them into ``totals`` (and raises on a NaN)."""
+
+    def __init__(self, device: torch.device):
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+        self.bad_loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.seen = 0
+
+    def add(self, loss: torch.Tensor, correct: torch.Tensor, n: int, step: int) -> None:
+        finite = torch.isfinite(loss)
+        first = ~finite & (self.bad_step < 0)
+        self.bad_step = torch.where(first, step, self.bad_step)
+        self.bad_loss = torch.where(first, loss.double(), self.bad_loss)
+        self.loss += torch.where(finite, loss.double(), 0.0) * n
+        self.correct += correct
+        self.seen += n
+
+    def sync(self, totals: Totals, plan: Plan, steps_per_epoch: int) -> None:
+        bad_step = int(self.bad_step)
+        if bad_step >= 0:
+            epoch, batch = divmod(bad_step, steps_per_epoch)
+            raise NonFiniteLoss(
+                f"loss became {float(self.bad_loss)} at epoch {epoch + 1}, step {bad_step} (batch "
+                f"{batch}) with LR {plan.schedule(bad_step)[0]:.4g}; no checkpoint written. "
+                "Lower train.max_lr (or lr_find's choice) and rerun."
+            )
+        totals.loss += float(self.loss)
+        totals.correct += int(self.correct)
+        totals.seen += self.seen
+        self.loss.zero_()
+        self.correct.zero_()
+        self.seen = 0
+
+
 def train_epoch(
-    session: Session, plan: Plan, epoch: int, start: int, totals: Totals, stop: Stop, hooks: Hooks
+    session: Session,
+    plan: Plan,
+    epoch: int,
+    start: int,
+    totals: Totals,
+    stop: Stop,
+    hooks: Hooks,
+    bar: progress.RunBar,
 ) -> int:
     """Batches ``start..`` of ``epoch``, each at its scheduled LR and momentum, summed into
-    ``totals``. Returns the batch it stopped before: ``steps_per_epoch`` unless ``stop`` was set."""
+    ``totals``. Returns the batch it stopped before: ``steps_per_epoch`` unless ``stop`` was set.
+
+    The sums stay on the device between syncs (every step on a CPU, where a sync costs nothing;
+    every ``SYNC_EVERY`` steps on a GPU); a NaN still names its first epoch, step and LR.
+    """
     spe = session.steps_per_epoch
+    every = 1 if session.dev.type == "cpu" else SYNC_EVERY
+    sums = _DeviceSums(session.dev.device)
     next_batch = spe
     t0 = time.perf_counter()
-    with progress.bar(spe, f"epoch {epoch + 1}/{plan.epochs}", initial=start) as bar:
-        for b, x, y in session.epoch(epoch, start):
-            step = epoch * spe + b
-            lr, momentum = plan.schedule(step)
-            loss, correct = session.step(x, y, lr, momentum)
-            loss_v = float(loss)
-            if not math.isfinite(loss_v):
-                raise NonFiniteLoss(
-                    f"loss became {loss_v} at epoch {epoch + 1}, step {step} (batch {b}) with LR "
-                    f"{lr:.4g}; no checkpoint written. Lower train.max_lr (or lr_find's choice) "
-                    "and rerun."
-                )
-            totals.loss += loss_v * len(y)
-            totals.correct += int(correct)
-            totals.seen += len(y)
-            bar.set_postfix(loss=f"{totals.loss / totals.seen:.3f}", lr=f"{lr:.3g}", refresh=False)
-            bar.update()
-            if hooks.on_step:
-                hooks.on_step(step, loss_v)
-            if stop.signum is not None:
-                next_batch = b + 1
-                break
+    for b, x, y in session.epoch(epoch, start):
+        step = epoch * spe + b
+        lr, momentum = plan.schedule(step)
+        loss, correct = session.step(x, y, lr, momentum)
+        sums.add(loss, correct, len(y), step)
+        bar.update()
+        if hooks.on_step:
+            hooks.on_step(step)
+        stopping = stop.signum is not None
+        if stopping or (b + 1 - start) % every == 0 or b == spe - 1:
+            sums.sync(totals, plan, spe)
+            bar.show(epoch, plan.epochs, totals.loss / max(totals.seen, 1), lr)
+        if stopping:
+            next_batch = b + 1
+            break
+    sums.sync(totals, plan, spe)
     totals.seconds += time.perf_counter() - t0
     return next_batch
 
@@ -218,11 +263,13 @@ def fit(
         history = [EpochStats(**h) for h in state["history"]]
         progress.say(f"resuming from {resume.path}: epoch {first_epoch + 1}, batch {first_batch}")
     session.model.train()
-    with stop.installed():
+    spe = session.steps_per_epoch
+    run_bar = progress.RunBar(plan.epochs * spe, first_epoch * spe + first_batch, session.dev.type)
+    with stop.installed(), run_bar:
         for epoch in range(first_epoch, plan.epochs):
             if epoch > first_epoch:
                 first_batch, totals = 0, Totals()
-            batch = train_epoch(session, plan, epoch, first_batch, totals, stop, hooks)
+            batch = train_epoch(session, plan, epoch, first_batch, totals, stop, hooks, run_bar)
             if stop.signum is not None:
                 resume.save(_state(session, epoch, batch, totals, history))
                 progress.say(f"interrupted: state saved to {resume.path}; `dvc repro` resumes")

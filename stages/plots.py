@@ -7,7 +7,7 @@ the lr_find run it came from.
 import numpy as np
 
 from onecycle import cli, figures, files, paths, report, tracking
-from onecycle.augment import augmented_samples
+from onecycle.batches import sample_images
 from onecycle.config import load_params
 from onecycle.prepared import load_prepared
 
@@ -21,7 +21,8 @@ def main() -> None:
     train = files.read_json(paths.TRAIN_METRICS)
     evaluation = files.read_json(paths.EVAL_METRICS)
     predictions = files.read_csv(paths.PREDICTIONS)
-    samples = augmented_samples(data, params.train.augment, params.base.seed)
+    aug, seed = params.train.augment, params.base.seed
+    samples = sample_images(data.x_train, data.y_train, aug, data.mean, data.std, seed)
     per_class = {c: m["accuracy"] for c, m in evaluation["per_class"].items()}
 
     built = {  # paths.FIGURES key: (title in the report, figure)

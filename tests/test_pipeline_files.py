@@ -36,13 +36,25 @@ def _module_file(module: str) -> str | None:
     return None
 
 
+def _running_nodes(tree: ast.AST):
+    """Every node, less the bodies of ``if TYPE_CHECKING:`` (imports for annotations only)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            todo += node.orelse
+            continue
+        todo += ast.iter_child_nodes(node)
+
+
 def imported_files(path: str, source: str | None = None) -> set[str]:
     """Project files that ``path`` (or ``source`` placed there) imports, at module level or
     inside functions."""
     parts = Path(path).with_suffix("").parts
     package = parts[:-1] if parts[-1] != "__init__" else parts[:-1]
     names: set[str] = set()
-    for node in ast.walk(ast.parse(source or (ROOT / path).read_text())):
+    for node in _running_nodes(ast.parse(source or (ROOT / path).read_text())):
         if isinstance(node, ast.Import):
             names |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom):
@@ -164,7 +176,11 @@ def test_a_dep_on_code_the_stage_never_runs_is_caught(dvc):
 
 
 def test_imports_inside_functions_and_of_submodules_count():
-    source = "from . import progress\n\ndef f():\n    from .training import fit\n"
+    source = (
+        "from typing import TYPE_CHECKING\nfrom . import progress\n\n"
+        "if TYPE_CHECKING:\n    from .model import ResNet9  # annotations only: never runs\n\n"
+        "def f():\n    from .training import fit\n"
+    )
     assert imported_files("onecycle/new.py", source) == {
         "onecycle/__init__.py",
         "onecycle/progress.py",

@@ -36,7 +36,7 @@ def _history(result):
 def _stop_after(steps: int) -> tuple[training.Stop, training.Hooks]:
     """A stop flag set after ``steps`` steps, as Ctrl-C would set it."""
     stop = training.Stop()
-    return stop, training.Hooks(on_step=lambda s, _: stop.request() if s + 1 == steps else None)
+    return stop, training.Hooks(on_step=lambda s: stop.request() if s + 1 == steps else None)
 
 
 def test_default_model_has_the_recipes_parameter_count():
@@ -60,7 +60,7 @@ def test_every_step_trains_at_the_scheduled_lr_and_momentum(tiny_data, tiny_para
     plan = training.make_plan(cfg, 0.2, session, tiny_data)
     used = []  # what the optimizer held during each step
 
-    def record(step, loss):
+    def record(step):
         group = session.optimizer.param_groups[0]
         used.append((step, group["lr"], group["momentum"]))
 

@@ -1,0 +1,199 @@
+"""``make bench``: the training step's speed against a bare loop, side by side in one process.
+
+* bare: the same model, batch and optimizer step on already-normalized batches already on the
+  device, no augmentation: forward, backward and the SGD step only;
+* pipeline: the project's real training loop (``training.train_epoch``: the batch stream with
+  its augmentation backend, the schedule, the sums and the progress bar) over as many steps;
+* each augmentation backend alone.
+
+The two loops alternate (bare, pipeline, bare, ...) and the median of each is reported, so drift
+in the machine's speed hits both alike. Writes ``metrics/bench.json`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import batches, progress, torch_augment, training
+from .augment import AugmentedBatches, train_transform
+from .config import AugmentConfig, ModelConfig, TrainConfig
+from .engine import build_model, build_optimizer, make_scaler, select_device, train_step
+from .files import write_json
+from .prepared import Prepared
+from .session import build_session
+
+MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)  # CIFAR-10's, for the data
+OUT = Path("metrics/bench.json")
+
+
+def _data(images: int, seed: int = 0) -> Prepared:
+    """Random uint8 images: the speed of a step does not depend on what they show."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (images, 32, 32, 3), dtype=np.uint8)
+    y = rng.integers(0, 10, images).astype(np.int64)
+    classes = [str(i) for i in range(10)]
+    meta = {"fingerprint": "bench"}
+    return Prepared(x, y, x[:256], y[:256], classes, MEAN, STD, meta)
+
+
+def _cpu_name() -> str:
+    """The CPU's model name and whether it has AVX2/AVX-512 (CPUs here differ by 3.5x)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next(
+        (ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")),
+        "?",
+    )
+    flags = next(
+        (ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []
+    )
+    simd = [f for f in ("avx2", "avx512f") if f in flags]
+    return f"{name}, {'+'.join(simd) or 'no avx2'}"
+
+
+def _timed(fn, steps: int, batch: int, dev) -> float:
+    """Images per second of ``fn()`` (which runs ``steps`` steps), synchronized on a GPU."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return steps * batch / (time.perf_counter() - t0)
+
+
+def _bare(model_cfg: ModelConfig, cfg: TrainConfig, dev, steps: int):
+    model = build_model(model_cfg, 10, dev)
+    optimizer = build_optimizer(model, 0.05, cfg.max_momentum, cfg.nesterov, cfg.weight_decay)
+    scaler = make_scaler(dev)
+    gen = torch.Generator().manual_seed(0)
+    xs = torch.randn(steps, cfg.batch_size, 3, 32, 32, generator=gen)
+    xs = [x.to(dev.device).contiguous(memory_format=torch.channels_last) for x in xs]
+    ys = [torch.randint(0, 10, (cfg.batch_size,), generator=gen).to(dev.device) for _ in xs]
+
+    def run():
+        for x, y in zip(xs, ys, strict=True):
+            train_step(model, optimizer, scaler, x, y, dev)
+
+    run()  # warm-up: first-call allocations and kernel choices
+    return run
+
+
+def _pipeline(model_cfg: ModelConfig, cfg: TrainConfig, dev, steps: int):
+    """One epoch of ``steps`` batches of the real loop per call (a new epoch each time)."""
+    data = _data(steps * cfg.batch_size)
+    session = build_session(model_cfg, cfg, data, dev, seed=0, momentum=cfg.max_momentum)
+    plan = training.make_plan(cfg.model_copy(update={"epochs": 1000}), 0.05, session, data)
+    epochs = iter(range(1000))
+
+    def run():
+        with progress.RunBar(steps, 0, dev.type) as bar:
+            totals, stop, hooks = training.Totals(), training.Stop(), training.Hooks()
+            training.train_epoch(session, plan, next(epochs), 0, totals, stop, hooks, bar)
+
+    run()
+    return run
+
+
+def _augment_rates(aug: AugmentConfig, batch: int, dev, batches_: int = 8) -> dict[str, float]:
+    x = _data(batch * batches_).x_train
+    rates = {}
+    transform = train_transform(aug, 32, MEAN, STD)
+    per_image = AugmentedBatches(x, np.zeros(len(x), np.int64), batch, transform, 0)
+    per_image[(0, 0)]
+    t0 = time.perf_counter()
+    for b in range(batches_):
+        per_image[(0, b)]
+    rates["albumentations"] = batch * batches_ / (time.perf_counter() - t0)
+    xt = torch_augment.pack(torch.from_numpy(x)).to(dev.device)
+
+    def torch_backend():
+        for b in range(batches_):
+            torch_augment.augment_batch(xt[b * batch : (b + 1) * batch], aug, MEAN, STD, 0, 0, b)
+
+    torch_backend()
+    rates["torch"] = _timed(torch_backend, batches_, batch, dev)
+    return rates
+
+
+def run(width: int, batch: int, steps: int, repeats: int, backend: str, device: str) -> dict:
+    dev = select_device(device, 0)
+    model_cfg = ModelConfig(width=width)
+    aug = AugmentConfig(backend=backend)
+    cfg = TrainConfig(batch_size=batch, max_lr=0.05, augment=aug)
+    bare, pipeline = _bare(model_cfg, cfg, dev, steps), _pipeline(model_cfg, cfg, dev, steps)
+    bare_rates, pipe_rates = [], []
+    for _ in range(repeats):
+        bare_rates.append(_timed(bare, steps, batch, dev))
+        pipe_rates.append(_timed(pipeline, steps, batch, dev))
+    bare_ips, pipe_ips = statistics.median(bare_rates), statistics.median(pipe_rates)
+    return {
+        "device": str(dev.device),
+        "device_name": torch.cuda.get_device_name() if dev.type == "cuda" else _cpu_name(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "width": width,
+        "batch_size": batch,
+        "steps": steps,
+        "repeats": repeats,
+        "backend": batches.resolve_backend(backend),
+        "bare_img_per_s": bare_ips,
+        "pipeline_img_per_s": pipe_ips,
+        "ratio": pipe_ips / bare_ips,
+        "bare_runs": bare_rates,
+        "pipeline_runs": pipe_rates,
+        "augment_img_per_s": _augment_rates(aug, batch, dev),
+    }
+
+
+def table(r: dict) -> str:
+    aug = r["augment_img_per_s"]
+    rows = [
+        ("bare loop (model + SGD only)", f"{r['bare_img_per_s']:,.0f}"),
+        (f"pipeline ({r['backend']} backend)", f"{r['pipeline_img_per_s']:,.0f}"),
+        ("ratio pipeline / bare", f"{r['ratio']:.3f}  "),
+        ("augmentation alone, albumentations", f"{aug['albumentations']:,.0f}"),
+        ("augmentation alone, torch", f"{aug['torch']:,.0f}"),
+    ]
+    head = f"{r['device']} ({r['device_name']}), width {r['width']}, batch {r['batch_size']}"
+    lines = [
+        f"  {name:<38} {value:>10}{'' if name.startswith('ratio') else ' img/s'}"
+        for name, value in rows
+    ]
+    return head + "\n" + "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--width", type=int, help="default: 16 on a CPU, 64 (the recipe) on a GPU")
+    ap.add_argument("--batch", type=int, help="default: 256 on a CPU, 512 on a GPU")
+    ap.add_argument("--steps", type=int, help="timed steps per repeat (default 20 CPU, 50 GPU)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--backend", default="auto", choices=["auto", "albumentations", "torch"])
+    args = ap.parse_args()
+    gpu = select_device(args.device, 0).type == "cuda"
+    result = run(
+        args.width or (64 if gpu else 16),
+        args.batch or (512 if gpu else 256),
+        args.steps or (50 if gpu else 20),
+        args.repeats,
+        args.backend,
+        args.device,
+    )
+    write_json(OUT, result)
+    print(table(result))
+    print(f"written to {OUT}")
+
+
+if __name__ == "__main__":
+    main()
