@@ -12,7 +12,8 @@ QUICK := -S data.source=$(SHARED_CIFAR) -S model.width=16 -S train.batch_size=25
 
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: env repro quick test test-fast lint format mlflow-ui reset-params bench ci-pipeline ci-baseline clean
+.PHONY: env repro quick test test-fast test-long lint format mlflow-ui reset-params bench study-schedules \
+	study-lr ci-pipeline ci-baseline clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,11 +33,14 @@ lint: $(STAMP)
 	ruff check .
 	ruff format --check .
 
-test: lint  ## lint, then every test (the slow end-to-end ones included)
-	pytest
+test: lint  ## lint, then every test but the `long` ones (minutes each: CI runs them too)
+	pytest -m "not long"
 
 test-fast: lint
-	pytest -m "not slow"
+	pytest -m "not slow and not long"
+
+test-long: $(STAMP)  ## the tests of minutes each: DVC queues and studies (run by CI)
+	pytest -m long
 
 format: $(STAMP)
 	ruff check --fix .
@@ -44,6 +48,14 @@ format: $(STAMP)
 
 bench: $(STAMP)  ## training step vs a bare loop on this device: a table and metrics/bench.json
 	python -m onecycle.bench
+
+# Studies (README: Studies): queued DVC experiments, reported from MLflow into reports/<study>/.
+# Started again, a study runs only what has not finished on this commit.
+study-schedules: $(STAMP)  ## 1cycle vs constant, step and cyclic LR, 3 seeds each
+	python -m onecycle.study run studies/schedules.yaml
+
+study-lr: $(STAMP)  ## fixed max LRs 0.01..1.0 vs each suggestion method's pick, 3 seeds each
+	python -m onecycle.study run studies/lr.yaml
 
 mlflow-ui: $(STAMP)  ## browse the runs at http://127.0.0.1:5000
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
@@ -60,7 +72,7 @@ EXP_TABLE := dvc exp show --md --no-pager --drop '.*' \
 # CI (see .ci/run): the quick run through DVC, the metric gate, then the max_lr override path
 # (one epoch: it checks that the number is used and lr_find does not rerun, not accuracy).
 CI_OVERRIDE_LR := 0.2
-ci-pipeline: $(STAMP)
+ci-pipeline: $(STAMP) test-long
 	dvc exp run -n ci-quick-$$(date +%s) $(QUICK)
 	$(EXP_TABLE)
 	python ci/gate.py

@@ -13,24 +13,21 @@ in the machine's speed hits both alike. Writes ``metrics/bench.json`` and prints
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import batches, progress, torch_augment, training
+from . import batches, paths, progress, torch_augment, tracking, training
 from .augment import AugmentedBatches, train_transform
 from .config import AugmentConfig, ModelConfig, TrainConfig
 from .engine import build_model, build_optimizer, make_scaler, select_device, train_step
 from .files import write_json
 from .prepared import Prepared
-from .session import build_session
+from .session import build_session, use_compile
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)  # CIFAR-10's, for the data
-OUT = Path("metrics/bench.json")
 
 
 def _data(images: int, seed: int = 0) -> Prepared:
@@ -41,23 +38,6 @@ def _data(images: int, seed: int = 0) -> Prepared:
     classes = [str(i) for i in range(10)]
     meta = {"fingerprint": "bench"}
     return Prepared(x, y, x[:256], y[:256], classes, MEAN, STD, meta)
-
-
-def _cpu_name() -> str:
-    """The CPU's model name and whether it has AVX2/AVX-512 (CPUs here differ by 3.5x)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = next(
-        (ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")),
-        "?",
-    )
-    flags = next(
-        (ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []
-    )
-    simd = [f for f in ("avx2", "avx512f") if f in flags]
-    return f"{name}, {'+'.join(simd) or 'no avx2'}"
 
 
 def _timed(fn, steps: int, batch: int, dev) -> float:
@@ -73,6 +53,7 @@ def _timed(fn, steps: int, batch: int, dev) -> float:
 
 def _bare(model_cfg: ModelConfig, cfg: TrainConfig, dev, steps: int):
     model = build_model(model_cfg, 10, dev)
+    forward = torch.compile(model) if use_compile(cfg.compile, dev) else model
     optimizer = build_optimizer(model, 0.05, cfg.max_momentum, cfg.nesterov, cfg.weight_decay)
     scaler = make_scaler(dev)
     gen = torch.Generator().manual_seed(0)
@@ -82,9 +63,9 @@ def _bare(model_cfg: ModelConfig, cfg: TrainConfig, dev, steps: int):
 
     def run():
         for x, y in zip(xs, ys, strict=True):
-            train_step(model, optimizer, scaler, x, y, dev)
+            train_step(forward, optimizer, scaler, x, y, dev)
 
-    run()  # warm-up: first-call allocations and kernel choices
+    run()  # warm-up: first-call allocations, kernel choices, compilation
     return run
 
 
@@ -100,8 +81,8 @@ def _pipeline(model_cfg: ModelConfig, cfg: TrainConfig, dev, steps: int):
             totals, stop, hooks = training.Totals(), training.Stop(), training.Hooks()
             training.train_epoch(session, plan, next(epochs), 0, totals, stop, hooks, bar)
 
-    run()
-    return run
+    first = steps * cfg.batch_size / _timed(run, steps, cfg.batch_size, dev)  # with compilation
+    return run, first
 
 
 def _augment_rates(aug: AugmentConfig, batch: int, dev, batches_: int = 8) -> dict[str, float]:
@@ -125,12 +106,16 @@ def _augment_rates(aug: AugmentConfig, batch: int, dev, batches_: int = 8) -> di
     return rates
 
 
-def run(width: int, batch: int, steps: int, repeats: int, backend: str, device: str) -> dict:
+def run(
+    width: int, batch: int, steps: int, repeats: int, backend: str, device: str, compile_: str
+) -> dict:
     dev = select_device(device, 0)
     model_cfg = ModelConfig(width=width)
     aug = AugmentConfig(backend=backend)
-    cfg = TrainConfig(batch_size=batch, max_lr=0.05, augment=aug)
-    bare, pipeline = _bare(model_cfg, cfg, dev, steps), _pipeline(model_cfg, cfg, dev, steps)
+    compiled = compile_ if compile_ == "auto" else compile_ == "true"
+    cfg = TrainConfig(batch_size=batch, max_lr=0.05, augment=aug, compile=compiled)
+    bare = _bare(model_cfg, cfg, dev, steps)
+    pipeline, first_seconds = _pipeline(model_cfg, cfg, dev, steps)
     bare_rates, pipe_rates = [], []
     for _ in range(repeats):
         bare_rates.append(_timed(bare, steps, batch, dev))
@@ -138,7 +123,7 @@ def run(width: int, batch: int, steps: int, repeats: int, backend: str, device: 
     bare_ips, pipe_ips = statistics.median(bare_rates), statistics.median(pipe_rates)
     return {
         "device": str(dev.device),
-        "device_name": torch.cuda.get_device_name() if dev.type == "cuda" else _cpu_name(),
+        "device_name": torch.cuda.get_device_name() if dev.type == "cuda" else tracking.cpu_name(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "width": width,
@@ -146,6 +131,9 @@ def run(width: int, batch: int, steps: int, repeats: int, backend: str, device: 
         "steps": steps,
         "repeats": repeats,
         "backend": batches.resolve_backend(backend),
+        "compile": use_compile(cfg.compile, dev),
+        # the first pipeline call's extra time over a steady one: torch.compile's cost, if on
+        "first_call_extra_seconds": first_seconds - steps * batch / pipe_ips,
         "bare_img_per_s": bare_ips,
         "pipeline_img_per_s": pipe_ips,
         "ratio": pipe_ips / bare_ips,
@@ -164,6 +152,10 @@ def table(r: dict) -> str:
         ("augmentation alone, albumentations", f"{aug['albumentations']:,.0f}"),
         ("augmentation alone, torch", f"{aug['torch']:,.0f}"),
     ]
+    if r["compile"]:
+        rows.append(
+            ("torch.compile, seconds on the first call", f"{r['first_call_extra_seconds']:.1f}")
+        )
     head = f"{r['device']} ({r['device_name']}), width {r['width']}, batch {r['batch_size']}"
     lines = [
         f"  {name:<38} {value:>10}{'' if name.startswith('ratio') else ' img/s'}"
@@ -180,6 +172,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, help="timed steps per repeat (default 20 CPU, 50 GPU)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--backend", default="auto", choices=["auto", "albumentations", "torch"])
+    ap.add_argument("--compile", default="auto", choices=["auto", "true", "false"])
     args = ap.parse_args()
     gpu = select_device(args.device, 0).type == "cuda"
     result = run(
@@ -189,10 +182,11 @@ def main() -> None:
         args.repeats,
         args.backend,
         args.device,
+        args.compile,
     )
-    write_json(OUT, result)
+    write_json(paths.BENCH, result)
     print(table(result))
-    print(f"written to {OUT}")
+    print(f"written to {paths.BENCH}")
 
 
 if __name__ == "__main__":

@@ -70,6 +70,26 @@ class LRFindConfig(_Section):
     suggestion: Literal["valley", "steepest", "min_div10"] = "steepest"
     seeds: int = Field(1, ge=1, le=20)
     val_images: int = Field(0, ge=0)
+    momentum_grid: list[float] = Field(default_factory=list)
+    weight_decay_grid: list[float] = Field(default_factory=list)
+
+    @field_validator("momentum_grid")
+    @classmethod
+    def _momenta(cls, v):
+        if any(not 0 < m < 1 for m in v):
+            raise ValueError(
+                "every value must be a momentum in (0, 1), e.g. [0.85, 0.9, 0.95, 0.99]"
+            )
+        return sorted(set(v))
+
+    @field_validator("weight_decay_grid")
+    @classmethod
+    def _decays(cls, v):
+        if any(not 0 < w < 1 for w in v):
+            raise ValueError(
+                "every value must be a weight decay in (0, 1), e.g. [1e-4, 5e-4, 1e-3]"
+            )
+        return sorted(set(v))
 
     @field_validator("end_lr")
     @classmethod
@@ -92,7 +112,7 @@ class TrainConfig(_Section):
     max_lr: Literal["auto"] | float = "auto"
     epochs: int = Field(24, ge=1)
     batch_size: int = Field(512, ge=1)
-    schedule: Literal["onecycle", "constant", "step"] = "onecycle"
+    schedule: Literal["onecycle", "constant", "step", "cyclic"] = "onecycle"
     pct_start: float = Field(5 / 24, gt=0, lt=1)
     div_factor: float = Field(10.0, ge=1)
     final_div_factor: float = Field(1000.0, ge=1)
@@ -100,11 +120,15 @@ class TrainConfig(_Section):
     anneal_strategy: Literal["linear", "cos"] = "linear"
     cycle_momentum: bool = True
     base_momentum: float = Field(0.85, ge=0, lt=1)
-    max_momentum: float = Field(0.95, ge=0, lt=1, validate_default=True)
+    max_momentum: Literal["auto"] | float = Field(0.95, validate_default=True)
     nesterov: bool = Field(True, validate_default=True)
-    weight_decay: float = Field(5e-4, ge=0)
+    weight_decay: Literal["auto"] | float = 5e-4
     step_size: int = Field(8, ge=1)
     gamma: float = Field(0.1, gt=0, le=1)
+    base_lr: Literal["auto"] | float = "auto"
+    cycle_epochs: float = Field(4.0, gt=0)
+    cyclic_mode: Literal["triangular", "triangular2", "exp_range"] = "triangular"
+    cyclic_gamma: float = Field(1.0, gt=0, le=1)
     eval_every: int = Field(1, ge=0)
     compile: Literal["auto"] | bool = "auto"
     augment: AugmentConfig = AugmentConfig()
@@ -116,12 +140,46 @@ class TrainConfig(_Section):
             raise ValueError("must be 'auto' or a finite number > 0")
         return v
 
+    @field_validator("base_lr")
+    @classmethod
+    def _base_lr(cls, v, info: ValidationInfo):
+        if isinstance(v, float):
+            if not (0 < v < float("inf")):
+                raise ValueError("must be 'auto' or a finite number > 0")
+            max_lr = info.data.get("max_lr")
+            cyclic = info.data.get("schedule") == "cyclic"
+            if cyclic and isinstance(max_lr, float) and v >= max_lr:
+                raise ValueError(f"must be below train.max_lr ({max_lr}): the cycle runs up to it")
+        return v
+
+    @field_validator("cycle_epochs")
+    @classmethod
+    def _cycle(cls, v, info: ValidationInfo):
+        epochs = info.data.get("epochs")
+        if info.data.get("schedule") == "cyclic" and epochs is not None and v > epochs:
+            raise ValueError(
+                f"a cycle of {v:g} epochs is longer than training (train.epochs {epochs}); "
+                "shorten it or train longer"
+            )
+        return v
+
     @field_validator("max_momentum")
     @classmethod
     def _momentum(cls, v, info: ValidationInfo):
+        if v == "auto":
+            return v
+        if not 0 <= v < 1:
+            raise ValueError("must be 'auto' (lr_find's momentum_grid choice) or in [0, 1)")
         base = info.data.get("base_momentum")
         if base is not None and base > v:
             raise ValueError(f"must not be below train.base_momentum ({base})")
+        return v
+
+    @field_validator("weight_decay")
+    @classmethod
+    def _weight_decay(cls, v):
+        if v != "auto" and not 0 <= v < float("inf"):
+            raise ValueError("must be 'auto' (lr_find's weight_decay_grid choice) or >= 0")
         return v
 
     @field_validator("nesterov")
@@ -208,9 +266,28 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
     try:
-        return Params.model_validate(raw)
+        params = Params.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"{source} is invalid:\n" + "\n".join(_format(exc.errors()))) from None
+    problems = _across_sections(params)
+    if problems:
+        raise ConfigError(f"{source} is invalid:\n" + "\n".join(problems))
+    return params
+
+
+def _across_sections(p: Params) -> list[str]:
+    """Checks that tie keys of two sections together (each names the key to change)."""
+    problems = []
+    for key, grid, example in (
+        ("weight_decay", "weight_decay_grid", "[1.0e-4, 5.0e-4, 1.0e-3]"),
+        ("max_momentum", "momentum_grid", "[0.85, 0.9, 0.95]"),
+    ):
+        if getattr(p.train, key) == "auto" and not getattr(p.lr_find, grid):
+            problems.append(
+                f"  train.{key}: 'auto' takes lr_find's {grid} choice, but lr_find.{grid} is "
+                f"empty; set one (e.g. {example}) or give train.{key} a number"
+            )
+    return problems
 
 
 def repo_root() -> Path:

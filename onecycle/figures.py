@@ -30,7 +30,7 @@ def lr_find_figure(
     ax.plot(lrs, smooth, color="C0", lw=2, label="smoothed loss (EMA)")
     if val_losses:
         ax.plot(lrs, val_losses, color="C2", lw=1.5, label="held-out loss")
-    styles = {"valley": "C3", "steepest": "C1", "min_div10": "C4"}
+    styles = {"valley": "C3", "steepest": "C1", "min_div10": "C4", "lower_bound": "C5"}
     for name, lr in suggestions.items():
         if name not in styles or not np.isfinite(lr):
             continue
@@ -199,7 +199,7 @@ def lr_find_figure_from_rows(rows: Sequence[dict], lr_find: dict, log_x: bool = 
         _column(rows, "lr"),
         _column(rows, "loss"),
         _column(rows, "smooth_loss"),
-        {m: lr_find[m] for m in ("valley", "steepest", "min_div10")},
+        {m: lr_find[m] for m in ("valley", "steepest", "min_div10", "lower_bound") if m in lr_find},
         lr_find["method"],
         _column(rows, "val_loss") if rows and "val_loss" in rows[0] else None,
         log_x=log_x,
@@ -226,3 +226,89 @@ def save(figs: dict[Path, Figure], dpi: int) -> list[Path]:
         fig.savefig(path, dpi=dpi)
         plt.close(fig)
     return list(figs)
+
+
+def grid_figure(rows: Sequence[dict], name: str, summary: dict) -> Figure:
+    """One grid's sweeps overlaid (log-x), one line per value, the chosen one bold: from
+    metrics/lr_find_grid.csv rows of that grid and its summary in metrics/lr_find.json."""
+    fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
+    held_out = bool(rows) and rows[0].get("val_loss") not in (None, "")
+    key = "val_loss" if held_out else "smooth_loss"
+    for i, value in enumerate(summary["values"]):
+        mine = [r for r in rows if float(r["value"]) == value]
+        chosen = value == summary["chosen"]
+        ax.plot(
+            _column(mine, "lr"),
+            _column(mine, key),
+            color=f"C{i % 10}",
+            lw=2.8 if chosen else 1.3,
+            label=f"{name} {value:g}" + (" (chosen)" if chosen else ""),
+        )
+    ax.set_xscale("log")
+    ax.set(
+        xlabel="learning rate (log scale)",
+        ylabel=("held-out" if held_out else "smoothed training") + " loss",
+        title=f"LR range test per {name.replace('_', ' ')} (choice: lowest loss)",
+    )
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=9)
+    return fig
+
+
+def _mean_std(values: list[list[float]]):
+    arr = np.asarray(values, dtype=float)
+    std = arr.std(0, ddof=1) if len(arr) > 1 else np.zeros(arr.shape[1])
+    return arr.mean(0), std
+
+
+def study_epochs_figure(results, name: str) -> Figure:
+    """Test accuracy per epoch, one mean line and a std band per setting (a study's runs)."""
+    fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
+    for i, label in enumerate(dict.fromkeys(r.label for r in results)):
+        curves = [r.test_acc for r in results if r.label == label and r.test_acc]
+        if not curves:
+            continue
+        n = min(len(c) for c in curves)
+        mean, std = _mean_std([c[:n] for c in curves])
+        epochs = np.arange(1, n + 1)
+        ax.plot(epochs, 100 * mean, "o-", color=f"C{i}", label=f"{label} ({len(curves)} seeds)")
+        ax.fill_between(epochs, 100 * (mean - std), 100 * (mean + std), color=f"C{i}", alpha=0.2)
+    ax.set(xlabel="epoch", ylabel="test accuracy (%)", title=f"Study {name}: mean ± std over seeds")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    return fig
+
+
+def study_lr_figure(results, name: str) -> Figure:
+    """Test accuracy against max LR (log x), mean ± std per fixed LR; each suggestion method's
+    picks marked where they trained."""
+    fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
+    grid = sorted({r.max_lr for r in results if not r.label.startswith("pick-")})
+    by_lr = [
+        [r.accuracy for r in results if r.max_lr == lr and not r.label.startswith("pick-")]
+        for lr in grid
+    ]
+    means = [100 * np.mean(a) for a in by_lr]
+    stds = [100 * np.std(a, ddof=1) if len(a) > 1 else 0.0 for a in by_lr]
+    ax.errorbar(grid, means, yerr=stds, fmt="o-", color="0.3", capsize=3, label="fixed max LR")
+    markers = {"pick-valley": "v", "pick-steepest": "^", "pick-min_div10": "s"}
+    for i, label in enumerate(m for m in markers if any(r.label == m for r in results)):
+        mine = [r for r in results if r.label == label]
+        ax.scatter(
+            [r.max_lr for r in mine],
+            [100 * r.accuracy for r in mine],
+            marker=markers[label],
+            s=60,
+            color=f"C{i + 1}",
+            zorder=3,
+            label=f"{label.removeprefix('pick-')} picks (mean {100 * np.mean([r.accuracy for r in mine]):.1f}%)",
+        )
+    ax.set_xscale("log")
+    ax.set(
+        xlabel="max LR (log scale)",
+        ylabel="test accuracy (%)",
+        title=f"Study {name}: accuracy against max LR",
+    )
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=9)
+    return fig

@@ -63,10 +63,13 @@ def write_json(path: Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-def write_csv(path: Path, rows: Sequence[dict]) -> None:
+def write_csv(path: Path, rows: Sequence[dict], fields: Sequence[str] | None = None) -> None:
+    """``rows`` under a header of ``fields`` (default: the first row's keys; a file of no rows
+    still gets its header when ``fields`` are given)."""
     buf = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    fields = list(fields or (rows[0] if rows else []))
+    if fields:
+        writer = csv.DictWriter(buf, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
     write_text(path, buf.getvalue())

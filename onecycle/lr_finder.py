@@ -1,13 +1,12 @@
-"""Leslie Smith's LR range test and the suggestions read off its curve.
+"""Leslie Smith's LR range test on the real training session, and the momentum and weight-decay
+grids that repeat it once per value (Smith, "A disciplined approach", part 1).
 
-The suggestion functions are pure functions of (lrs, losses); the sweep only produces the curve.
+What is read off a curve lives in :mod:`onecycle.curves`; this module produces the curves.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -15,188 +14,12 @@ import torch.nn.functional as F
 
 from . import progress
 from .config import Params
+from .curves import SUGGESTERS, LRFindError, Sweep, check_curve, choose, run_sweep, suggestions
 from .engine import Device, predict
-from .errors import UserError
 from .prepared import Prepared
 from .preprocess import normalize
 from .schedule import sweep_lrs
 from .session import build_session
-
-
-class LRFindError(UserError):
-    """The curve has no usable descent; the message says which lr_find key to change."""
-
-
-@dataclass
-class Sweep:
-    lrs: list[float] = field(default_factory=list)
-    losses: list[float] = field(default_factory=list)  # raw mini-batch loss
-    smooth: list[float] = field(default_factory=list)  # bias-corrected EMA
-    val_losses: list[float] = field(default_factory=list)  # held-out loss (empty when off)
-    stop: str = "completed"  # completed | diverged | non-finite
-
-
-class SmoothedLoss:
-    """Exponential moving average with bias correction (fastai / torch-lr-finder)."""
-
-    def __init__(self, beta: float):
-        self.beta, self.avg, self.count = beta, 0.0, 0
-
-    def update(self, loss: float) -> float:
-        self.count += 1
-        self.avg = self.beta * self.avg + (1 - self.beta) * loss
-        return self.avg / (1 - self.beta**self.count)
-
-
-def ema(losses: Iterable[float], beta: float) -> list[float]:
-    smoother = SmoothedLoss(beta)
-    return [smoother.update(loss) for loss in losses]
-
-
-def run_sweep(
-    step: Callable[[float], float],
-    lrs: list[float],
-    beta: float,
-    diverge_factor: float,
-    val_loss: Callable[[], float] | None = None,
-    progress: Callable[[int, float], None] | None = None,
-) -> Sweep:
-    """Take one optimizer step per LR; stop on a NaN/inf loss or a diverged smoothed loss.
-
-    ``step(lr)`` trains one mini-batch at ``lr`` and returns its loss. A non-finite loss ends the
-    sweep without being recorded (torch-lr-finder's check, ``loss > factor * best``, is never true
-    for NaN, so its sweep runs on).
-    """
-    sweep = Sweep()
-    smoother, best = SmoothedLoss(beta), math.inf
-    for i, lr in enumerate(lrs, start=1):
-        loss = step(lr)
-        if not math.isfinite(loss):
-            sweep.stop = "non-finite"
-            break
-        smoothed = smoother.update(loss)
-        sweep.lrs.append(lr)
-        sweep.losses.append(loss)
-        sweep.smooth.append(smoothed)
-        if val_loss is not None:
-            sweep.val_losses.append(val_loss())
-        if progress:
-            progress(i, smoothed)
-        best = min(best, smoothed)
-        if smoothed > diverge_factor * best:
-            sweep.stop = "diverged"
-            break
-    return sweep
-
-
-# ------------------------------------------------------------------ suggestions (pure)
-
-
-def _trim(lrs, losses, skip_start: int | None = None, skip_end: int = 5):
-    """fastai drops the first 10% and the last 5 points before reading the curve."""
-    n = len(losses)
-    start = n // 10 if skip_start is None else skip_start
-    end = max(n - skip_end, start + 2)
-    return np.asarray(lrs[start:end], float), np.asarray(losses[start:end], float)
-
-
-def suggest_steepest(lrs, losses) -> float:
-    """LR of the steepest fall of the loss against log10(LR), before the loss minimum."""
-    lr, loss = _trim(lrs, losses)
-    stop = int(np.argmin(loss)) + 1
-    if stop < 2:
-        return float("nan")
-    grad = np.gradient(loss[:stop], np.log10(lr[:stop]))
-    return float(lr[int(np.argmin(grad))])
-
-
-def suggest_valley(lrs, losses) -> float:
-    """fastai's valley: the longest decreasing subsequence of the loss; the LR half-way into it
-    (fastai's ``start + int(len / 3) + int(len / 6)``)."""
-    lr, loss = _trim(lrs, losses)
-    n = len(loss)
-    lds = [1] * n
-    max_start = max_end = 0
-    for i in range(1, n):
-        for j in range(i):
-            if loss[i] < loss[j] and lds[i] < lds[j] + 1:
-                lds[i] = lds[j] + 1
-            if lds[max_end] < lds[i]:
-                max_end = i
-                max_start = max_end - lds[max_end]
-    sections = (max_end - max_start) / 3
-    idx = max_start + int(sections) + int(sections / 2)
-    return float(lr[idx])
-
-
-def suggest_min_div10(lrs, losses) -> float:
-    """LR at the loss minimum, divided by 10."""
-    lr, loss = _trim(lrs, losses)
-    return float(lr[int(np.argmin(loss))] / 10)
-
-
-SUGGESTERS = {
-    "valley": suggest_valley,
-    "steepest": suggest_steepest,
-    "min_div10": suggest_min_div10,
-}
-
-
-def check_curve(sweep: Sweep, start_lr: float, num_iter: int, smooth_beta: float) -> None:
-    """Refuse curves no suggestion can be read from, saying what caused it and what to change."""
-    n = len(sweep.smooth)
-    if n < 10 and sweep.stop == "completed":
-        raise LRFindError(
-            f"lr_find.num_iter is {num_iter}: a curve needs at least 10 steps; raise it (100 is usual)"
-        )
-    if n < 10:
-        last = sweep.lrs[-1] if n else start_lr
-        raise LRFindError(
-            f"the sweep stopped after {n} of {num_iter} steps ({sweep.stop}, last LR {last:.3g}): "
-            f"the loss blew up almost at once. Lower lr_find.start_lr (now {start_lr:g}) or raise "
-            "lr_find.diverge_factor."
-        )
-    _, loss = _trim(sweep.lrs, sweep.smooth)
-    first, low = loss[0], loss.min()
-    if int(np.argmin(loss)) > 0 and low <= 0.98 * first:
-        return
-    window = 1 / (1 - smooth_beta)  # steps the smoothed loss averages over
-    cause = (
-        f"lr_find.smooth_beta {smooth_beta:g} averages the loss over about {window:.0f} steps, "
-        f"too many for a {n}-step sweep to show a fall: lower it (e.g. "
-        f"{max(0.0, 1 - 5 / n):.2g}) or raise lr_find.num_iter. "
-        if window > n / 2
-        else ""
-    )
-    raise LRFindError(
-        f"the smoothed loss never fell clearly below its start ({first:.3f} -> min {low:.3f} in "
-        f"{n} steps, stop: {sweep.stop}); no usable descent. {cause}If the loss only rose, lower "
-        "lr_find.start_lr; if it stayed flat, raise lr_find.end_lr or lr_find.num_iter."
-    )
-
-
-def suggestions(sweep: Sweep) -> dict[str, float]:
-    return {name: fn(sweep.lrs, sweep.smooth) for name, fn in SUGGESTERS.items()}
-
-
-def choose(per_seed: list[dict[str, float]], method: str, lr_range: tuple[float, float]) -> dict:
-    """Median (and min/max) of each method over the seeds; the chosen one is checked for range."""
-    out: dict = {}
-    for name in SUGGESTERS:
-        vals = np.asarray([s[name] for s in per_seed], float)
-        vals = vals[np.isfinite(vals)]
-        out[name] = float(np.median(vals)) if len(vals) else float("nan")
-        out[f"{name}_min"] = float(vals.min()) if len(vals) else float("nan")
-        out[f"{name}_max"] = float(vals.max()) if len(vals) else float("nan")
-    chosen = out[method]
-    lo, hi = lr_range
-    if not (math.isfinite(chosen) and lo <= chosen <= hi):
-        raise LRFindError(
-            f"suggestion {method!r} gave {chosen!r}, outside the swept range [{lo:g}, {hi:g}]; "
-            "try lr_find.suggestion: valley, or widen start_lr/end_lr"
-        )
-    out["max_lr"] = chosen
-    return out
 
 
 def _held_out(data: Prepared, val_images: int, seed: int):
@@ -245,6 +68,71 @@ def range_test(
         )
 
 
+def _curve_rows(sweep: Sweep, **keys) -> list[dict]:
+    rows = []
+    for i, (lr, loss, smooth) in enumerate(zip(sweep.lrs, sweep.losses, sweep.smooth, strict=True)):
+        row = {**keys, "step": i, "lr": lr, "loss": loss, "smooth_loss": smooth}
+        if sweep.val_losses:
+            row["val_loss"] = sweep.val_losses[i]
+        rows.append(row)
+    return rows
+
+
+GRID_RULE = (
+    "the value whose sweep reaches the lowest loss (held-out loss when lr_find.val_images > 0, "
+    "else the smoothed training loss)"
+)
+
+
+@dataclass
+class Grid:
+    """The LR sweep repeated once per value of momentum or weight decay (Smith's part 1)."""
+
+    name: str  # "momentum" or "weight_decay"
+    values: list[float]
+    sweeps: list[Sweep]
+
+    def _loss(self, sweep: Sweep) -> list[float]:
+        return sweep.val_losses or sweep.smooth
+
+    def summary(self) -> dict:
+        """Per value: the lowest loss, the LR there, and the LR where the sweep blew up (None
+        when it did not); the chosen value, by GRID_RULE."""
+        lows = [min(self._loss(s)) for s in self.sweeps]
+        at = [s.lrs[int(np.argmin(self._loss(s)))] for s in self.sweeps]
+        diverged = [s.lrs[-1] if s.stop != "completed" else None for s in self.sweeps]
+        return {
+            "values": self.values,
+            "min_loss": lows,
+            "lr_at_min": at,
+            "diverged_at": diverged,
+            "chosen": self.values[int(np.argmin(lows))],
+            "rule": GRID_RULE,
+        }
+
+    def rows(self) -> list[dict]:
+        return [
+            r
+            for v, s in zip(self.values, self.sweeps, strict=True)
+            for r in _curve_rows(s, grid=self.name, value=v)
+        ]
+
+
+def grid(params: Params, data: Prepared, dev: Device, name: str, values: list[float]) -> Grid:
+    """One LR sweep per value, everything else equal (``base.seed``, the held-out split)."""
+    where = {"momentum": "lr_find", "weight_decay": "train"}[name]
+    sweeps = []
+    for value in values:
+        section = getattr(params, where).model_copy(update={name: value})
+        varied = params.model_copy(update={where: section})
+        sweep = range_test(varied, data, dev, params.base.seed, desc=f"lr_find {name} {value:g}")
+        check_curve(
+            sweep, params.lr_find.start_lr, params.lr_find.num_iter, params.lr_find.smooth_beta
+        )
+        sweeps.append(sweep)
+    return Grid(name, list(values), sweeps)
+
+
 @dataclass
 class Finding:
     """What the lr_find stage records: every seed's sweep and suggestions, and the choice."""
@@ -253,29 +141,32 @@ class Finding:
     sweeps: list[Sweep]
     per_seed: list[dict[str, float]]
     result: dict  # choose()'s: max_lr, and every method's median, min and max
+    grids: list[Grid]  # the momentum and weight-decay grids that ran (none by default)
 
     def curve_rows(self) -> list[dict]:
         """metrics/lr_find_curve.csv: one row per step of every seed's sweep."""
-        rows = []
-        for seed, sweep in zip(self.seeds, self.sweeps, strict=True):
-            for i, (lr, loss, smooth) in enumerate(
-                zip(sweep.lrs, sweep.losses, sweep.smooth, strict=True)
-            ):
-                row = {"step": i, "seed": seed, "lr": lr, "loss": loss, "smooth_loss": smooth}
-                if sweep.val_losses:
-                    row["val_loss"] = sweep.val_losses[i]
-                rows.append(row)
-        return rows
+        return [
+            r
+            for seed, s in zip(self.seeds, self.sweeps, strict=True)
+            for r in _curve_rows(s, seed=seed)
+        ]
+
+    def grid_rows(self) -> list[dict]:
+        """metrics/lr_find_grid.csv: one row per step of every grid value's sweep."""
+        return [r for g in self.grids for r in g.rows()]
 
     def metrics(self, method: str) -> dict:
         """metrics/lr_find.json."""
         first = self.sweeps[0]
+        chosen = {g.name: g.summary() for g in self.grids}
         return {
             **self.result,
             "method": method,
             "steps": len(first.lrs),
             "stop": first.stop,
             "seeds": len(self.seeds),
+            **{name: summary["chosen"] for name, summary in chosen.items()},
+            "grids": chosen,
         }
 
     def describe(self, method: str) -> str:
@@ -287,9 +178,19 @@ class Finding:
 
 
 def find(params: Params, data: Prepared, dev: Device) -> Finding:
-    """The range test once per seed (``lr_find.seeds`` of them from ``base.seed`` on), each curve
-    checked, and the median suggestion of ``lr_find.suggestion`` chosen."""
+    """The grids first (weight decay, then momentum), each choice taken where the train params
+    say ``auto``; then the range test once per seed (``lr_find.seeds`` of them from
+    ``base.seed`` on), each curve checked, and the median of ``lr_find.suggestion`` chosen."""
     lr_cfg = params.lr_find
+    grids = []
+    if lr_cfg.weight_decay_grid:
+        grids.append(grid(params, data, dev, "weight_decay", lr_cfg.weight_decay_grid))
+        if params.train.weight_decay == "auto":  # the LR sweeps below use the choice
+            chosen = grids[-1].summary()["chosen"]
+            train = params.train.model_copy(update={"weight_decay": chosen})
+            params = params.model_copy(update={"train": train})
+    if lr_cfg.momentum_grid:
+        grids.append(grid(params, data, dev, "momentum", lr_cfg.momentum_grid))
     seeds = [params.base.seed + k for k in range(lr_cfg.seeds)]
     sweeps = []
     for k, s in enumerate(seeds):
@@ -298,4 +199,4 @@ def find(params: Params, data: Prepared, dev: Device) -> Finding:
         sweeps.append(sweep)
     per_seed = [suggestions(sweep) for sweep in sweeps]
     swept = (lr_cfg.start_lr, min(sweep.lrs[-1] for sweep in sweeps))
-    return Finding(seeds, sweeps, per_seed, choose(per_seed, lr_cfg.suggestion, swept))
+    return Finding(seeds, sweeps, per_seed, choose(per_seed, lr_cfg.suggestion, swept), grids)

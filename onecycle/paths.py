@@ -10,6 +10,7 @@ DATA_METRICS = Path("metrics/data.json")
 
 LR_FIND_METRICS = Path("metrics/lr_find.json")  # max_lr + every method's suggestion
 LR_FIND_CURVE = Path("metrics/lr_find_curve.csv")  # lr, loss, smooth_loss per step
+LR_FIND_GRID = Path("metrics/lr_find_grid.csv")  # the momentum/weight-decay grids' sweeps
 LR_FIND_RUN = Path("runs/lr_find.json")  # MLflow run of the sweep (train links to it)
 
 MODEL = Path("models/model.pt")  # weights only
@@ -35,7 +36,12 @@ FIGURES = {  # built once each, by the plots stage
         "augmented",
     )
 }
+GRID_FIGURES = {  # drawn only when the grid ran (lr_find.momentum_grid, weight_decay_grid)
+    name: PLOTS_DIR / f"lr_find_{name}.png" for name in ("momentum", "weight_decay")
+}
 REPORT = PLOTS_DIR / "report.md"
+
+BENCH = Path("metrics/bench.json")  # make bench (not a pipeline output)
 
 MLFLOW_DB = Path("mlflow.db")
 MLFLOW_ARTIFACTS = Path("mlartifacts")

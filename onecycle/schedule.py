@@ -86,6 +86,41 @@ def one_cycle(
     raise AssertionError("unreachable: the last phase always matches")
 
 
+def cyclic(
+    step: int,
+    base_lr: float,
+    max_lr: float,
+    *,
+    step_size_up: float,
+    step_size_down: float,
+    mode: str,
+    gamma: float,
+    cycle_momentum: bool,
+    base_momentum: float,
+    max_momentum: float,
+) -> tuple[float, float]:
+    """Smith's cyclical LR as torch's ``CyclicLR`` computes it for its ``step``-th step.
+
+    The LR climbs from ``base_lr`` to ``max_lr`` over ``step_size_up`` steps and back over
+    ``step_size_down``, again and again; ``triangular2`` halves the height every cycle,
+    ``exp_range`` scales it by ``gamma ** step``. Momentum runs the other way (max at base_lr).
+    """
+    total = step_size_up + step_size_down
+    ratio = step_size_up / total
+    cycle = math.floor(1 + step / total)
+    x = 1.0 + step / total - cycle
+    factor = x / ratio if x <= ratio else (x - 1) / (ratio - 1)
+    scale = {
+        "triangular": lambda: 1.0,
+        "triangular2": lambda: 1 / (2.0 ** (cycle - 1)),
+        "exp_range": lambda: gamma**step,
+    }[mode]()
+    lr = base_lr + (max_lr - base_lr) * factor * scale
+    if not cycle_momentum:
+        return lr, max_momentum
+    return lr, max_momentum - (max_momentum - base_momentum) * factor * scale
+
+
 def constant(step: int, max_lr: float, momentum: float) -> tuple[float, float]:
     return max_lr, momentum
 
@@ -97,8 +132,11 @@ def step_decay(
     return max_lr * gamma ** (step // step_size), momentum
 
 
-def for_training(cfg: TrainConfig, max_lr: float, steps_per_epoch: int) -> Schedule:
-    """The ``train.schedule`` of ``cfg``, bound to its settings: call it with a step."""
+def for_training(
+    cfg: TrainConfig, max_lr: float, steps_per_epoch: int, base_lr: float | None = None
+) -> Schedule:
+    """The ``train.schedule`` of ``cfg``, bound to its settings: call it with a step.
+    ``base_lr`` (resolved from ``train.base_lr``) is the cyclic schedule's floor."""
     total = cfg.epochs * steps_per_epoch
     if cfg.schedule == "onecycle":
         return functools.partial(
@@ -116,6 +154,24 @@ def for_training(cfg: TrainConfig, max_lr: float, steps_per_epoch: int) -> Sched
         )
     if cfg.schedule == "constant":
         return functools.partial(constant, max_lr=max_lr, momentum=cfg.max_momentum)
+    if cfg.schedule == "cyclic":
+        if base_lr is None or not 0 < base_lr < max_lr:
+            raise ValueError(
+                f"the cyclic schedule needs 0 < base_lr < max_lr, got {base_lr}, {max_lr}"
+            )
+        half = cfg.cycle_epochs * steps_per_epoch / 2
+        return functools.partial(
+            cyclic,
+            base_lr=base_lr,
+            max_lr=max_lr,
+            step_size_up=half,
+            step_size_down=half,
+            mode=cfg.cyclic_mode,
+            gamma=cfg.cyclic_gamma,
+            cycle_momentum=cfg.cycle_momentum,
+            base_momentum=cfg.base_momentum,
+            max_momentum=cfg.max_momentum,
+        )
     if cfg.schedule == "step":
         return functools.partial(
             step_decay,

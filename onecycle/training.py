@@ -126,6 +126,11 @@ def test_tensors(data: Prepared, dev: Device) -> tuple[torch.Tensor, torch.Tenso
     return x, torch.from_numpy(data.y_test)
 
 
+def sync_every(dev: Device) -> int:
+    """Steps between host syncs: every step on a CPU (free there), SYNC_EVERY on a GPU."""
+    return 1 if dev.type == "cpu" else SYNC_EVERY
+
+
 class _DeviceSums:
     """An epoch's running loss, correct count and first non-finite step, kept on the device so a
     step needs no host sync; :meth:`sync` moves them into ``totals`` (and raises on a NaN)."""
@@ -180,7 +185,7 @@ def train_epoch(
     every ``SYNC_EVERY`` steps on a GPU); a NaN still names its first epoch, step and LR.
     """
     spe = session.steps_per_epoch
-    every = 1 if session.dev.type == "cpu" else SYNC_EVERY
+    every = sync_every(session.dev)
     sums = _DeviceSums(session.dev.device)
     next_batch = spe
     t0 = time.perf_counter()
@@ -306,11 +311,13 @@ def too_few_steps(images: int, batch_size: int, epochs: int) -> str | None:
     )
 
 
-def make_plan(cfg: TrainConfig, max_lr: float, session: Session, data: Prepared) -> Plan:
-    """``cfg``'s schedule at ``max_lr`` over ``session``'s batches, watched on the test split;
-    warns (and the plan says) when the run is too short to train."""
+def make_plan(
+    cfg: TrainConfig, max_lr: float, session: Session, data: Prepared, base_lr: float | None = None
+) -> Plan:
+    """``cfg``'s schedule at ``max_lr`` (and ``base_lr``, the cyclic floor) over ``session``'s
+    batches, watched on the test split; warns (and the plan says) when the run is too short."""
     x_test, y_test = test_tensors(data, session.dev)
-    sched = schedule.for_training(cfg, max_lr, session.steps_per_epoch)
+    sched = schedule.for_training(cfg, max_lr, session.steps_per_epoch, base_lr)
     warning = too_few_steps(len(data.y_train), cfg.batch_size, cfg.epochs)
     if warning:
         progress.say(f"warning: {warning}")
@@ -334,20 +341,88 @@ def schedule_rows(plan: Plan, steps_per_epoch: int) -> list[dict]:
     return rows
 
 
-def summary(result: Result, max_lr: float, lr_source: str) -> dict:
-    """metrics/train.json: the final epoch and where the max LR came from."""
+def summary(result: Result, hyper: Resolved) -> dict:
+    """metrics/train.json: the final epoch, and the LR and other ``auto`` values it used."""
     last, h = result.history[-1], result.history
     return {
         "test_acc": last.test_acc,
         "test_loss": last.test_loss,
         "train_acc": last.train_acc,
         "train_loss": last.train_loss,
-        "max_lr": max_lr,
-        "max_lr_source": lr_source,
+        "max_lr": hyper.max_lr,
+        "max_lr_source": hyper.sources["max_lr"],
+        "base_lr": hyper.base_lr,
+        "weight_decay": hyper.cfg.weight_decay,
+        "max_momentum": hyper.cfg.max_momentum,
+        "sources": hyper.sources,
         "epochs": len(h),
         "train_seconds": sum(e.epoch_seconds for e in h),
         "images_per_sec": sum(e.images_per_sec for e in h) / len(h),
     }
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The numbers a run trains with where ``train`` says ``auto``, and where each came from."""
+
+    cfg: TrainConfig  # weight_decay and max_momentum as numbers
+    max_lr: float
+    base_lr: float | None  # the cyclic schedule's floor; None for the others
+    sources: dict[str, str]  # "max_lr", "base_lr", ... -> "params" or "lr_find"
+
+
+def _from_grid(setting, lr_find: dict | None, key: str, grid: str, path: Path) -> tuple[float, str]:
+    if setting != "auto":
+        return setting, "params"
+    value = (lr_find or {}).get(key)
+    if not isinstance(value, int | float):
+        raise ConfigError(
+            f"train.{'max_momentum' if key == 'momentum' else key} is 'auto' but {path} holds no "
+            f"{grid} choice: rerun lr_find with lr_find.{grid} set (`dvc repro lr_find`)"
+        )
+    return float(value), "lr_find"
+
+
+def resolve(cfg: TrainConfig, lr_find: dict | None, path: Path) -> Resolved:
+    """Every ``auto`` of ``cfg`` made a number from lr_find's output (``path``, read as
+    ``lr_find``): max_lr, the cyclic base_lr, and the weight decay and momentum of its grids."""
+    wd, wd_source = _from_grid(cfg.weight_decay, lr_find, "weight_decay", "weight_decay_grid", path)
+    mom, mom_source = _from_grid(cfg.max_momentum, lr_find, "momentum", "momentum_grid", path)
+    if mom < cfg.base_momentum:
+        raise ConfigError(
+            f"train.max_momentum {mom:g} ({mom_source}) is below train.base_momentum "
+            f"{cfg.base_momentum:g}: lower train.base_momentum or set train.max_momentum"
+        )
+    max_lr, lr_source = resolve_max_lr(cfg.max_lr, lr_find, path)
+    sources = {"max_lr": lr_source, "weight_decay": wd_source, "max_momentum": mom_source}
+    base_lr = None
+    if cfg.schedule == "cyclic":
+        base_lr, sources["base_lr"] = resolve_base_lr(cfg.base_lr, lr_find, max_lr, path)
+    resolved = cfg.model_copy(update={"weight_decay": wd, "max_momentum": mom})
+    return Resolved(resolved, max_lr, base_lr, sources)
+
+
+def resolve_base_lr(
+    setting: str | float, lr_find_metrics: dict | None, max_lr: float, path: Path
+) -> tuple[float, str]:
+    """``train.base_lr`` of the cyclic schedule: a number, or ``auto`` for lr_find's lower-bound
+    suggestion. Returns (value, where it came from); refused unless below ``max_lr``."""
+    if setting == "auto":
+        value = (lr_find_metrics or {}).get("lower_bound")
+        if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+            raise ConfigError(
+                f"train.base_lr is 'auto' but {path} holds no usable lower_bound ({value!r}): "
+                "run lr_find (`dvc repro lr_find`) or set a number, e.g. -S train.base_lr=0.01"
+            )
+        source = "lr_find"
+    else:
+        value, source = setting, "params"
+    if value >= max_lr:
+        raise ConfigError(
+            f"train.base_lr {value:.4g} ({source}) is not below the max LR {max_lr:.4g}: the "
+            "cycle would run downwards; lower train.base_lr or raise train.max_lr"
+        )
+    return float(value), source
 
 
 def resolve_max_lr(

@@ -30,11 +30,16 @@ def main() -> None:
         found = lr_finder.find(params, data, dev)
         rows = found.curve_rows()
         files.write_csv(paths.LR_FIND_CURVE, rows)
-        files.write_json(paths.LR_FIND_METRICS, found.metrics(cfg.suggestion))
+        grid_fields = ["grid", "value", "step", "lr", "loss", "smooth_loss"]
+        files.write_csv(
+            paths.LR_FIND_GRID, found.grid_rows(), grid_fields + ["val_loss"] * bool(cfg.val_images)
+        )
+        metrics = found.metrics(cfg.suggestion)
+        files.write_json(paths.LR_FIND_METRICS, metrics)
         first_seed = [r for r in rows if r["seed"] == params.base.seed]
         run.log_series(first_seed, ["lr", "loss", "smooth_loss", "val_loss"])
-        run.log_metrics(found.result)
-        run.log_files("params.yaml", paths.LR_FIND_METRICS, paths.LR_FIND_CURVE)
+        run.log_metrics(found.result | {k: metrics[k] for k in metrics["grids"]})
+        run.log_files("params.yaml", paths.LR_FIND_METRICS, paths.LR_FIND_CURVE, paths.LR_FIND_GRID)
         tracking.write_run_ref(paths.LR_FIND_RUN, run)
     print(f"lr_find: {found.describe(cfg.suggestion)}")
 

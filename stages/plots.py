@@ -12,20 +12,17 @@ from onecycle.config import load_params
 from onecycle.prepared import load_prepared
 
 
-def main() -> None:
-    params = load_params()
-    tracking.setup()  # an unusable MLflow store stops the stage here, before any work
-    data = load_prepared(paths.PREPARED_DIR)
-    lr_find = files.read_json(paths.LR_FIND_METRICS)
-    curve = [r for r in files.read_csv(paths.LR_FIND_CURVE) if int(r["seed"]) == params.base.seed]
-    train = files.read_json(paths.TRAIN_METRICS)
-    evaluation = files.read_json(paths.EVAL_METRICS)
-    predictions = files.read_csv(paths.PREDICTIONS)
-    aug, seed = params.train.augment, params.base.seed
-    samples = sample_images(data.x_train, data.y_train, aug, data.mean, data.std, seed)
+def build(params, data, lr_find: dict, evaluation: dict) -> dict:
+    """Every figure, from the tracked files: {paths.FIGURES / GRID_FIGURES key: (title, Figure)}."""
+    seed = params.base.seed
+    curve = [r for r in files.read_csv(paths.LR_FIND_CURVE) if int(r["seed"]) == seed]
+    samples = sample_images(
+        data.x_train, data.y_train, params.train.augment, data.mean, data.std, seed
+    )
     per_class = {c: m["accuracy"] for c, m in evaluation["per_class"].items()}
-
-    built = {  # paths.FIGURES key: (title in the report, figure)
+    predictions = files.read_csv(paths.PREDICTIONS)
+    confusion = np.asarray(evaluation["confusion_matrix"])
+    built = {
         "lr_find": (
             "LR range test",
             figures.lr_find_figure_from_rows(curve, lr_find, params.lr_find.mode == "exp"),
@@ -38,14 +35,8 @@ def main() -> None:
             "LR and momentum schedule",
             figures.schedule_figure(files.read_csv(paths.TRAIN_SCHEDULE)),
         ),
-        "confusion_matrix": (
-            "Confusion matrix",
-            figures.confusion_figure(np.asarray(evaluation["confusion_matrix"]), data.classes),
-        ),
-        "per_class_accuracy": (
-            "Per-class accuracy",
-            figures.per_class_accuracy_figure(per_class),
-        ),
+        "confusion_matrix": ("Confusion matrix", figures.confusion_figure(confusion, data.classes)),
+        "per_class_accuracy": ("Per-class accuracy", figures.per_class_accuracy_figure(per_class)),
         "misclassified": (
             "Most confident mistakes",
             figures.misclassified_figure(data.x_test, predictions, params.plots.gallery_size),
@@ -55,15 +46,37 @@ def main() -> None:
             figures.augmented_figure(*samples, data.classes),
         ),
     }
-    pngs = figures.save({paths.FIGURES[k]: fig for k, (_, fig) in built.items()}, params.plots.dpi)
-    sections = [(title, paths.FIGURES[k].name) for k, (title, _) in built.items()]
+    grid_rows = files.read_csv(paths.LR_FIND_GRID)
+    for name, summary in lr_find.get("grids", {}).items():  # only the grids that ran
+        rows = [r for r in grid_rows if r["grid"] == name]
+        title = f"LR range test per {name.replace('_', ' ')}"
+        built[name] = (title, figures.grid_figure(rows, name, summary))
+    return built
+
+
+def main() -> None:
+    params = load_params()
+    tracking.setup()  # an unusable MLflow store stops the stage here, before any work
+    data = load_prepared(paths.PREPARED_DIR)
+    lr_find, evaluation = (
+        files.read_json(paths.LR_FIND_METRICS),
+        files.read_json(paths.EVAL_METRICS),
+    )
+    built = build(params, data, lr_find, evaluation)
+    where = paths.FIGURES | paths.GRID_FIGURES
+    pngs = figures.save({where[k]: fig for k, (_, fig) in built.items()}, params.plots.dpi)
+    sections = [(title, where[k].name) for k, (title, _) in built.items()]
     meta = data.meta | {"num_classes": len(data.classes)}
+    train = files.read_json(paths.TRAIN_METRICS)
     files.write_text(paths.REPORT, report.render(lr_find, train, evaluation, meta, sections))
     with tracking.add_to_run(paths.TRAIN_RUN, "plots") as run:
         run.log_files(*pngs, artifact_path="figures")
         run.log_files(paths.REPORT)
+    on_lr_find = [
+        p for p in pngs if p == paths.FIGURES["lr_find"] or p in paths.GRID_FIGURES.values()
+    ]
     with tracking.add_to_run(paths.LR_FIND_RUN, "plots") as run:
-        run.log_files(paths.FIGURES["lr_find"], artifact_path="figures")
+        run.log_files(*on_lr_find, artifact_path="figures")
     print(f"plots: {len(pngs)} figures and {paths.REPORT} in {paths.PLOTS_DIR}/")
 
 

@@ -10,20 +10,19 @@ from onecycle.session import build_session
 
 def main() -> None:
     params = load_params()
-    cfg = params.train
     tracking.setup()  # an unusable MLflow store stops the stage here, before any work
     data = load_prepared(paths.PREPARED_DIR)
     dev = select_device(params.base.device, params.base.num_workers)
     lr_find = files.read_json(paths.LR_FIND_METRICS) if paths.LR_FIND_METRICS.exists() else None
-    max_lr, lr_source = training.resolve_max_lr(cfg.max_lr, lr_find, paths.LR_FIND_METRICS)
-    key = checkpoint.resume_key(
-        cfg, params.model, data.meta.get("fingerprint"), params.base.seed, max_lr
-    )
-    resume = checkpoint.ResumeFile(paths.RESUME_STATE, key)
+    hyper = training.resolve(params.train, lr_find, paths.LR_FIND_METRICS)
+    cfg, max_lr, lr_source = hyper.cfg, hyper.max_lr, hyper.sources["max_lr"]
+    fingerprint = data.meta.get("fingerprint")
+    key = checkpoint.resume_key(cfg, params.model, fingerprint, params.base.seed, max_lr)
+    resume = checkpoint.ResumeFile(paths.RESUME_STATE, key | {"base_lr (used)": hyper.base_lr})
     state = resume.load()
     session = build_session(params.model, cfg, data, dev, params.base.seed, cfg.max_momentum)
-    plan = training.make_plan(cfg, max_lr, session, data)
-    linked = lr_source == "lr_find" and paths.LR_FIND_RUN.exists()
+    plan = training.make_plan(cfg, max_lr, session, data, hyper.base_lr)
+    linked = "lr_find" in hyper.sources.values() and paths.LR_FIND_RUN.exists()
     lr_run = tracking.read_run_ref(paths.LR_FIND_RUN)["run_id"] if linked else "none"
 
     run_id = state["extra"].get("mlflow_run_id") if state else None
@@ -37,6 +36,8 @@ def main() -> None:
                     "base": params.base.model_dump(),
                     "max_lr_used": max_lr,
                     "max_lr_source": lr_source,
+                    "base_lr_used": hyper.base_lr,
+                    "sources": hyper.sources,
                     "parameters": count_parameters(session.model),
                     **tracking.context(dev, data),
                 }
@@ -49,7 +50,7 @@ def main() -> None:
         result = training.fit(session, plan, resume, state, hooks)
 
         checkpoint.save_weights(result.model, params.model, data.classes, paths.MODEL)
-        metrics = training.summary(result, max_lr, lr_source)
+        metrics = training.summary(result, hyper)
         files.write_json(paths.TRAIN_METRICS, metrics)
         files.write_csv(paths.TRAIN_HISTORY, training.history_rows(result.history))
         files.write_csv(paths.TRAIN_SCHEDULE, training.schedule_rows(plan, session.steps_per_epoch))

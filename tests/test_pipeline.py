@@ -482,36 +482,115 @@ def test_mlflow_ui_serves_the_runs_through_its_rest_api(pipeline):
         server.wait(timeout=30)
 
 
-def test_queued_experiments_record_into_the_one_store(pipeline):
-    names = [f"q-lr-{lr}" for lr in ("0.03", "0.06")]
-    for name, lr in zip(names, ("0.03", "0.06"), strict=True):
-        _run(pipeline, "dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.max_lr={lr}")
-    _run(pipeline, "dvc", "queue", "start", "-j", "2")
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        status = _run(pipeline, "dvc", "queue", "status").stdout
-        if all(f"{n}" in status for n in names) and not any(
-            s in status for s in ("Running", "Queued")
-        ):
-            break
-        time.sleep(5)
-    assert status.count("Success") >= 2, status
-    _, runs = _runs(pipeline)
-    exp_names = {
-        r.data.tags.get("dvc.exp_name") for r in runs if r.data.tags["dvc.stage"] == "train"
-    }
-    assert set(names) <= exp_names
+TINY_STUDY = """
+name: tiny
+description: two fixed LRs and the steepest pick, two seeds (the test suite's study)
+common: {train.epochs: 1}
+settings:
+  lr-0.05: {train.max_lr: 0.05}
+  lr-0.2: {train.max_lr: 0.2}
+picks: [steepest]
+seeds: [0, 1]
+figure: max_lr
+"""
+
+
+TINY_STUDIES = {
+    "tiny": """
+name: tiny
+description: two fixed LRs and the steepest pick, two seeds (the test suite's study-lr)
+common: {train.epochs: 1}
+settings:
+  lr-0.05: {train.max_lr: 0.05}
+  lr-0.2: {train.max_lr: 0.2}
+picks: [steepest]
+seeds: [0, 1]
+figure: max_lr
+""",
+    "tiny-schedules": """
+name: tiny-schedules
+description: 1cycle against a cyclical LR, two seeds (the test suite's study-schedules)
+common: {train.epochs: 2}
+settings:
+  onecycle: {train.schedule: onecycle}
+  cyclic: {train.schedule: cyclic, train.cycle_epochs: 1}
+seeds: [0, 1]
+figure: epochs
+""",
+}
+
+
+def _study(repo: Path, name: str) -> tuple[list[dict], str]:
+    _reset_params(repo)
+    (repo / f"{name}.yaml").write_text(TINY_STUDIES[name])
+    _run(repo, "git", "add", f"{name}.yaml")
+    _run(repo, "git", "commit", "-qm", f"{name} study")
+    _run(repo, sys.executable, "-m", "onecycle.study", "run", f"{name}.yaml")
+    out = repo / "reports" / name
+    return json.loads((out / "results.json").read_text()), (out / "report.md").read_text()
+
+
+def _check_report_against_store(repo: Path, name: str, results: list[dict], report: str):
+    """Every number the report uses is the store's; one parent run holds the study's runs."""
+    import numpy as np
+
+    client, runs = _runs(repo)
+    by_id = {r.info.run_id: r for r in runs}
+    for r in results:
+        run = by_id[r["run_id"]]
+        assert run.data.metrics["eval.accuracy"] == r["accuracy"]
+        assert run.data.tags["dvc.exp_name"] == f"{name}-{r['label']}-s{r['seed']}"
+        assert float(run.data.params["max_lr_used"]) == r["max_lr"]
+        history = client.get_metric_history(r["run_id"], "test_acc")
+        assert [m.value for m in sorted(history, key=lambda m: m.step)] == r["test_acc"]
+    for label in {r["label"] for r in results}:
+        mean = 100 * np.mean([r["accuracy"] for r in results if r["label"] == label])
+        assert f"| {label} | 2 | {mean:.2f} ± " in report, report
+    assert (repo / "reports" / name / f"{name}.png").exists()
+    parents = {by_id[r["run_id"]].data.tags.get("mlflow.parentRunId") for r in results}
+    parent = client.get_run(parents.pop())
+    assert not parents and parent.data.tags["study"] == name
+
+
+@pytest.mark.long
+def test_a_study_runs_as_named_experiments_and_reports_what_the_store_holds(pipeline):
+    results, report = _study(pipeline, "tiny")
+    names = {(r["label"], r["seed"]) for r in results}
+    assert names == {(s, seed) for s in ("lr-0.05", "lr-0.2", "pick-steepest") for seed in (0, 1)}
+    _check_report_against_store(pipeline, "tiny", results, report)
     shown = json.loads(_run(pipeline, "dvc", "exp", "show", "--json").stdout)
-    text = json.dumps(shown)
-    for n in names:
-        assert n in text
-    assert (
-        '"max_lr": 0.03' in text and '"max_lr": 0.06' in text
-    )  # their metrics, not only their names
-    strays = [
+    exps = {  # queued experiments show in `dvc exp show`, by name, with their metrics
+        rev["name"]: rev["data"]["metrics"]
+        for entry in shown
+        for exp in entry.get("experiments") or []
+        if (rev := exp["revs"][0]).get("name")
+    }
+    for r in results:
+        train = exps[f"tiny-{r['label']}-s{r['seed']}"]["metrics/train.json"]["data"]
+        assert train["max_lr"] == pytest.approx(r["max_lr"])
+        if r["label"] == "pick-steepest":  # the pick is that seed's range-test choice
+            lr_find = exps[f"tiny-lr-0.05-s{r['seed']}"]["metrics/lr_find.json"]["data"]
+            assert r["max_lr"] == pytest.approx(lr_find["steepest"])
+    strays = [  # queued runs record into the project's one store, not their temp copies
         p
         for p in (pipeline / ".dvc" / "tmp").rglob("*")
         if p.name in ("mlflow.db", "mlruns", "mlartifacts")
     ]
     assert not strays, strays
     assert not (pipeline / "mlruns").exists()
+    # started again, it runs nothing; its report alone reads the same runs
+    out = _run(pipeline, sys.executable, "-m", "onecycle.study", "run", "tiny.yaml").stdout
+    assert json.loads((pipeline / "reports" / "tiny" / "results.json").read_text()) == results, out
+
+
+@pytest.mark.long
+def test_a_schedules_study_reports_each_schedules_epochs_from_the_store(pipeline):
+    results, report = _study(pipeline, "tiny-schedules")
+    assert {(r["label"], r["seed"]) for r in results} == {
+        (s, seed) for s in ("onecycle", "cyclic") for seed in (0, 1)
+    }
+    assert all(len(r["test_acc"]) == 2 for r in results)  # the figure's per-epoch points
+    _check_report_against_store(pipeline, "tiny-schedules", results, report)
+    assert (
+        "tiny-schedules-onecycle" not in (pipeline / "reports" / "tiny" / "report.md").read_text()
+    )

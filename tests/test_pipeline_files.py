@@ -144,7 +144,7 @@ def test_every_path_dvc_yaml_declares_comes_from_the_paths_module(dvc):
 
 def test_the_figures_dvc_shows_are_the_ones_the_plots_stage_writes(dvc):
     pngs = {p for p in dvc["plots"] if isinstance(p, str) and p.endswith(".png")}
-    assert pngs == {str(p) for p in paths.FIGURES.values()}
+    assert pngs == {str(p) for p in (paths.FIGURES | paths.GRID_FIGURES).values()}
 
 
 def test_each_stage_lists_exactly_the_code_it_runs(dvc):

@@ -95,3 +95,50 @@ def test_unknown_schedule_is_refused():
     cfg = TrainConfig.model_construct(**{**TrainConfig().model_dump(), "schedule": "cubic"})
     with pytest.raises(ValueError, match="cubic"):
         schedule.for_training(cfg, 0.1, 10)
+
+
+@pytest.mark.parametrize("mode", ["triangular", "triangular2", "exp_range"])
+@pytest.mark.parametrize(("up", "down"), [(5, 5), (7, 3)])
+@pytest.mark.parametrize("cycle_momentum", [True, False])
+def test_cyclic_equals_torchs_cyclic_lr_bit_for_bit(mode, up, down, cycle_momentum):
+    params = torch.nn.Linear(1, 1).parameters()
+    opt = torch.optim.SGD(params, lr=1.0, momentum=0.95)
+    kw = dict(
+        mode=mode, gamma=0.97, cycle_momentum=cycle_momentum, base_momentum=0.85, max_momentum=0.95
+    )
+    sched = torch.optim.lr_scheduler.CyclicLR(
+        opt, base_lr=0.01, max_lr=0.4, step_size_up=up, step_size_down=down, **kw
+    )
+    for step in range(40):  # four cycles
+        expected = (opt.param_groups[0]["lr"], opt.param_groups[0]["momentum"])
+        ours = schedule.cyclic(
+            step, 0.01, 0.4, step_size_up=float(up), step_size_down=float(down), **kw
+        )
+        assert ours == expected, step
+        opt.step()
+        sched.step()
+
+
+def test_cyclic_training_schedule_cycles_every_cycle_epochs():
+    cfg = TrainConfig(schedule="cyclic", epochs=8, cycle_epochs=4.0, max_lr=0.4, base_lr=0.04)
+    f = schedule.for_training(cfg, 0.4, steps_per_epoch=10, base_lr=0.04)
+    assert f(0) == pytest.approx((0.04, 0.95))  # floor, momentum at its top
+    assert f(20) == pytest.approx((0.4, 0.85))  # half a cycle (2 epochs): peak
+    assert f(40) == pytest.approx((0.04, 0.95))  # one cycle (4 epochs): back to the floor
+    assert f(60) == pytest.approx((0.4, 0.85))
+
+
+@pytest.mark.parametrize(
+    ("train", "message"),
+    [
+        ({"schedule": "cyclic", "epochs": 4, "cycle_epochs": 6}, "longer than training"),
+        ({"schedule": "cyclic", "max_lr": 0.1, "base_lr": 0.2}, "must be below train.max_lr"),
+        ({"schedule": "cyclic", "base_lr": 0.0}, "finite number > 0"),
+    ],
+)
+def test_bad_cyclic_settings_are_refused_naming_the_key(train, message):
+    from onecycle.config import ConfigError, parse_params
+
+    with pytest.raises(ConfigError, match=message) as err:
+        parse_params({"train": train})
+    assert "train." in str(err.value)

@@ -131,6 +131,19 @@ def test_nan_loss_stops_at_once_and_writes_no_checkpoint(tiny_data, tiny_params,
     assert not state_path.exists()
 
 
+def test_a_nan_between_syncs_still_names_its_first_step(
+    tiny_data, tiny_params, tmp_path, monkeypatch
+):
+    # On a GPU the sums stay on the device for SYNC_EVERY steps; the error must not name the
+    # step of the sync but the first bad one, as the every-step check on a CPU does.
+    with pytest.raises(training.NonFiniteLoss) as every_step:
+        _fit(tiny_params, tiny_data, tmp_path / "a.pt", max_lr=1e9)
+    monkeypatch.setattr(training, "sync_every", lambda dev: 7)
+    with pytest.raises(training.NonFiniteLoss) as batched:
+        _fit(tiny_params, tiny_data, tmp_path / "b.pt", max_lr=1e9)
+    assert str(batched.value) == str(every_step.value)
+
+
 def test_weights_refuse_non_finite_values(tmp_path):
     model = ResNet9(ResNetConfig(width=2))
     with torch.no_grad():
@@ -197,3 +210,56 @@ def test_a_run_too_short_to_train_is_named_with_the_key_to_change(images, batch,
         assert f"{images:,} training images" in warning
         assert ("lower train.batch_size" in warning) == (images // batch < 10)
         assert ("raise train.epochs" in warning) == (images // batch >= 10)
+
+
+def test_a_run_of_hours_says_so_early_with_the_quick_alternative(monkeypatch, capsys):
+    from onecycle import progress
+
+    assert progress.long_run_hint(done=100, left=1000, seconds=10, device="cpu") is None  # 100 s
+    hint = progress.long_run_hint(done=20, left=9_000, seconds=20, device="cpu")  # 2.5 h
+    assert "about 2.5 h more on this cpu" in hint and "make quick" in hint
+    clock = iter([0.0, 5.0, 25.0, 30.0])
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    with progress.RunBar(total=10_000, initial=0, device="cpu") as bar:
+        for _ in range(2):
+            for _ in range(10):
+                bar.update()
+            bar.show(0, 24, 2.3, 0.04)  # at 5 s nothing yet; at 25 s the projection is hours
+        bar.show(0, 24, 2.2, 0.04)  # said once only
+    out = capsys.readouterr()
+    assert (out.out + out.err).count("at this pace the whole run takes about") == 1
+
+
+LR_FIND = {"max_lr": 0.3, "lower_bound": 0.01, "weight_decay": 1e-3, "momentum": 0.9}
+
+
+def test_auto_values_come_from_lr_find_and_say_so(tmp_path):
+    from onecycle.config import TrainConfig
+
+    cfg = TrainConfig(weight_decay="auto", max_momentum="auto", schedule="cyclic", base_lr="auto")
+    hyper = training.resolve(cfg, LR_FIND, tmp_path / "lr_find.json")
+    assert (hyper.max_lr, hyper.base_lr) == (0.3, 0.01)
+    assert (hyper.cfg.weight_decay, hyper.cfg.max_momentum) == (1e-3, 0.9)
+    assert set(hyper.sources.values()) == {"lr_find"}
+    fixed = training.resolve(TrainConfig(max_lr=0.1), LR_FIND, tmp_path / "lr_find.json")
+    assert fixed.base_lr is None and fixed.cfg.weight_decay == 5e-4 and fixed.max_lr == 0.1
+    assert set(fixed.sources.values()) == {"params"}
+
+
+@pytest.mark.parametrize(
+    ("cfg", "lr_find", "message"),
+    [
+        ({"weight_decay": "auto"}, {"max_lr": 0.3}, "weight_decay_grid choice"),
+        ({"max_momentum": "auto"}, {"max_lr": 0.3, "momentum": 0.8}, "below train.base_momentum"),
+        ({"schedule": "cyclic", "base_lr": "auto"}, {"max_lr": 0.3}, "no usable lower_bound"),
+        ({"schedule": "cyclic", "base_lr": 0.5}, {"max_lr": 0.3}, "not below the max LR"),
+    ],
+)
+def test_an_auto_value_that_cannot_be_had_is_refused_naming_the_key(
+    cfg, lr_find, message, tmp_path
+):
+    from onecycle.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=message) as err:
+        training.resolve(TrainConfig(**cfg), lr_find, tmp_path / "lr_find.json")
+    assert "train." in str(err.value)

@@ -1,0 +1,401 @@
+"""Studies: a set of param overrides times N seeds, run as named DVC experiments and reported from
+the MLflow store.
+
+A study is a YAML file (``studies/<name>.yaml``): ``common`` overrides for every run, ``settings``
+(label -> overrides), ``seeds``, and optionally ``picks``: suggestion methods whose max LR, as
+each seed's lr_find chose it, is trained as a setting of its own. Every run is a queued ``dvc
+exp run`` named ``<study>-<label>-s<seed>``; a study that is started again skips the runs that
+finished (on this commit) and queues the rest, so an interrupted study resumes; its report only
+ever reads runs of its own names on the current commit.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from . import progress
+from .errors import UserError
+
+NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+LABEL = re.compile(r"^[a-z0-9]([a-z0-9_-]|\.(?!\.))*$")  # a Git ref part: no "..", e.g. lr-0.03
+POLL_SECONDS = 10
+
+
+class StudyError(UserError):
+    """A study file or a study run is not usable; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    description: str
+    common: dict[str, object]
+    settings: dict[str, dict[str, object]]  # label -> overrides
+    seeds: list[int]
+    picks: list[str] = field(default_factory=list)  # suggestion methods run at their pick
+    target: str = "evaluate"  # the stage each run goes up to
+    jobs: int = 2  # experiments at a time (`dvc queue start -j`)
+    figure: str = "epochs"  # epochs: test accuracy per epoch | max_lr: accuracy against max LR
+
+    def exp_name(self, label: str, seed: int) -> str:
+        return f"{self.name}-{label}-s{seed}"
+
+    def runs(self) -> list[tuple[str, int]]:
+        return [(label, seed) for label in self.settings for seed in self.seeds]
+
+
+def load(path: Path) -> Study:
+    """Read and check ``path``; every problem names the file and the key."""
+    try:
+        return load_text(Path(path).read_text(), str(path))
+    except OSError as exc:
+        raise StudyError(f"{path}: cannot read the study ({exc})") from None
+
+
+def load_text(text: str, path: str = "<study>") -> Study:
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise StudyError(f"{path}: not valid YAML ({exc})") from None
+    allowed = {
+        "name",
+        "description",
+        "common",
+        "settings",
+        "seeds",
+        "picks",
+        "target",
+        "jobs",
+        "figure",
+    }
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise StudyError(f"{path}: unknown key(s) {unknown}; a study has {sorted(allowed)}")
+    name = str(raw.get("name", ""))
+    if not NAME.match(name):
+        raise StudyError(f"{path}: name {name!r} must be lower-case letters, digits, - or _")
+    settings = raw.get("settings") or {}
+    seeds = raw.get("seeds") or []
+    if (
+        not isinstance(settings, dict)
+        or not settings
+        or not all(LABEL.match(str(k)) for k in settings)
+    ):
+        raise StudyError(f"{path}: settings must map labels (a-z, 0-9, -, _, .) to overrides")
+    if not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
+        raise StudyError(f"{path}: seeds must be a list of integers >= 0, e.g. [0, 1, 2]")
+    picks = list(raw.get("picks") or [])
+    bad = [p for p in picks if p not in ("valley", "steepest", "min_div10")]
+    if bad:
+        raise StudyError(
+            f"{path}: picks {bad} are not suggestion methods (valley, steepest, min_div10)"
+        )
+    return Study(
+        name,
+        str(raw.get("description", "")),
+        dict(raw.get("common") or {}),
+        {str(k): dict(v or {}) for k, v in settings.items()},
+        list(seeds),
+        picks,
+        str(raw.get("target", "evaluate")),
+        int(raw.get("jobs", 2)),
+        _figure(path, raw.get("figure", "epochs")),
+    )
+
+
+def _figure(path: str, kind) -> str:
+    if kind not in ("epochs", "max_lr"):
+        raise StudyError(f"{path}: figure {kind!r} must be epochs or max_lr")
+    return kind
+
+
+# ---------------------------------------------------------------- running through DVC
+
+
+def _dvc(*args: str, cwd: Path) -> str:
+    proc = subprocess.run(["dvc", *args], cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise StudyError(
+            f"dvc {' '.join(args)} failed:\n{(proc.stderr or proc.stdout).strip()[-2000:]}"
+        )
+    return proc.stdout
+
+
+def _set_args(overrides: dict[str, object]) -> list[str]:
+    args = []
+    for key, value in overrides.items():
+        text = json.dumps(value) if isinstance(value, list | bool) or value is None else str(value)
+        args += ["-S", f"{key}={text}"]
+    return args
+
+
+def queue_states(repo: Path) -> dict[str, str]:
+    """Experiment name -> its queue status (Queued, Running, Success, Failed, ...)."""
+    states = {}
+    for line in _dvc("queue", "status", cwd=repo).splitlines()[1:]:
+        parts = line.split()
+        if len(parts) >= 3 and parts[0] != "Worker":
+            states[parts[1]] = parts[-1]
+    return states
+
+
+def finished(repo: Path) -> set[str]:
+    """Names of the experiments that finished on the current commit."""
+    return set(_dvc("exp", "ls", "--name-only", cwd=repo).split())
+
+
+def enqueue(study: Study, runs: list[tuple[str, int, dict]], repo: Path) -> list[str]:
+    """Queue the runs not finished nor queued yet; returns the names now waiting."""
+    done, states = finished(repo), queue_states(repo)
+    waiting = []
+    for label, seed, overrides in runs:
+        name = study.exp_name(label, seed)
+        if name in done:
+            continue
+        if states.get(name) not in ("Queued", "Running"):
+            sets = _set_args({**study.common, **overrides, "base.seed": seed})
+            _dvc("exp", "run", "--queue", "-n", name, *sets, study.target, cwd=repo)
+        waiting.append(name)
+    return waiting
+
+
+def wait(names: list[str], repo: Path, jobs: int) -> list[str]:
+    """Run the queue until ``names`` are done; returns those that failed."""
+    if not names:
+        return []
+    _dvc("queue", "start", "-j", str(jobs), cwd=repo)
+    with progress.bar(len(names), "study runs", unit="run") as bar:
+        while True:
+            states = queue_states(repo)
+            done = [n for n in names if states.get(n) not in ("Queued", "Running")]
+            bar.n = len(done)
+            bar.refresh()
+            if len(done) == len(names):
+                return [n for n in names if states.get(n) == "Failed"]
+            time.sleep(POLL_SECONDS)
+
+
+def seed_picks(study: Study, repo: Path) -> list[tuple[str, int, dict]]:
+    """For ``picks``: each seed's lr_find choice by each method, read from a finished run of
+    that seed, as a run at that fixed max LR (labelled ``pick-<method>``)."""
+    shown, done = json.loads(_dvc("exp", "show", "--json", cwd=repo)), finished(repo)
+    by_name = {}
+    for entry in shown:
+        for exp in entry.get("experiments") or []:
+            rev = (exp.get("revs") or [{}])[0]
+            metrics = (rev.get("data") or {}).get("metrics") or {}
+            lr_find = (metrics.get("metrics/lr_find.json") or {}).get("data") or {}
+            if rev.get("name") in done and lr_find:
+                by_name[rev["name"]] = lr_find
+    runs = []
+    for seed in study.seeds:
+        found = next(
+            (v for label in study.settings if (v := by_name.get(study.exp_name(label, seed)))), None
+        )
+        if found is None:
+            raise StudyError(
+                f"study {study.name}: no finished run of seed {seed} to read its picks from"
+            )
+        runs += [(f"pick-{m}", seed, {"train.max_lr": found[m]}) for m in study.picks]
+    return runs
+
+
+def run(study: Study, repo: Path = Path(".")) -> list[str]:
+    """Queue and run what is missing (the settings, then the picks); returns failed names."""
+    grid = [(label, seed, study.settings[label]) for label, seed in study.runs()]
+    failed = wait(enqueue(study, grid, repo), repo, study.jobs)
+    if study.picks and not failed:
+        failed = wait(enqueue(study, seed_picks(study, repo), repo), repo, study.jobs)
+    return failed
+
+
+# ---------------------------------------------------------------- the report, from MLflow
+
+
+@dataclass
+class Result:
+    label: str
+    seed: int
+    run_id: str
+    accuracy: float  # eval.accuracy: the full test split, as evaluate measured it
+    max_lr: float
+    seconds: float  # training time (the epochs' sum)
+    test_acc: list[float]  # per epoch (monitoring)
+
+
+def baseline_rev(repo: Path) -> str:
+    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+def collect(study: Study, repo: Path = Path(".")) -> tuple[list[Result], list[str]]:
+    """The study's train runs on the current commit from the MLflow store (the latest finished
+    run of each experiment name), and the names that have none yet."""
+    import mlflow
+
+    from . import tracking
+
+    exp_id = tracking.setup(repo.resolve())
+    client = mlflow.MlflowClient()
+    query = (
+        f"tags.`dvc.stage` = 'train' and attributes.status = 'FINISHED' and "
+        f"tags.`dvc.exp_baseline_rev` = '{baseline_rev(repo)}'"
+    )
+    wanted = {}
+    for label in [*study.settings, *(f"pick-{m}" for m in study.picks)]:
+        for seed in study.seeds:
+            wanted[study.exp_name(label, seed)] = (label, seed)
+    latest = {}
+    for r in client.search_runs(
+        [exp_id], query, order_by=["attributes.start_time DESC"], max_results=5000
+    ):
+        name = r.data.tags.get("dvc.exp_name")
+        if name in wanted and name not in latest and "eval.accuracy" in r.data.metrics:
+            latest[name] = r
+    results = []
+    for name, r in latest.items():
+        label, seed = wanted[name]
+        history = client.get_metric_history(r.info.run_id, "test_acc")
+        seconds = client.get_metric_history(r.info.run_id, "epoch_seconds")
+        results.append(
+            Result(
+                label,
+                seed,
+                r.info.run_id,
+                r.data.metrics["eval.accuracy"],
+                float(r.data.params["max_lr_used"]),
+                sum(m.value for m in seconds),
+                [m.value for m in sorted(history, key=lambda m: m.step)],
+            )
+        )
+    order = list(wanted)  # the study's order: settings, then picks; seeds within
+    results.sort(key=lambda r: order.index(study.exp_name(r.label, r.seed)))
+    return results, [n for n in order if n not in latest]
+
+
+def summarize(results: list[Result]) -> list[dict]:
+    """Per setting, in first-seen order: runs, mean and sample std of the test accuracy, mean
+    max LR and training seconds."""
+    import numpy as np
+
+    rows = []
+    for label in dict.fromkeys(r.label for r in results):
+        mine = [r for r in results if r.label == label]
+        acc = np.array([r.accuracy for r in mine])
+        rows.append(
+            {
+                "setting": label,
+                "runs": len(mine),
+                "accuracy_mean": float(acc.mean()),
+                "accuracy_std": float(acc.std(ddof=1)) if len(mine) > 1 else float("nan"),
+                "max_lr_mean": float(np.mean([r.max_lr for r in mine])),
+                "seconds_mean": float(np.mean([r.seconds for r in mine])),
+            }
+        )
+    return rows
+
+
+def markdown(study: Study, rows: list[dict], missing: list[str], figure: str, machine: str) -> str:
+    lines = [
+        f"# Study: {study.name}",
+        "",
+        study.description.strip(),
+        "",
+        f"Every run: {', '.join(f'`{k}={v}`' for k, v in study.common.items()) or 'the defaults'}; "
+        f"seeds {study.seeds}. Measured on {machine}.",
+        "",
+        "| setting | runs | test accuracy (mean ± std) | max LR (mean) | training s (mean) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        std = "n/a" if r["accuracy_std"] != r["accuracy_std"] else f"{100 * r['accuracy_std']:.2f}"
+        lines.append(
+            f"| {r['setting']} | {r['runs']} | {100 * r['accuracy_mean']:.2f} ± {std} % | "
+            f"{r['max_lr_mean']:.3g} | {r['seconds_mean']:.0f} |"
+        )
+    if missing:
+        lines += ["", f"Not finished (left out): {', '.join(missing)}."]
+    lines += ["", f"![{study.name}]({figure})", ""]
+    return "\n".join(lines)
+
+
+def report(study: Study, repo: Path = Path("."), out: Path | None = None) -> Path:
+    """reports/<study>/report.md and its figure, from the store; also an MLflow parent run
+    (``study <name>``) holding them, with the study's train runs as its children."""
+    from . import figures, tracking
+
+    results, missing = collect(study, repo)
+    if not results:
+        raise StudyError(f"study {study.name}: no finished run on this commit; run it first")
+    out = out or repo / "reports" / study.name
+    rows = summarize(results)
+    fig = (figures.study_epochs_figure if study.figure == "epochs" else figures.study_lr_figure)(
+        results, study.name
+    )
+    png = out / f"{study.name}.png"
+    figures.save({png: fig}, dpi=120)
+    text = markdown(study, rows, missing, png.name, tracking.cpu_name())
+    files_ = [png, out / "report.md"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text(text)
+    (out / "results.json").write_text(json.dumps([r.__dict__ for r in results], indent=2) + "\n")
+    _parent_run(study, results, files_ + [out / "results.json"], baseline_rev(repo))
+    return out / "report.md"
+
+
+def _parent_run(study: Study, results: list[Result], attach: list[Path], rev: str) -> str:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    from . import tracking
+
+    exp_id = mlflow.get_experiment_by_name(tracking.EXPERIMENT).experiment_id
+    query = f"tags.study = '{study.name}' and tags.`dvc.exp_baseline_rev` = '{rev}'"
+    found = client.search_runs([exp_id], query, max_results=1)
+    if found:
+        parent = found[0].info.run_id
+    else:
+        tags = {
+            "study": study.name,
+            "dvc.exp_baseline_rev": rev,
+            "mlflow.runName": f"study {study.name}",
+        }
+        parent = client.create_run(exp_id, tags=tags).info.run_id
+        client.set_terminated(parent, "FINISHED")
+    for r in results:
+        client.set_tag(r.run_id, "mlflow.parentRunId", parent)
+    for path in attach:
+        client.log_artifact(parent, str(path))
+    return parent
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        prog="python -m onecycle.study", description=__doc__.splitlines()[0]
+    )
+    ap.add_argument("action", choices=["run", "report"], help="run (then report) | report only")
+    ap.add_argument("study", type=Path, help="the study file, e.g. studies/lr.yaml")
+    args = ap.parse_args(argv)
+    study = load(args.study)
+    failed = run(study) if args.action == "run" else []
+    path = report(study)
+    print(f"study {study.name}: {path}")
+    if failed:
+        raise StudyError(
+            f"study {study.name}: {len(failed)} run(s) failed: {', '.join(failed)}; see `dvc queue logs <name>`"
+        )
+
+
+if __name__ == "__main__":
+    from . import cli
+
+    cli.run(main, "study")

@@ -1,0 +1,16 @@
+"""make bench, shrunk: every figure the README quotes comes out, and the table names them."""
+
+from onecycle import bench
+
+
+def test_bench_measures_both_loops_and_both_backends():
+    r = bench.run(
+        width=4, batch=32, steps=2, repeats=2, backend="torch", device="cpu", compile_="auto"
+    )
+    for key in ("bare_img_per_s", "pipeline_img_per_s", "ratio"):
+        assert r[key] > 0
+    assert r["ratio"] == r["pipeline_img_per_s"] / r["bare_img_per_s"]
+    assert set(r["augment_img_per_s"]) == {"albumentations", "torch"} and r["compile"] is False
+    assert r["device"] == "cpu" and r["backend"] == "torch" and len(r["bare_runs"]) == 2
+    text = bench.table(r)
+    assert "bare loop" in text and "ratio pipeline / bare" in text and "albumentations" in text
