@@ -44,6 +44,7 @@ REPORT = PLOTS_DIR / "report.md"
 BENCH = Path("metrics/bench.json")  # make bench (not a pipeline output)
 
 MLFLOW_DB = Path("mlflow.db")
+MLFLOW_LOCK = Path("mlflow.db.lock")  # held while a process opens (and maybe creates) the store
 MLFLOW_ARTIFACTS = Path("mlartifacts")
 
 

@@ -99,6 +99,35 @@ def _experiment_id(root: Path, user_store: bool) -> str:
         return mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
 
 
+@contextlib.contextmanager
+def _creating(root: Path, user_store: bool) -> Iterator[None]:
+    """One process at a time opens the local store: the first creates the SQLite schema, and two
+    queued experiments creating it at once (``dvc queue start -j 2`` on a fresh clone) break each
+    other's migration ("duplicate column name"). A server (MLFLOW_TRACKING_URI) needs no lock."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, as before
+        fcntl = None
+    try:
+        handle = open(root / paths.MLFLOW_LOCK, "a") if fcntl and not user_store else None
+    except OSError:  # read-only folder: opening the store says what to do
+        handle = None
+    if handle is None:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _opened(root: Path, user_store: bool) -> str:
+    with _creating(root, user_store):
+        return _experiment_id(root, user_store)
+
+
 def setup(root: Path | None = None) -> str:
     """Point MLflow at the project's store and experiment, checking that the store answers;
     returns the experiment id. Call it first in a stage that logs, before any work."""
@@ -113,7 +142,7 @@ def setup(root: Path | None = None) -> str:
     user_store = bool(os.environ.get("MLFLOW_TRACKING_URI"))
     uri = tracking_uri(root)
     mlflow.set_tracking_uri(uri)
-    exp_id = _within(CHECK_SECONDS, "opening it", uri, lambda: _experiment_id(root, user_store))
+    exp_id = _within(CHECK_SECONDS, "opening it", uri, lambda: _opened(root, user_store))
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 

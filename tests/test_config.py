@@ -40,6 +40,20 @@ def test_repo_params_yaml_loads_with_its_values():
             assert dumped[section][key] == value, f"{section}.{key}"
 
 
+def test_repo_params_yaml_lists_every_key_so_exp_run_can_set_it():
+    # `dvc exp run -S train.base_lr=0.01` is refused by DVC when the key is not in the file
+    def keys(tree, prefix=""):
+        for k, v in tree.items():
+            if isinstance(v, dict):
+                yield from keys(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}"
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    missing = set(keys(parse_params({}).model_dump())) - set(keys(raw))
+    assert not missing, f"params.yaml lacks {sorted(missing)}"
+
+
 def test_params_are_frozen():
     params = parse_params({})
     with pytest.raises(ValidationError):

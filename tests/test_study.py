@@ -85,3 +85,12 @@ def test_both_study_figures_draw(kind):
     draw = figures.study_epochs_figure if kind == "epochs" else figures.study_lr_figure
     fig = draw(results, "t")
     assert fig.axes and fig.axes[0].get_title().startswith("Study t")
+
+
+def test_queued_runs_share_the_cores_unless_told_otherwise(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(study.os, "cpu_count", lambda: 2)
+    assert study.threads_env(2)["OMP_NUM_THREADS"] == "1"
+    assert study.threads_env(1)["OMP_NUM_THREADS"] == "2"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert study.threads_env(2)["OMP_NUM_THREADS"] == "3"

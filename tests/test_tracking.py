@@ -259,3 +259,21 @@ def test_a_finished_run_the_store_missed_ending_is_finished_by_the_next_stage(st
         later.log_metrics({"eval.accuracy": 0.5})
     got = client.get_run(run.info.run_id)
     assert got.info.status == "FINISHED" and got.data.tags["onecycle.finished_by"] == "evaluate"
+
+
+def test_stages_starting_at_once_on_a_fresh_clone_share_one_new_store(store):
+    # `dvc queue start -j 2` on a fresh clone: both experiments' first stage creates mlflow.db;
+    # without a lock one of them failed with "duplicate column name: step" (seen in a study)
+    import os
+    import subprocess
+    import sys
+
+    code = "from onecycle import tracking; print(tracking.setup())"
+    env = {**os.environ, "DVC_ROOT": str(store)}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    ids = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4
+    assert len(set(ids)) == 1  # one experiment, created once
