@@ -67,7 +67,7 @@ class LRFindConfig(_Section):
     momentum: float = Field(0.9, ge=0, lt=1)
     smooth_beta: float = Field(0.98, ge=0, lt=1)
     diverge_factor: float = Field(4.0, gt=1)
-    suggestion: Literal["valley", "steepest", "min_div10"] = "steepest"
+    suggestion: Literal["valley", "steepest", "min_div10"] = "min_div10"  # make study-lr
     seeds: int = Field(1, ge=1, le=20)
     val_images: int = Field(0, ge=0)
     momentum_grid: list[float] = Field(default_factory=list)

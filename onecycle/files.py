@@ -80,6 +80,11 @@ def read_json(path: Path, hint: str = "run the earlier stages first (`dvc repro`
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise MissingInput(f"{path} not found: {hint}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MissingInput(
+            f"{path} is not valid JSON ({exc}): it was edited or damaged; rerun the stage that "
+            "writes it (`dvc repro -f <stage>`, see dvc.yaml)"
+        ) from None
 
 
 def read_csv(path: Path, hint: str = "run the earlier stages first (`dvc repro`)") -> list[dict]:

@@ -263,3 +263,13 @@ def test_an_auto_value_that_cannot_be_had_is_refused_naming_the_key(
     with pytest.raises(ConfigError, match=message) as err:
         training.resolve(TrainConfig(**cfg), lr_find, tmp_path / "lr_find.json")
     assert "train." in str(err.value)
+
+
+def test_a_damaged_lr_find_json_names_the_file_and_the_way_out(tmp_path):
+    from onecycle import files
+    from onecycle.errors import UserError
+
+    path = tmp_path / "lr_find.json"
+    path.write_text('{"max_lr": 0.3')  # cut short
+    with pytest.raises(UserError, match=r"lr_find.json is not valid JSON .*dvc repro -f"):
+        files.read_json(path)
