@@ -6,8 +6,8 @@
   its augmentation backend, the schedule, the sums and the progress bar) over as many steps;
 * each augmentation backend alone.
 
-The two loops alternate (bare, pipeline, bare, ...) and the median of each is reported, so drift
-in the machine's speed hits both alike. Writes ``metrics/bench.json`` and prints a table.
+The two loops alternate (bare, pipeline, bare, ...); the ratio is the median of each repeat's
+pipeline/bare pair, so drift in the machine's speed hits both sides of a pair alike. Writes ``metrics/bench.json`` and prints a table.
 """
 
 from __future__ import annotations
@@ -65,8 +65,8 @@ def _bare(model_cfg: ModelConfig, cfg: TrainConfig, dev, steps: int):
         for x, y in zip(xs, ys, strict=True):
             train_step(forward, optimizer, scaler, x, y, dev)
 
-    run()  # warm-up: first-call allocations, kernel choices, compilation
-    return run
+    first = steps * cfg.batch_size / _timed(run, steps, cfg.batch_size, dev)  # the warm-up:
+    return run, first  # first-call allocations, kernel choices and, if on, compilation
 
 
 def _pipeline(model_cfg: ModelConfig, cfg: TrainConfig, dev, steps: int):
@@ -114,8 +114,8 @@ def run(
     aug = AugmentConfig(backend=backend)
     compiled = compile_ if compile_ == "auto" else compile_ == "true"
     cfg = TrainConfig(batch_size=batch, max_lr=0.05, augment=aug, compile=compiled)
-    bare = _bare(model_cfg, cfg, dev, steps)
-    pipeline, first_seconds = _pipeline(model_cfg, cfg, dev, steps)
+    bare, first_seconds = _bare(model_cfg, cfg, dev, steps)  # compiles first (if on)
+    pipeline, _ = _pipeline(model_cfg, cfg, dev, steps)
     bare_rates, pipe_rates = [], []
     for _ in range(repeats):
         bare_rates.append(_timed(bare, steps, batch, dev))
@@ -132,11 +132,13 @@ def run(
         "repeats": repeats,
         "backend": batches.resolve_backend(backend),
         "compile": use_compile(cfg.compile, dev),
-        # the first pipeline call's extra time over a steady one: torch.compile's cost, if on
-        "first_call_extra_seconds": first_seconds - steps * batch / pipe_ips,
+        # the first bare call's extra time over a steady one: torch.compile's cost, if on
+        "first_call_extra_seconds": first_seconds - steps * batch / bare_ips,
         "bare_img_per_s": bare_ips,
         "pipeline_img_per_s": pipe_ips,
-        "ratio": pipe_ips / bare_ips,
+        # each repeat's pipeline against the bare loop timed just before it, then the median:
+        # a 2-core VM's speed drifts by 20% within a minute, which a ratio of medians takes in
+        "ratio": statistics.median(p / b for p, b in zip(pipe_rates, bare_rates, strict=True)),
         "bare_runs": bare_rates,
         "pipeline_runs": pipe_rates,
         "augment_img_per_s": _augment_rates(aug, batch, dev),
@@ -158,7 +160,7 @@ def table(r: dict) -> str:
         )
     head = f"{r['device']} ({r['device_name']}), width {r['width']}, batch {r['batch_size']}"
     lines = [
-        f"  {name:<38} {value:>10}{'' if name.startswith('ratio') else ' img/s'}"
+        f"  {name:<38} {value:>10}{'' if name.startswith(('ratio', 'torch.compile')) else ' img/s'}"
         for name, value in rows
     ]
     return head + "\n" + "\n".join(lines)
@@ -170,7 +172,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, help="default: 16 on a CPU, 64 (the recipe) on a GPU")
     ap.add_argument("--batch", type=int, help="default: 256 on a CPU, 512 on a GPU")
     ap.add_argument("--steps", type=int, help="timed steps per repeat (default 20 CPU, 50 GPU)")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--backend", default="auto", choices=["auto", "albumentations", "torch"])
     ap.add_argument("--compile", default="auto", choices=["auto", "true", "false"])
     args = ap.parse_args()

@@ -14,6 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def lr_find_figure(
@@ -274,6 +275,7 @@ def study_epochs_figure(results, name: str) -> Figure:
         ax.plot(epochs, 100 * mean, "o-", color=f"C{i}", label=f"{label} ({len(curves)} seeds)")
         ax.fill_between(epochs, 100 * (mean - std), 100 * (mean + std), color=f"C{i}", alpha=0.2)
     ax.set(xlabel="epoch", ylabel="test accuracy (%)", title=f"Study {name}: mean ± std over seeds")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, alpha=0.3)
     ax.legend()
     return fig

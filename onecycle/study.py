@@ -176,11 +176,31 @@ def threads_env(jobs: int) -> dict[str, str]:
     return env
 
 
+def start_queue(repo: Path, jobs: int) -> None:
+    """``dvc queue start``, returning at once. Its workers outlive it and inherit its output
+    files: captured through pipes, the call would wait for the whole queue (and the progress
+    bar below would jump from 0 to done at the end)."""
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.run(
+            ["dvc", "queue", "start", "-j", str(jobs)],
+            cwd=repo,
+            env=threads_env(jobs),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+        if proc.returncode != 0:
+            err.seek(0)
+            raise StudyError(f"dvc queue start -j {jobs} failed:\n{err.read().strip()[-2000:]}")
+
+
 def wait(names: list[str], repo: Path, jobs: int) -> list[str]:
     """Run the queue until ``names`` are done; returns those that failed."""
     if not names:
         return []
-    _dvc("queue", "start", "-j", str(jobs), cwd=repo, env=threads_env(jobs))
+    start_queue(repo, jobs)
     with progress.bar(len(names), "study runs", unit="run") as bar:
         while True:
             states = queue_states(repo)
