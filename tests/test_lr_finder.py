@@ -163,7 +163,7 @@ def test_find_sweeps_every_seed_and_records_each_curve(tiny_data, tiny_params):
     params = tiny_params.model_copy(
         update={
             "lr_find": tiny_params.lr_find.model_copy(
-                update={"seeds": 2, "num_iter": 60, "smooth_beta": 0.9}
+                update={"seeds": 2, "num_iter": 60, "smooth_beta": 0.9, "suggestion": "steepest"}
             )
         }
     )
