@@ -73,22 +73,15 @@ class LRFindConfig(_Section):
     momentum_grid: list[float] = Field(default_factory=list)
     weight_decay_grid: list[float] = Field(default_factory=list)
 
-    @field_validator("momentum_grid")
+    @field_validator("momentum_grid", "weight_decay_grid")
     @classmethod
-    def _momenta(cls, v):
-        if any(not 0 < m < 1 for m in v):
-            raise ValueError(
-                "every value must be a momentum in (0, 1), e.g. [0.85, 0.9, 0.95, 0.99]"
-            )
-        return sorted(set(v))
-
-    @field_validator("weight_decay_grid")
-    @classmethod
-    def _decays(cls, v):
-        if any(not 0 < w < 1 for w in v):
-            raise ValueError(
-                "every value must be a weight decay in (0, 1), e.g. [1e-4, 5e-4, 1e-3]"
-            )
+    def _grid(cls, v, info: ValidationInfo):
+        what, example = {
+            "momentum_grid": ("momentum", "[0.85, 0.9, 0.95, 0.99]"),
+            "weight_decay_grid": ("weight decay", "[1e-4, 5e-4, 1e-3]"),
+        }[info.field_name]
+        if any(not 0 < x < 1 for x in v):
+            raise ValueError(f"every value must be a {what} in (0, 1), e.g. {example}")
         return sorted(set(v))
 
     @field_validator("end_lr")
