@@ -35,14 +35,21 @@ def load(path: Path) -> dict:
 
 
 def resume_key(
-    cfg: TrainConfig, model_cfg: ModelConfig, fingerprint: str | None, seed: int, max_lr: float
+    cfg: TrainConfig,
+    model_cfg: ModelConfig,
+    fingerprint: str | None,
+    seed: int,
+    max_lr: float,
+    base_lr: float | None = None,
 ) -> dict:
-    """Everything that must match for a saved state to be continued."""
+    """Everything that must match for a saved state to be continued (``base_lr``: the cyclic
+    schedule's floor as used, None for the other schedules)."""
     return {
         **{f"train.{k}": v for k, v in cfg.model_dump().items() if k != "eval_every"},
         **{f"model.{k}": v for k, v in model_cfg.model_dump().items()},
         "base.seed": seed,
         "max_lr (used)": max_lr,
+        "base_lr (used)": base_lr,
         "data (fingerprint of data/prepared)": fingerprint,
     }
 

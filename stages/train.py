@@ -17,8 +17,10 @@ def main() -> None:
     hyper = training.resolve(params.train, lr_find, paths.LR_FIND_METRICS)
     cfg, max_lr, lr_source = hyper.cfg, hyper.max_lr, hyper.sources["max_lr"]
     fingerprint = data.meta.get("fingerprint")
-    key = checkpoint.resume_key(cfg, params.model, fingerprint, params.base.seed, max_lr)
-    resume = checkpoint.ResumeFile(paths.RESUME_STATE, key | {"base_lr (used)": hyper.base_lr})
+    key = checkpoint.resume_key(
+        cfg, params.model, fingerprint, params.base.seed, max_lr, hyper.base_lr
+    )
+    resume = checkpoint.ResumeFile(paths.RESUME_STATE, key)
     state = resume.load()
     session = build_session(params.model, cfg, data, dev, params.base.seed, cfg.max_momentum)
     plan = training.make_plan(cfg, max_lr, session, data, hyper.base_lr)
