@@ -2,9 +2,10 @@
 the MLflow store.
 
 A study is a YAML file (``studies/<name>.yaml``): ``common`` overrides for every run, ``settings``
-(label -> overrides), ``seeds``, and optionally ``picks``: suggestion methods whose max LR, as
-each seed's lr_find chose it, is trained as a setting of its own. Every run is a queued ``dvc
-exp run`` named ``<study>-<label>-s<seed>``; a study that is started again skips the runs that
+(label -> overrides), ``seeds``, and optionally ``picks``: suggestion methods each trained as a
+setting of its own, ``pick-<method>``, at the max LR that method picks from the same seed's range
+test (``lr_find.suggestion: <method>``, ``train.max_lr: auto``). Every run is a queued ``dvc exp
+run`` named ``<study>-<label>-s<seed>``, all queued at once; a study that is started again skips the runs that
 finished (on this commit) and queues the rest, so an interrupted study resumes; its report only
 ever reads runs of its own names on the current commit.
 """
@@ -48,8 +49,13 @@ class Study:
     def exp_name(self, label: str, seed: int) -> str:
         return f"{self.name}-{label}-s{seed}"
 
+    def all_settings(self) -> dict[str, dict[str, object]]:
+        """The settings, then one per pick: the pipeline's own choice with that method."""
+        picks = {f"pick-{m}": {"lr_find.suggestion": m, "train.max_lr": "auto"} for m in self.picks}
+        return {**self.settings, **picks}
+
     def runs(self) -> list[tuple[str, int]]:
-        return [(label, seed) for label in self.settings for seed in self.seeds]
+        return [(label, seed) for label in self.all_settings() for seed in self.seeds]
 
 
 def load(path: Path) -> Study:
@@ -93,6 +99,9 @@ def load_text(text: str, path: str = "<study>") -> Study:
     if not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
         raise StudyError(f"{path}: seeds must be a list of integers >= 0, e.g. [0, 1, 2]")
     picks = list(raw.get("picks") or [])
+    taken = [k for k in settings if str(k).startswith("pick-")]
+    if picks and taken:
+        raise StudyError(f"{path}: settings {taken}: labels pick-* are the picks' own")
     bad = [p for p in picks if p not in ("valley", "steepest", "min_div10")]
     if bad:
         raise StudyError(
@@ -212,38 +221,11 @@ def wait(names: list[str], repo: Path, jobs: int) -> list[str]:
             time.sleep(POLL_SECONDS)
 
 
-def seed_picks(study: Study, repo: Path) -> list[tuple[str, int, dict]]:
-    """For ``picks``: each seed's lr_find choice by each method, read from a finished run of
-    that seed, as a run at that fixed max LR (labelled ``pick-<method>``)."""
-    shown, done = json.loads(_dvc("exp", "show", "--json", cwd=repo)), finished(repo)
-    by_name = {}
-    for entry in shown:
-        for exp in entry.get("experiments") or []:
-            rev = (exp.get("revs") or [{}])[0]
-            metrics = (rev.get("data") or {}).get("metrics") or {}
-            lr_find = (metrics.get("metrics/lr_find.json") or {}).get("data") or {}
-            if rev.get("name") in done and lr_find:
-                by_name[rev["name"]] = lr_find
-    runs = []
-    for seed in study.seeds:
-        found = next(
-            (v for label in study.settings if (v := by_name.get(study.exp_name(label, seed)))), None
-        )
-        if found is None:
-            raise StudyError(
-                f"study {study.name}: no finished run of seed {seed} to read its picks from"
-            )
-        runs += [(f"pick-{m}", seed, {"train.max_lr": found[m]}) for m in study.picks]
-    return runs
-
-
 def run(study: Study, repo: Path = Path(".")) -> list[str]:
-    """Queue and run what is missing (the settings, then the picks); returns failed names."""
-    grid = [(label, seed, study.settings[label]) for label, seed in study.runs()]
-    failed = wait(enqueue(study, grid, repo), repo, study.jobs)
-    if study.picks and not failed:
-        failed = wait(enqueue(study, seed_picks(study, repo), repo), repo, study.jobs)
-    return failed
+    """Queue and run what is missing; returns the names that failed."""
+    settings = study.all_settings()
+    grid = [(label, seed, settings[label]) for label, seed in study.runs()]
+    return wait(enqueue(study, grid, repo), repo, study.jobs)
 
 
 # ---------------------------------------------------------------- the report, from MLflow
@@ -278,10 +260,7 @@ def collect(study: Study, repo: Path = Path(".")) -> tuple[list[Result], list[st
         f"tags.`dvc.stage` = 'train' and attributes.status = 'FINISHED' and "
         f"tags.`dvc.exp_baseline_rev` = '{baseline_rev(repo)}'"
     )
-    wanted = {}
-    for label in [*study.settings, *(f"pick-{m}" for m in study.picks)]:
-        for seed in study.seeds:
-            wanted[study.exp_name(label, seed)] = (label, seed)
+    wanted = {study.exp_name(label, seed): (label, seed) for label, seed in study.runs()}
     latest = {}
     for r in client.search_runs(
         [exp_id], query, order_by=["attributes.start_time DESC"], max_results=5000

@@ -28,8 +28,14 @@ def _file(tmp_path, text):
 
 def test_a_study_file_is_read_with_its_runs_named_for_finding_them_again(tmp_path):
     s = study.load(_file(tmp_path, GOOD))
-    assert s.runs() == [(lab, seed) for lab in ("lr-0.01", "lr-0.1") for seed in (0, 1, 2)]
-    assert s.exp_name("lr-0.1", 2) == "lr-lr-0.1-s2" and s.picks == ["valley"]
+    labels = ("lr-0.01", "lr-0.1", "pick-valley")
+    assert s.runs() == [(lab, seed) for lab in labels for seed in (0, 1, 2)]
+    assert s.exp_name("lr-0.1", 2) == "lr-lr-0.1-s2"
+    # a pick is the pipeline's own choice with that suggestion method
+    assert s.all_settings()["pick-valley"] == {
+        "lr_find.suggestion": "valley",
+        "train.max_lr": "auto",
+    }
     assert study._set_args({"lr_find.momentum_grid": [0.9, 0.95], "train.max_lr": 0.1}) == [
         "-S", "lr_find.momentum_grid=[0.9, 0.95]", "-S", "train.max_lr=0.1",
     ]  # fmt: skip
