@@ -57,7 +57,8 @@ study-schedules: $(STAMP)  ## 1cycle vs constant, step and cyclic LR, 3 seeds ea
 study-lr: $(STAMP)  ## fixed max LRs 0.01..1.0 vs each suggestion method's pick, 3 seeds each
 	python -m onecycle.study run studies/lr.yaml
 
-mlflow-ui: $(STAMP)  ## browse the runs at http://127.0.0.1:5000
+mlflow-ui: $(STAMP)  ## browse the runs at http://127.0.0.1:5000 (it prints the runs table's URL)
+	@echo "MLflow UI: open $$(python -c 'from onecycle.tracking import ui_url; print(ui_url("http://127.0.0.1:5000"))')"
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 # params.yaml back to the committed defaults. Not `git checkout params.yaml`: after a failed

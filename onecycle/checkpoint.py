@@ -102,15 +102,29 @@ class ResumeFile:
 
 
 def save_weights(
-    model: torch.nn.Module, model_cfg: ModelConfig, classes: list[str], path: Path
+    model: torch.nn.Module,
+    model_cfg: ModelConfig,
+    classes: list[str],
+    path: Path,
+    inputs: dict | None = None,
 ) -> None:
-    """Weights plus the little needed to rebuild and check the model; refuses non-finite ones."""
+    """Weights plus the little needed to rebuild and check the model, and with ``inputs`` (see
+    :func:`inputs_of`) to use it on its own (``predict``); refuses non-finite weights."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     for k, v in state.items():
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise CheckpointError(f"weight {k} is not finite; refusing to write {path}")
     config = {**model_cfg.model_dump(), "num_classes": len(classes)}
-    save({"model": state, "config": config, "classes": list(classes)}, path)
+    save({"model": state, "config": config, "classes": list(classes), "inputs": inputs}, path)
+
+
+def inputs_of(data) -> dict:
+    """What the network expects of an image: its size and the training data's mean/std."""
+    return {
+        "image_size": int(data.x_train.shape[1]),
+        "mean": [float(m) for m in data.mean],
+        "std": [float(s) for s in data.std],
+    }
 
 
 def load_weights(

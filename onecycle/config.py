@@ -185,6 +185,8 @@ class TrainConfig(_Section):
 
 class EvaluateConfig(_Section):
     batch_size: int = Field(1000, ge=1)
+    # MLflow Model Registry name the evaluated model is registered under; null = not registered
+    register_as: str | None = Field("cifar10-resnet9", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
 class PlotsConfig(_Section):

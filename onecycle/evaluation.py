@@ -63,9 +63,10 @@ def prediction_rows(
     ]
 
 
-def flat_metrics(metrics: dict, prefix: str = "eval.") -> dict[str, float]:
-    """The scalar metrics for MLflow: overall ones, then ``<class>.<metric>`` per class."""
-    flat = {f"{prefix}{k}": metrics[k] for k in ("accuracy", "loss", "misclassified", "macro_f1")}
+def flat_metrics(metrics: dict) -> dict[str, float]:
+    """The scalar metrics for MLflow: the overall ones in the UI's ``eval`` section, the per-class
+    ones (``<class>.<metric>``) in a section of their own, ``eval_per_class``."""
+    flat = {f"eval/{k}": metrics[k] for k in ("accuracy", "loss", "misclassified", "macro_f1")}
     for c, m in metrics["per_class"].items():
-        flat |= {f"{prefix}{c}.{k}": v for k, v in m.items() if k != "support"}
+        flat |= {f"eval_per_class/{c}.{k}": v for k, v in m.items() if k != "support"}
     return flat

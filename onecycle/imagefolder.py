@@ -109,6 +109,13 @@ def _decode(data: bytes, name: str, image_size: int, max_pixels: int) -> np.ndar
         raise DataError(f"{name}: unreadable image ({type(exc).__name__}: {exc})") from None
 
 
+def decode_image(data: bytes, name: str, image_size: int, max_pixels: int) -> np.ndarray:
+    """One image file's bytes as the data stage reads them: RGB uint8 (H, W, 3) at
+    ``image_size``, grayscale and palette images converted, other sizes resized."""
+    with _pixel_limit(max_pixels):
+        return _decode(data, name, image_size, max_pixels)
+
+
 def _is_hidden(parts: list[str]) -> bool:
     return any(p.startswith(".") or p == "__MACOSX" for p in parts)
 

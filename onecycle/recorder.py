@@ -75,24 +75,56 @@ class Recorder:
         batch = [RunTag(k, str(v)) for k, v in tags.items()]
         self._call("tags", lambda: self._client().log_batch(self.run_id, tags=batch))
 
-    def log_metrics(self, values: dict, step: int | None = None) -> None:
-        """The numbers of ``values`` at ``step``; None and non-numbers are left out."""
+    def log_metrics(
+        self, values: dict, step: int | None = None, prefix: str = "", model_id: str | None = None
+    ) -> None:
+        """The numbers of ``values`` at ``step`` as ``<prefix><key>``; None and non-numbers are
+        left out. With ``model_id`` they are also the metrics of that logged model."""
         numbers = {k: float(v) for k, v in values.items() if isinstance(v, int | float)}
-        self.log_series([{**numbers, "_step": step or 0}], list(numbers), "_step")
+        self.log_series([{**numbers, "_step": step or 0}], list(numbers), "_step", prefix, model_id)
 
-    def log_series(self, rows: list[dict], keys: list[str], step_key: str = "step") -> None:
-        """Every row's ``keys`` as metrics at the row's step, 1000 values a request."""
+    def log_series(
+        self,
+        rows: list[dict],
+        keys: list[str],
+        step_key: str = "step",
+        prefix: str = "",
+        model_id: str | None = None,
+    ) -> None:
+        """Every row's ``keys`` as metrics ``<prefix><key>`` at the row's step, 1000 values a
+        request. The prefix is the UI's chart section (``train/``, ``eval/``, ...)."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         metrics = [
-            Metric(k, float(r[k]), now, int(r[step_key])) for r in rows for k in keys if k in r
+            Metric(f"{prefix}{k}", float(r[k]), now, int(r[step_key]), model_id=model_id)
+            for r in rows
+            for k in keys
+            if k in r
         ]
         for start in range(0, len(metrics), 1000):
             chunk = metrics[start : start + 1000]
             steps = f"{chunk[0].step}..{chunk[-1].step}" if len(rows) > 1 else f"{chunk[0].step}"
             what = f"metrics {', '.join(sorted({m.key for m in chunk}))} at step {steps}"
             self._call(what, lambda c=chunk: self._client().log_batch(self.run_id, metrics=c))
+
+    def log_datasets(self, datasets: list[tuple[object, str]]) -> None:
+        """``(mlflow.data Dataset, context)`` pairs as the run's inputs (the UI's Dataset column)."""
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        inputs = [
+            DatasetInput(ds._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, context)])
+            for ds, context in datasets
+        ]
+        self._call("datasets", lambda: self._client().log_inputs(self.run_id, datasets=inputs))
+
+    def call_now(self, what: str, fn: Callable[[], object]) -> object | None:
+        """``fn()``'s value, or None if the store failed (then it is retried like the rest and
+        listed at the end if it never succeeds)."""
+        box: dict = {}
+        self._call(what, lambda: box.setdefault("value", fn()))
+        return box.get("value")
 
     def log_files(self, *local: str | Path, artifact_path: str | None = None) -> None:
         for path in local:

@@ -69,6 +69,7 @@ class Official:
 # torchvision's file names and MD5s (CIFAR10/CIFAR100 .filename, .tgz_md5), pinned so that
 # reading a local image-folder dataset needs no torchvision import (2-4 s and ~650 MB per stage
 # start); tests/test_data.py checks that they still agree with torchvision.
+OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/"  # + the file name: torchvision's .url
 OFFICIAL_FILES = {
     "cifar10": ("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),
     "cifar100": ("cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85"),

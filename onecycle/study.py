@@ -236,7 +236,7 @@ class Result:
     label: str
     seed: int
     run_id: str
-    accuracy: float  # eval.accuracy: the full test split, as evaluate measured it
+    accuracy: float  # eval/accuracy: the full test split, as evaluate measured it
     max_lr: float
     seconds: float  # training time (the epochs' sum)
     test_acc: list[float]  # per epoch (monitoring)
@@ -266,19 +266,19 @@ def collect(study: Study, repo: Path = Path(".")) -> tuple[list[Result], list[st
         [exp_id], query, order_by=["attributes.start_time DESC"], max_results=5000
     ):
         name = r.data.tags.get("dvc.exp_name")
-        if name in wanted and name not in latest and "eval.accuracy" in r.data.metrics:
+        if name in wanted and name not in latest and "eval/accuracy" in r.data.metrics:
             latest[name] = r
     results = []
     for name, r in latest.items():
         label, seed = wanted[name]
-        history = client.get_metric_history(r.info.run_id, "test_acc")
-        seconds = client.get_metric_history(r.info.run_id, "epoch_seconds")
+        history = client.get_metric_history(r.info.run_id, "test/accuracy")
+        seconds = client.get_metric_history(r.info.run_id, "speed/epoch_seconds")
         results.append(
             Result(
                 label,
                 seed,
                 r.info.run_id,
-                r.data.metrics["eval.accuracy"],
+                r.data.metrics["eval/accuracy"],
                 float(r.data.params["max_lr_used"]),
                 sum(m.value for m in seconds),
                 [m.value for m in sorted(history, key=lambda m: m.step)],

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import platform
+import re
 import signal
 import socket
 import subprocess
@@ -28,6 +29,10 @@ from .errors import MissingInput, UserError
 from .recorder import Recorder, report_unlogged, short_error
 
 EXPERIMENT = os.environ.get("MLFLOW_EXPERIMENT_NAME", "cifar10-onecycle")
+# The experiment tag MLflow's UI reads to open an experiment on its runs table (the model-training
+# view) instead of the GenAI overview; the value is the one its "experiment type" selector writes.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+SYSTEM_METRICS_SECONDS = "5"  # sampling interval of the system metrics (MLflow's default: 10)
 CHECK_SECONDS = 30  # how long a stage waits for the store to answer at its start
 # MLflow's own HTTP retries default to 7 with backoff 2 and a 120 s timeout (about 4 minutes per
 # call against a dead server); bounded here unless the user set them.
@@ -90,11 +95,14 @@ def _experiment_id(root: Path, user_store: bool) -> str:
 
     exp = mlflow.get_experiment_by_name(EXPERIMENT)
     if exp is not None:
+        for key, value in EXPERIMENT_KIND.items():  # a store made by an older version
+            if key not in exp.tags:
+                mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, key, value)
         return exp.experiment_id
     # An explicit artifact root: MLflow's default (./mlruns) follows the working directory.
     location = None if user_store else (root / paths.MLFLOW_ARTIFACTS).as_uri()
     try:
-        return mlflow.create_experiment(EXPERIMENT, artifact_location=location)
+        return mlflow.create_experiment(EXPERIMENT, location, tags=EXPERIMENT_KIND)
     except Exception:  # created meanwhile by a parallel queued experiment
         return mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
 
@@ -133,10 +141,18 @@ def setup(root: Path | None = None) -> str:
     returns the experiment id. Call it first in a stage that logs, before any work."""
     import mlflow
 
-    for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent", "mlflow.store"):
+    for name in (
+        "alembic",
+        "mlflow.store.db.utils",
+        "mlflow.tracking.fluent",
+        "mlflow.store",
+        "mlflow.system_metrics",
+        "mlflow.models.model",
+    ):
         logging.getLogger(name).setLevel(logging.WARNING)
     for key, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", SYSTEM_METRICS_SECONDS)
     root = root or repo_root()
     # Read before set_tracking_uri, which exports MLFLOW_TRACKING_URI itself.
     user_store = bool(os.environ.get("MLFLOW_TRACKING_URI"))
@@ -145,6 +161,19 @@ def setup(root: Path | None = None) -> str:
     exp_id = _within(CHECK_SECONDS, "opening it", uri, lambda: _opened(root, user_store))
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+def ui_url(base: str, root: Path | None = None) -> str:
+    """Where to open the MLflow UI on this project's runs: the experiment's runs table in the UI's
+    "Model training" view. MLflow 3.17's UI opens every experiment in its GenAI view unless the URL
+    (or the switch at its top left, which the browser remembers) says otherwise."""
+    root = root or repo_root()
+    view = "?workflowType=machine_learning"
+    for ref in (paths.TRAIN_RUN, paths.LR_FIND_RUN):
+        with contextlib.suppress(MissingInput, KeyError, TypeError):
+            exp_id = files.read_json(root / ref)["experiment_id"]
+            return f"{base}/#/experiments/{exp_id}/runs{view}"
+    return f"{base}/#/experiments{view}"
 
 
 def git_commit() -> str | None:
@@ -180,6 +209,45 @@ def dvc_tags(stage: str) -> dict[str, str]:
         tags["git.commit"] = commit
         tags["mlflow.source.git.commit"] = commit
     return tags
+
+
+def run_name(stage: str) -> str:
+    """What the runs table shows: the DVC experiment and the stage (``ci-quick-17 · train``); a
+    plain ``dvc repro`` says so, with its commit (``repro@1a2b3c4 · train``)."""
+    exp = os.environ.get("DVC_EXP_NAME")
+    if not exp:
+        commit = git_commit()
+        exp = f"repro@{commit[:7]}" if commit else "repro"
+    return f"{exp} · {stage}"
+
+
+def datasets(data) -> list[tuple[object, str]]:
+    """The prepared training and test splits as MLflow datasets, named by source and split, with
+    the prepared data's fingerprint as digest: two runs on different data show different ones."""
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.numpy_dataset import NumpyDataset
+
+    from .sources import OFFICIAL_FILES, OFFICIAL_URL
+
+    # The prepared data's source is described as "<path or URL> (md5 <digest>)" for archives.
+    source = re.sub(r" \(md5 [0-9a-f]{32}\)$", "", str(data.meta["source"]))
+    if source in OFFICIAL_FILES:
+        origin, short = HTTPDatasetSource(OFFICIAL_URL + OFFICIAL_FILES[source][0]), source
+    elif "://" in source:
+        origin, short = HTTPDatasetSource(source), Path(source.rstrip("/")).name
+    else:
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+        path = Path(source).resolve()
+        origin, short = resolve_dataset_source(str(path)), path.name
+    digest = str(data.meta["fingerprint"])
+    return [
+        (NumpyDataset(x, origin, y, name=f"{short}:{split}", digest=digest), context)
+        for x, y, split, context in (
+            (data.x_train, data.y_train, "train", "training"),
+            (data.x_test, data.y_test, "test", "testing"),
+        )
+    ]
 
 
 def _alive(pid: int) -> bool:
@@ -236,7 +304,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 @contextlib.contextmanager
 def stage_run(
-    stage: str, run_id: str | None = None, tags: dict | None = None
+    stage: str, run_id: str | None = None, tags: dict | None = None, system_metrics: bool = True
 ) -> Iterator[Recorder]:
     """One MLflow run for one stage execution (or a resumed one, given ``run_id``).
 
@@ -251,7 +319,12 @@ def stage_run(
 
     _within(CHECK_SECONDS, "looking for stale runs", uri, lambda: close_stale_runs(stage, run_id))
     try:  # in this thread: MLflow keeps the active run per thread
-        run = mlflow.start_run(run_id=run_id, run_name=None if run_id else stage, tags=run_tags)
+        run = mlflow.start_run(
+            run_id=run_id,
+            run_name=None if run_id else run_name(stage),
+            tags=run_tags,
+            log_system_metrics=system_metrics,  # CPU, memory, GPU: the run page's System tab
+        )
     except Exception as exc:
         raise TrackingError(
             f"MLflow store {uri} cannot be used (starting a run: {short_error(exc)}): {_way_out(uri)}"
@@ -330,12 +403,14 @@ def _finish_if_orphaned(run_id: str, stage: str) -> None:
         progress.say(f"{stage}: marked run {run_id} FINISHED (the store was away when it ended)")
 
 
-def write_run_ref(path: Path, recorder: Recorder) -> None:
-    """The file a later stage reads to log into this run (never 'the latest run')."""
+def write_run_ref(path: Path, recorder: Recorder, **extra) -> None:
+    """The file a later stage reads to log into this run (never 'the latest run'); ``extra``:
+    e.g. the MLflow model the run logged (``model_id``)."""
     ref = {
         "run_id": recorder.run_id,
         "experiment_id": recorder.experiment_id,
         "tracking_uri": recorder.uri,
+        **extra,
     }
     files.write_json(path, ref)
 

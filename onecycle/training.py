@@ -53,8 +53,21 @@ class EpochStats:
     images_per_sec: float
 
     def metrics(self) -> dict[str, float | None]:
-        """The epoch's numbers, logged at step ``epoch``."""
-        return {k: v for k, v in asdict(self).items() if k != "epoch"}
+        """The epoch's numbers for MLflow, logged at step ``epoch``, named by the UI section they
+        belong in (``train/loss``, ``test/accuracy``, ``schedule/lr``, ``speed/epoch_seconds``)."""
+        return {MLFLOW_NAMES[k]: v for k, v in asdict(self).items() if k != "epoch"}
+
+
+MLFLOW_NAMES = {  # EpochStats field -> MLflow metric (metrics/train_history.csv keeps the fields)
+    "train_loss": "train/loss",
+    "train_acc": "train/accuracy",
+    "test_loss": "test/loss",
+    "test_acc": "test/accuracy",
+    "lr": "schedule/lr",
+    "momentum": "schedule/momentum",
+    "epoch_seconds": "speed/epoch_seconds",
+    "images_per_sec": "speed/images_per_sec",
+}
 
 
 @dataclass

@@ -27,6 +27,7 @@ def main() -> None:
             }
         )
         run.set_tags({"device": str(dev.device)})
+        run.log_datasets(tracking.datasets(data)[:1])  # the sweep sees the training split only
         found = lr_finder.find(params, data, dev)
         rows = found.curve_rows()
         files.write_csv(paths.LR_FIND_CURVE, rows)
@@ -37,8 +38,8 @@ def main() -> None:
         metrics = found.metrics(cfg.suggestion)
         files.write_json(paths.LR_FIND_METRICS, metrics)
         first_seed = [r for r in rows if r["seed"] == params.base.seed]
-        run.log_series(first_seed, ["lr", "loss", "smooth_loss", "val_loss"])
-        run.log_metrics(found.result | {k: metrics[k] for k in metrics["grids"]})
+        run.log_series(first_seed, ["lr", "loss", "smooth_loss", "val_loss"], prefix="lr_find/")
+        run.log_metrics(found.result | {k: metrics[k] for k in metrics["grids"]}, prefix="lr_find/")
         run.log_files("params.yaml", paths.LR_FIND_METRICS, paths.LR_FIND_CURVE, paths.LR_FIND_GRID)
         tracking.write_run_ref(paths.LR_FIND_RUN, run)
     print(f"lr_find: {found.describe(cfg.suggestion)}")

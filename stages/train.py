@@ -1,6 +1,6 @@
 """train: the custom ResNet with the 1cycle policy; writes models/model.pt and the per-epoch history."""
 
-from onecycle import checkpoint, cli, files, paths, tracking, training
+from onecycle import checkpoint, cli, files, mlmodel, paths, tracking, training
 from onecycle.config import load_params
 from onecycle.engine import select_device
 from onecycle.model import count_parameters
@@ -44,6 +44,7 @@ def main() -> None:
                     **tracking.context(dev, data),
                 }
             )
+            run.log_datasets(tracking.datasets(data))
         else:
             run.set_tags({"resumed": "true"})
         if plan.warning:
@@ -51,13 +52,21 @@ def main() -> None:
         hooks = training.Hooks(on_epoch=lambda s: run.log_metrics(s.metrics(), s.epoch))
         result = training.fit(session, plan, resume, state, hooks)
 
-        checkpoint.save_weights(result.model, params.model, data.classes, paths.MODEL)
+        checkpoint.save_weights(
+            result.model, params.model, data.classes, paths.MODEL, checkpoint.inputs_of(data)
+        )
+        model_id = run.call_now(
+            "the model",
+            lambda: mlmodel.log(
+                result.model, data.classes, data.mean, data.std, data.x_test, run.run_id
+            ),
+        )
         metrics = training.summary(result, hyper)
         files.write_json(paths.TRAIN_METRICS, metrics)
         files.write_csv(paths.TRAIN_HISTORY, training.history_rows(result.history))
         files.write_csv(paths.TRAIN_SCHEDULE, training.schedule_rows(plan, session.steps_per_epoch))
         run.log_files("params.yaml", paths.TRAIN_METRICS, paths.TRAIN_HISTORY)
-        tracking.write_run_ref(paths.TRAIN_RUN, run)
+        tracking.write_run_ref(paths.TRAIN_RUN, run, model_id=model_id)
     resume.remove()
     acc = "n/a" if metrics["test_acc"] is None else f"{100 * metrics['test_acc']:.2f}%"
     print(

@@ -180,6 +180,7 @@ def official(tmp_path, monkeypatch):
 def test_the_pinned_official_names_and_md5s_are_torchvisions():
     specs = sources.official_specs()
     assert sources.OFFICIAL_FILES == {k: (s.filename, s.md5) for k, s in specs.items()}
+    assert all(s.url == sources.OFFICIAL_URL + s.filename for s in specs.values())
 
 
 def test_reading_a_local_image_folder_loads_no_torchvision(tmp_path):

@@ -204,7 +204,7 @@ def _with(params, section: str, **update):
 
 
 def test_a_grid_sweeps_once_per_value_and_chooses_the_lowest_loss(tiny_data, tiny_params):
-    params = _with(tiny_params, "lr_find", num_iter=40, smooth_beta=0.9, val_images=64)
+    params = _with(tiny_params, "lr_find", num_iter=60, smooth_beta=0.8, val_images=64)
     grid = lf.grid(params, tiny_data, select_device("cpu", 0), "momentum", [0.8, 0.95])
     summary = grid.summary()
     assert summary["values"] == [0.8, 0.95] and len(grid.sweeps) == 2

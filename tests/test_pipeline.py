@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -69,6 +70,8 @@ def _env(repo: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env["PYTHONPATH"] = str(repo)  # the copy's code, not the editable install's
+    # The tiny runs last seconds: sample the system metrics every second, or they show none.
+    env["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"
     return env
 
 
@@ -167,7 +170,7 @@ def test_mlflow_holds_both_runs_with_params_curves_and_figures(pipeline):
     assert set(by_stage) == {"lr_find", "train"} and all(r.info.status == "FINISHED" for r in runs)
     lr_run, train_run = by_stage["lr_find"], by_stage["train"]
     assert lr_run.data.params["lr_find.num_iter"] == "40"
-    assert len(client.get_metric_history(lr_run.info.run_id, "smooth_loss")) >= 10
+    assert len(client.get_metric_history(lr_run.info.run_id, "lr_find/smooth_loss")) >= 10
     assert "figures/lr_find.png" in [
         a.path for a in client.list_artifacts(lr_run.info.run_id, "figures")
     ]
@@ -175,9 +178,11 @@ def test_mlflow_holds_both_runs_with_params_curves_and_figures(pipeline):
     assert (
         train_run.data.params["max_lr_source"] == "lr_find" and train_run.data.params["parameters"]
     )
-    assert [m.step for m in client.get_metric_history(train_run.info.run_id, "test_acc")] == [1, 2]
+    history = client.get_metric_history(train_run.info.run_id, "test/accuracy")
+    assert [m.step for m in history] == [1, 2]
     assert (
-        "eval.accuracy" in train_run.data.metrics
+        "eval/accuracy" in train_run.data.metrics
+        and "eval_per_class/cat.f1" in train_run.data.metrics
         and train_run.data.tags.get("plots.done") == "true"
     )
     figs = {a.path for a in client.list_artifacts(train_run.info.run_id, "figures")}
@@ -190,6 +195,65 @@ def test_mlflow_holds_both_runs_with_params_curves_and_figures(pipeline):
     assert ref["run_id"] == train_run.info.run_id
     for run in runs:  # artifacts at the repository root, whatever the working directory was
         assert run.info.artifact_uri.startswith((pipeline / paths.MLFLOW_ARTIFACTS).as_uri())
+
+
+def test_mlflow_shows_named_runs_datasets_system_metrics_and_the_registered_model(
+    pipeline, tmp_path
+):
+    """What a person finds in the MLflow UI after `dvc repro`, through the client."""
+    import mlflow
+    import numpy as np
+
+    from onecycle.prepared import load_prepared
+
+    client, runs = _runs(pipeline)
+    exp = client.get_experiment(runs[0].info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the runs view
+    commit = _run(pipeline, "git", "rev-parse", "--short=7", "HEAD").stdout.strip()
+    by_stage = {r.data.tags["dvc.stage"]: r for r in runs}
+    assert {r.info.run_name for r in runs} == {f"repro@{commit} · {s}" for s in by_stage}
+    data = load_prepared(pipeline / paths.PREPARED_DIR)
+    digest = data.meta["fingerprint"]
+    for stage, want in (("lr_find", {"training"}), ("train", {"training", "testing"})):
+        inputs = by_stage[stage].inputs.dataset_inputs
+        got = {i.tags[0].value: i.dataset for i in inputs}
+        assert set(got) == want and {d.digest for d in got.values()} == {digest}
+        assert got["training"].name == "cifar10-jpg.tar.gz:train"
+    train = by_stage["train"]
+    assert any(k.startswith("system/cpu_utilization") for k in train.data.metrics), sorted(
+        train.data.metrics
+    )
+    # the model: logged by train, its metrics from evaluate, registered, loadable by name
+    ref = json.loads((pipeline / paths.TRAIN_RUN).read_text())
+    logged = client.get_logged_model(ref["model_id"])
+    assert logged.source_run_id == train.info.run_id
+    assert {m.key for m in logged.metrics} >= {"eval/accuracy", "eval/loss"}
+    (version,) = client.search_model_versions("name = 'cifar10-resnet9'")
+    assert train.data.tags["registered_model"] == f"cifar10-resnet9/{version.version}"
+    mlflow.set_tracking_uri(f"sqlite:///{pipeline / paths.MLFLOW_DB}")
+    model = mlflow.pyfunc.load_model(f"models:/cifar10-resnet9/{version.version}")
+    assert model.metadata.metadata["classes"] == data.classes
+    probs = model.predict(data.x_test[:64])
+    assert probs.shape == (64, len(data.classes)) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    import csv
+
+    with open(pipeline / paths.PREDICTIONS) as f:
+        rows = list(csv.DictReader(f))[:64]
+    assert [data.classes[i] for i in probs.argmax(1)] == [r["predicted"] for r in rows]
+    assert np.allclose(probs.max(1), [float(r["confidence"]) for r in rows], atol=1e-4)
+    # predict, on image files, with the checkpoint (its default): evaluate's answers again
+    from PIL import Image
+
+    images = []
+    for i in range(8):
+        images.append(tmp_path / f"test{i}.png")
+        Image.fromarray(data.x_test[i]).save(images[-1])
+    out = _run(pipeline, sys.executable, "-m", "onecycle.predict", "--top", "1", *map(str, images))
+    for line, row in zip(out.stdout.strip().splitlines(), rows, strict=False):
+        cls, pct = line.split(": ")[1].rsplit(" ", 1)
+        assert cls == row["predicted"], line
+        assert float(pct.rstrip("%")) == pytest.approx(100 * float(row["confidence"]), abs=0.06)
+    assert len(out.stdout.strip().splitlines()) == 8
 
 
 def test_second_repro_runs_nothing(pipeline):
@@ -380,7 +444,7 @@ def test_a_tracking_server_lost_mid_training_costs_no_training(pipeline, tmp_pat
             break
     out = "".join(seen) + proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, out
-    assert "warning: MLflow at" in out and "is missing:" in out and "test_acc" in out
+    assert "warning: MLflow at" in out and "is missing:" in out and "test/accuracy" in out
     assert "epoch 3:" in out and (pipeline / paths.MODEL).exists()
     _reset_params(pipeline)
 
@@ -404,47 +468,52 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_mlflow_ui_serves_the_runs_through_its_rest_api(pipeline):
-    import urllib.parse
+@contextlib.contextmanager
+def _mlflow_ui(repo: Path):
+    """The real `mlflow ui` (as `make mlflow-ui` starts it) on a free port; yields the base URL
+    once its REST API answers, stops it after."""
     import urllib.request
 
     port = _free_port()
     server = subprocess.Popen(
-        [
-            "mlflow",
-            "ui",
-            "--backend-store-uri",
-            f"sqlite:///{pipeline / paths.MLFLOW_DB}",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        cwd=pipeline,
-        env=_env(pipeline),
+        ["mlflow", "ui", "--backend-store-uri", f"sqlite:///{repo / paths.MLFLOW_DB}",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=repo,
+        env=_env(repo),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
-
-    def get(endpoint, **query):
-        with urllib.request.urlopen(
-            f"{base}/{endpoint}?{urllib.parse.urlencode(query)}", timeout=10
-        ) as r:
-            return json.loads(r.read())
-
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(120):  # up to 60 s to start
             try:
-                exps = get("experiments/search", max_results=10)["experiments"]
-                break
+                with urllib.request.urlopen(f"{url}/health", timeout=5):
+                    break
             except OSError:
                 time.sleep(0.5)
         else:
             raise AssertionError("mlflow ui did not answer within 60 s")
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_mlflow_ui_serves_the_runs_through_its_rest_api(pipeline):
+    import urllib.parse
+    import urllib.request
+
+    with _mlflow_ui(pipeline) as url:
+        base = f"{url}/api/2.0/mlflow"
+
+        def get(endpoint, **query):
+            with urllib.request.urlopen(
+                f"{base}/{endpoint}?{urllib.parse.urlencode(query)}", timeout=10
+            ) as r:
+                return json.loads(r.read())
+
+        exps = get("experiments/search", max_results=10)["experiments"]
         exp_id = next(e["experiment_id"] for e in exps if e["name"] == "cifar10-onecycle")
         req = urllib.request.Request(
             f"{base}/runs/search",
@@ -464,12 +533,12 @@ def test_mlflow_ui_serves_the_runs_through_its_rest_api(pipeline):
             r
             for r in runs
             if tag[r["info"]["run_id"]]["dvc.stage"] == "train"
-            and "eval.accuracy" in {m["key"] for m in r["data"].get("metrics", [])}
+            and "eval/accuracy" in {m["key"] for m in r["data"].get("metrics", [])}
         )
         rid = train["info"]["run_id"]
         params = {p["key"]: p["value"] for p in train["data"]["params"]}
         assert params["train.epochs"] and params["max_lr_used"]
-        hist = get("metrics/get-history", run_id=rid, metric_key="train_loss")["metrics"]
+        hist = get("metrics/get-history", run_id=rid, metric_key="train/loss")["metrics"]
         assert [m["step"] for m in hist] == list(range(1, len(hist) + 1)) and len(hist) >= 2
         files = {f["path"] for f in get("artifacts/list", run_id=rid, path="figures")["files"]}
         assert {
@@ -477,32 +546,100 @@ def test_mlflow_ui_serves_the_runs_through_its_rest_api(pipeline):
             "figures/confusion_matrix.png",
             "figures/lr_find.png",
         } <= files
+
+
+SCREENSHOTS = Path(os.environ.get("ONECYCLE_TEST_ARTIFACTS", ROOT / "test-artifacts"))
+
+
+def _chrome():
+    """Headless Chromium through chromedriver (Debian's chromium and chromium-driver), or a skip
+    that says what to install."""
+    missing = [b for b in ("chromium", "chromedriver") if not shutil.which(b)]
+    if missing:
+        pytest.skip(
+            f"{' and '.join(missing)} not found: the browser test needs Debian's chromium and "
+            "chromium-driver (`apt-get install chromium chromium-driver`; .ci/run does it as root)"
+        )
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = shutil.which("chromium")
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--window-size=1600,1000",
+        "--disable-gpu",
+    ):
+        opts.add_argument(arg)  # fmt: skip
+    return webdriver.Chrome(options=opts, service=Service(shutil.which("chromedriver")))
+
+
+def _wait_for_text(driver, *texts: str, seconds: float = 60) -> str:
+    """The page's visible text once it shows every one of ``texts``."""
+    from selenium.webdriver.common.by import By
+
+    deadline = time.monotonic() + seconds
+    body = ""
+    while time.monotonic() < deadline:
+        body = driver.find_element(By.TAG_NAME, "body").text
+        if all(t in body for t in texts):
+            return body
+        time.sleep(0.5)
+    missing = [t for t in texts if t not in body]
+    raise AssertionError(f"the page never showed {missing}; it showed:\n{body[:3000]}")
+
+
+def test_the_mlflow_ui_in_a_real_browser_shows_runs_accuracy_model_and_dataset(pipeline):
+    """What a person sees after `make mlflow-ui`, at the URL it prints: the experiment's runs
+    table (not MLflow 3's GenAI overview) with both runs by name and the dataset; the train run's
+    page with the test accuracy, the dataset and the registered model. Screenshots land in
+    test-artifacts/."""
+    from onecycle.tracking import ui_url
+
+    client, _ = _runs(pipeline)
+    _run(pipeline, "dvc", "repro")  # the workspace's runs, whatever earlier tests left
+    lr_find, train = (
+        client.get_run(json.loads((pipeline / p).read_text())["run_id"])
+        for p in (paths.LR_FIND_RUN, paths.TRAIN_RUN)
+    )
+    accuracy = train.data.metrics["eval/accuracy"]
+    registered = train.data.tags["registered_model"].replace("/", " v")  # "cifar10-resnet9 v1"
+    driver = _chrome()
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    try:
+        with _mlflow_ui(pipeline) as url:
+            driver.get(ui_url(url, pipeline))
+            try:
+                table = _wait_for_text(
+                    driver, lr_find.info.run_name, train.info.run_name, "cifar10-jpg.tar.gz:train"
+                )
+            finally:
+                driver.save_screenshot(str(SCREENSHOTS / "mlflow-runs-table.png"))
+            assert "matching runs" in table and "Token usage" not in table  # runs, not GenAI
+            run_page = f"#/experiments/{train.info.experiment_id}/runs/{train.info.run_id}"
+            driver.get(f"{url}/{run_page}?workflowType=machine_learning")
+            try:
+                page = _wait_for_text(driver, train.info.run_name, "eval/accuracy")
+            finally:
+                driver.save_screenshot(str(SCREENSHOTS / "mlflow-train-run.png"))
+            lines = page.split("\n")
+            shown = lines[lines.index("eval/accuracy") + 1]  # the value under the metric's name
+            assert float(shown) == pytest.approx(accuracy, abs=1e-3), shown
+            assert "cifar10-jpg.tar.gz:train" in page and "Registered models" in page
+            assert registered in page.replace("\nv", " v"), registered
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
-
-
-TINY_STUDY = """
-name: tiny
-description: two fixed LRs and the steepest pick, two seeds (the test suite's study)
-common: {train.epochs: 1}
-settings:
-  lr-0.05: {train.max_lr: 0.05}
-  lr-0.2: {train.max_lr: 0.2}
-picks: [steepest]
-seeds: [0, 1]
-figure: max_lr
-"""
+        driver.quit()
 
 
 TINY_STUDIES = {
     "tiny": """
 name: tiny
-description: two fixed LRs and the steepest pick, two seeds (the test suite's study-lr)
+description: a fixed LR against the steepest pick, two seeds (the test suite's study-lr)
 common: {train.epochs: 1}
 settings:
   lr-0.05: {train.max_lr: 0.05}
-  lr-0.2: {train.max_lr: 0.2}
 picks: [steepest]
 seeds: [0, 1]
 figure: max_lr
@@ -538,10 +675,10 @@ def _check_report_against_store(repo: Path, name: str, results: list[dict], repo
     by_id = {r.info.run_id: r for r in runs}
     for r in results:
         run = by_id[r["run_id"]]
-        assert run.data.metrics["eval.accuracy"] == r["accuracy"]
+        assert run.data.metrics["eval/accuracy"] == r["accuracy"]
         assert run.data.tags["dvc.exp_name"] == f"{name}-{r['label']}-s{r['seed']}"
         assert float(run.data.params["max_lr_used"]) == r["max_lr"]
-        history = client.get_metric_history(r["run_id"], "test_acc")
+        history = client.get_metric_history(r["run_id"], "test/accuracy")
         assert [m.value for m in sorted(history, key=lambda m: m.step)] == r["test_acc"]
     for label in {r["label"] for r in results}:
         mean = 100 * np.mean([r["accuracy"] for r in results if r["label"] == label])
@@ -556,7 +693,7 @@ def _check_report_against_store(repo: Path, name: str, results: list[dict], repo
 def test_a_study_runs_as_named_experiments_and_reports_what_the_store_holds(pipeline):
     results, report = _study(pipeline, "tiny")
     names = {(r["label"], r["seed"]) for r in results}
-    assert names == {(s, seed) for s in ("lr-0.05", "lr-0.2", "pick-steepest") for seed in (0, 1)}
+    assert names == {(s, seed) for s in ("lr-0.05", "pick-steepest") for seed in (0, 1)}
     _check_report_against_store(pipeline, "tiny", results, report)
     shown = json.loads(_run(pipeline, "dvc", "exp", "show", "--json").stdout)
     exps = {  # queued experiments show in `dvc exp show`, by name, with their metrics

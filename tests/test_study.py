@@ -100,3 +100,72 @@ def test_queued_runs_share_the_cores_unless_told_otherwise(monkeypatch):
     assert study.threads_env(1)["OMP_NUM_THREADS"] == "2"
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert study.threads_env(2)["OMP_NUM_THREADS"] == "3"
+
+
+def test_a_report_reads_its_own_runs_from_a_real_store_and_nothing_else(tmp_path, monkeypatch):
+    """A tiny study's report against a real MLflow store (seconds; the run through DVC queues is
+    tests/test_pipeline.py's, marked long): the numbers are the store's, the latest finished run
+    of each name on this commit counts, and other studies, commits and stages stay out."""
+    import json
+    import os
+    import subprocess
+
+    import mlflow
+    import numpy as np
+
+    from onecycle import paths, tracking
+
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}  # fmt: skip
+    for cmd in (["git", "init", "-q"], ["git", "commit", "-q", "--allow-empty", "-m", "x"]):
+        subprocess.run(cmd, cwd=tmp_path, check=True, env=env)
+    rev = study.baseline_rev(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    exp_id = tracking.setup(tmp_path)
+    client = mlflow.MlflowClient()
+    s = study.load_text(GOOD.replace("seeds: [0, 1, 2]", "seeds: [0, 1]"))
+    rng = np.random.default_rng(0)
+
+    def train_run(name, acc, lr, base=rev, stage="train", status="FINISHED"):
+        tags = {"dvc.stage": stage, "dvc.exp_name": name, "dvc.exp_baseline_rev": base}
+        run = client.create_run(exp_id, tags=tags).info.run_id
+        client.log_param(run, "max_lr_used", lr)
+        for epoch, a in enumerate((acc / 2, acc), start=1):
+            client.log_metric(run, "test/accuracy", a, step=epoch)
+            client.log_metric(run, "speed/epoch_seconds", 3.0, step=epoch)
+        client.log_metric(run, "eval/accuracy", acc)
+        client.set_terminated(run, status)
+        return run
+
+    expected = {}
+    for label, lr in (("lr-0.01", 0.01), ("lr-0.1", 0.1), ("pick-valley", 0.04)):
+        for seed in (0, 1):
+            name = s.exp_name(label, seed)
+            train_run(name, 0.1, lr)  # an older run of the same name: the latest counts
+            expected[name] = (float(rng.uniform(0.2, 0.6)), lr)
+            train_run(name, *expected[name])
+    train_run("lr-lr-0.01-s0", 0.99, 0.01, base="0" * 40)  # another commit
+    train_run("other-lr-0.01-s0", 0.99, 0.01)  # another study
+    train_run("lr-lr-0.1-s1", 0.99, 0.1, stage="lr_find")  # not a train run
+    train_run("lr-lr-0.1-s0", 0.99, 0.1, status="FAILED")  # not finished
+
+    path = study.report(s, tmp_path)
+    results = json.loads((tmp_path / "reports" / "lr" / "results.json").read_text())
+    assert {s.exp_name(r["label"], r["seed"]): (r["accuracy"], r["max_lr"]) for r in results} == (
+        expected
+    )
+    assert all(r["seconds"] == 6.0 and len(r["test_acc"]) == 2 for r in results)
+    text = path.read_text()
+    for label in ("lr-0.01", "lr-0.1", "pick-valley"):
+        accs = [a for n, (a, _) in expected.items() if n.startswith(f"lr-{label}-")]
+        std = np.std(accs, ddof=1)
+        assert f"| {label} | 2 | {100 * np.mean(accs):.2f} ± {100 * std:.2f} % |" in text
+    assert (tmp_path / "reports" / "lr" / "lr.png").stat().st_size > 10_000
+    parent = client.search_runs([exp_id], "tags.study = 'lr'")
+    assert len(parent) == 1
+    children = client.search_runs(
+        [exp_id], f"tags.`mlflow.parentRunId` = '{parent[0].info.run_id}'"
+    )
+    assert {r.info.run_id for r in children} == {r["run_id"] for r in results}
+    assert not (tmp_path / paths.MLFLOW_DB).with_suffix(".broken").exists()

@@ -1,0 +1,179 @@
+"""predict: the top classes of image files, from the pipeline's checkpoint or an MLflow model.
+
+    python -m onecycle.predict cat.jpg truck.png                        # models/model.pt
+    python -m onecycle.predict --model models:/cifar10-resnet9/3 *.jpg  # the Model Registry
+    python -m onecycle.predict --model runs:/<run id>/model --top 5 photo.jpg
+
+Images are read as the data stage reads them (any size, colour or grayscale: converted to RGB,
+resized to the model's image size). MLflow URIs resolve against the project's store
+(``mlflow.db``) unless ``MLFLOW_TRACKING_URI`` names another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import paths
+from .errors import UserError
+
+MAX_IMAGE_PIXELS = 40_000_000  # as data.max_image_pixels' default
+
+
+class PredictError(UserError):
+    """An image or the model cannot be used; the message names which and why."""
+
+
+@dataclass
+class Model:
+    classes: list[str]
+    image_size: int
+    probabilities: Callable[[np.ndarray], np.ndarray]  # uint8 (N, H, W, 3) -> (N, classes)
+    origin: str
+
+
+def load_checkpoint_model(path: Path) -> Model:
+    """The pipeline's weights file, rebuilt from what it carries (no params.yaml, no data)."""
+    import torch
+
+    from . import checkpoint, mlmodel
+    from .model import ResNet9, ResNetConfig
+
+    try:
+        ckpt = checkpoint.load(path)
+        config, classes, inputs = ckpt["config"], ckpt["classes"], ckpt.get("inputs")
+    except FileNotFoundError:
+        raise PredictError(
+            f"{path} not found: train first (`dvc repro train`) or give --model"
+        ) from None
+    except Exception as exc:
+        raise PredictError(f"{path} is not a checkpoint of this pipeline ({exc})") from None
+    if not inputs:
+        raise PredictError(
+            f"{path} predates predict (it lacks the image size and normalization); "
+            "retrain it with `dvc repro -f train`, or give an MLflow model with --model"
+        )
+    net = ResNet9(ResNetConfig(config["num_classes"], config["width"], config["logit_scale"]))
+    misfit = checkpoint.state_dict_misfit(net.state_dict(), ckpt["model"])
+    if misfit:
+        raise PredictError(f"{path}: weights do not fit the model they name:\n{misfit}")
+    net.load_state_dict(ckpt["model"])
+    model = mlmodel.ImageClassifier(net, inputs["mean"], inputs["std"]).eval()
+
+    def probabilities(images: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.from_numpy(images)).numpy()
+
+    return Model(list(classes), int(inputs["image_size"]), probabilities, str(path))
+
+
+def load_mlflow_model(uri: str) -> Model:
+    """A model logged by the train stage (``models:/<name>/<version>``, ``runs:/<id>/model``,
+    ``models:/<model id>`` or a local MLflow model folder)."""
+    import mlflow
+
+    from . import tracking
+
+    if not Path(uri).exists():
+        tracking.setup()
+    try:
+        model = mlflow.pyfunc.load_model(uri)
+    except Exception as exc:
+        raise PredictError(
+            f"cannot load MLflow model {uri} from {mlflow.get_tracking_uri()} "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); the registered ones are on "
+            "the UI's Models page (make mlflow-ui), or give the checkpoint path"
+        ) from None
+    meta = model.metadata.metadata or {}
+    if "classes" not in meta or "image_size" not in meta:
+        raise PredictError(
+            f"MLflow model {uri} does not carry class names and image size in its metadata; it "
+            "was not logged by this pipeline's train stage"
+        )
+    return Model(
+        list(meta["classes"]),
+        int(meta["image_size"]),
+        lambda images: np.asarray(model.predict(images)),
+        uri,
+    )
+
+
+def load_model(spec: str) -> Model:
+    """A path to a ``.pt`` file is the pipeline's checkpoint; anything else an MLflow model."""
+    path = Path(spec)
+    if path.suffix == ".pt" or path.is_file():
+        return load_checkpoint_model(path)
+    return load_mlflow_model(spec)
+
+
+def read_images(files: list[Path], image_size: int) -> np.ndarray:
+    from .imagefolder import decode_image
+
+    images = []
+    for f in files:
+        try:
+            data = f.read_bytes()
+        except FileNotFoundError:
+            raise PredictError(f"{f}: no such file") from None
+        except OSError as exc:
+            raise PredictError(f"{f}: cannot read it ({exc.strerror or exc})") from None
+        try:
+            images.append(decode_image(data, str(f), image_size, MAX_IMAGE_PIXELS))
+        except UserError as exc:
+            raise PredictError(f"{exc} (is it an image file?)") from None
+    return np.stack(images)
+
+
+def predict(model: Model, files: list[Path], top: int) -> list[list[tuple[str, float]]]:
+    """For each file, its ``top`` classes with their probabilities, most likely first."""
+    probs = model.probabilities(read_images(files, model.image_size))
+    if probs.ndim != 2 or probs.shape[1] != len(model.classes):
+        raise PredictError(
+            f"model {model.origin} gives {probs.shape[-1]} outputs per image but names "
+            f"{len(model.classes)} classes ({', '.join(model.classes)}): it was trained on other "
+            "classes than it says; retrain it"
+        )
+    order = np.argsort(-probs, axis=1)[:, :top]
+    return [
+        [(model.classes[j], float(p[j])) for j in row] for p, row in zip(probs, order, strict=True)
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(
+        prog="python -m onecycle.predict",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+    )
+    ap.add_argument("images", nargs="+", type=Path, help="image files (PNG, JPEG, ...)")
+    ap.add_argument(
+        "--model",
+        default=str(paths.MODEL),
+        help=f"checkpoint path or MLflow model URI (default: {paths.MODEL})",
+    )
+    ap.add_argument("--top", type=int, default=3, help="classes shown per image (default: 3)")
+    args = ap.parse_args(argv)
+    model = load_model(args.model)
+    top = max(1, min(args.top, len(model.classes)))
+    for f, best in zip(args.images, predict(model, args.images, top), strict=True):
+        ranked = ", ".join(f"{c} {100 * p:.1f}%" for c, p in best)
+        print(f"{f}: {ranked}")
+
+
+def run(argv: list[str] | None = None) -> None:
+    """The console entry point: a user error is one line and exit status 1."""
+    try:
+        main(argv)
+    except UserError as exc:
+        print(f"predict: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run()

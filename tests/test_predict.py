@@ -1,0 +1,125 @@
+"""predict and the MLflow model: raw images of any size in, the checkpoint's and the logged
+model's probabilities agree, and bad input is named."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from onecycle import checkpoint, mlmodel, predict
+from onecycle.config import ModelConfig
+from onecycle.model import ResNet9, ResNetConfig
+
+from .conftest import ROOT
+
+CLASSES = [f"class{i}" for i in range(10)]
+MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    torch.manual_seed(0)
+    net = ResNet9(ResNetConfig(width=4)).eval()
+    for m in net.modules():  # non-trivial running stats, so eval-mode BN matters
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    path = tmp_path / "model.pt"
+    inputs = {"image_size": 32, "mean": list(MEAN), "std": list(STD)}
+    checkpoint.save_weights(net, ModelConfig(width=4), CLASSES, path, inputs)
+    return net, path
+
+
+@pytest.fixture
+def images(tmp_path):
+    """A colour JPEG at the model's size, a grayscale PNG of another size, a palette GIF."""
+    rng = np.random.default_rng(0)
+    files = []
+    for name, mode, size in (("a.jpg", "RGB", 32), ("b.png", "L", (57, 41)), ("c.gif", "P", 20)):
+        shape = (size, size) if isinstance(size, int) else size[::-1]
+        pixels = rng.integers(0, 256, (*shape, 3) if mode == "RGB" else shape, dtype=np.uint8)
+        Image.fromarray(pixels, "RGB" if mode == "RGB" else "L").convert(mode).save(tmp_path / name)
+        files.append(tmp_path / name)
+    return files
+
+
+def test_predict_reads_any_image_as_the_data_stage_and_ranks_the_classes(model_file, images):
+    net, path = model_file
+    model = predict.load_model(str(path))
+    got = predict.predict(model, images, top=3)
+    x = predict.read_images(images, 32)
+    assert x.shape == (3, 32, 32, 3) and x.dtype == np.uint8
+    with torch.no_grad():
+        mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+        ref = torch.softmax(net((torch.from_numpy(x).permute(0, 3, 1, 2) / 255 - mean) / std), 1)
+    for row, probs in zip(got, ref.numpy(), strict=True):
+        assert [c for c, _ in row] == [CLASSES[i] for i in np.argsort(-probs)[:3]]
+        assert [p for _, p in row] == pytest.approx(sorted(probs)[::-1][:3], abs=1e-5)
+
+
+def test_the_logged_mlflow_model_takes_raw_images_and_matches_the_checkpoint(
+    model_file, images, tmp_path, monkeypatch
+):
+    import mlflow
+
+    net, path = model_file
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    x = predict.read_images(images, 32)
+    with mlflow.start_run() as run:
+        model_id = mlmodel.log(net, CLASSES, MEAN, STD, x, run.info.run_id)
+    loaded = mlflow.pyfunc.load_model(f"models:/{model_id}")
+    assert loaded.metadata.metadata["classes"] == CLASSES
+    assert loaded.metadata.get_input_schema().inputs[0].shape == (-1, 32, 32, 3)
+    assert [c.name for c in loaded.metadata.get_output_schema().inputs] == CLASSES
+    from_ckpt = predict.load_model(str(path)).probabilities(x)
+    assert np.allclose(loaded.predict(x), from_ckpt, atol=1e-5)  # batch of 3, example of 2
+    by_uri = predict.predict(predict.load_model(f"models:/{model_id}"), images, top=2)
+    assert by_uri == [
+        [(c, pytest.approx(p, abs=1e-5)) for c, p in row]
+        for row in predict.predict(predict.load_model(str(path)), images, top=2)
+    ]
+
+
+def test_a_missing_or_non_image_file_is_named(model_file, tmp_path):
+    model = predict.load_model(str(model_file[1]))
+    with pytest.raises(predict.PredictError, match="nope.png: no such file"):
+        predict.predict(model, [tmp_path / "nope.png"], 3)
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(predict.PredictError, match=r"notes.txt: unreadable image.*an image file"):
+        predict.predict(model, [tmp_path / "notes.txt"], 3)
+
+
+def test_a_model_that_names_other_classes_than_it_was_trained_on_is_refused(model_file, images):
+    model = predict.load_model(str(model_file[1]))
+    model.classes = ["cat", "dog", "ship"]  # as an edited checkpoint or model metadata would
+    with pytest.raises(predict.PredictError, match="10 outputs per image but names 3 classes"):
+        predict.predict(model, images, 3)
+
+
+def test_a_checkpoint_without_input_details_or_a_bad_uri_says_what_to_do(tmp_path, monkeypatch):
+    net = ResNet9(ResNetConfig(width=4))
+    checkpoint.save_weights(net, ModelConfig(width=4), CLASSES, tmp_path / "old.pt")
+    with pytest.raises(predict.PredictError, match="dvc repro -f train"):
+        predict.load_model(str(tmp_path / "old.pt"))
+    with pytest.raises(predict.PredictError, match="not found"):
+        predict.load_model(str(tmp_path / "gone.pt"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with pytest.raises(predict.PredictError, match="cannot load MLflow model models:/nothing/1"):
+        predict.load_model("models:/nothing/1")
+
+
+def test_the_command_prints_top_classes_and_fails_in_one_line(model_file, images):
+    cmd = [sys.executable, "-m", "onecycle.predict", "--model", str(model_file[1]), "--top", "2"]
+    ok = subprocess.run([*cmd, *map(str, images)], capture_output=True, text=True, cwd=ROOT)
+    assert ok.returncode == 0, ok.stderr
+    lines = ok.stdout.strip().splitlines()
+    assert len(lines) == 3 and lines[0].startswith(f"{images[0]}: class")
+    assert lines[0].count("%") == 2
+    bad = subprocess.run([*cmd, "missing.jpg"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 1 and bad.stderr.strip() == "predict: error: missing.jpg: no such file"
