@@ -12,7 +12,7 @@ QUICK := -S data.source=$(SHARED_CIFAR) -S model.width=16 -S train.batch_size=25
 
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: env repro quick test test-fast test-long lint format mlflow-ui reset-params bench study-schedules \
+.PHONY: env repro quick test test-fast test-long lint format mlflow-ui mlflow-server reset-params bench study-schedules \
 	study-lr ci-pipeline ci-baseline clean
 
 $(STAMP): pyproject.toml
@@ -60,6 +60,21 @@ study-lr: $(STAMP)  ## fixed max LRs 0.01..1.0 vs each suggestion method's pick,
 mlflow-ui: $(STAMP)  ## browse the runs at http://127.0.0.1:5000 (it prints the runs table's URL)
 	@echo "MLflow UI: open $$(python -c 'from onecycle.tracking import ui_url; print(ui_url("http://127.0.0.1:5000"))')"
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+# A tracking server for a team (README: For teams): `mlflow server` on a PostgreSQL backend
+# store, artifacts proxied through it (--serve-artifacts) into MLFLOW_ARTIFACTS_DESTINATION (a
+# folder or an object store URI such as s3://bucket/mlflow). The pipeline logs to it with
+# MLFLOW_TRACKING_URI=http://<host>:<port>.
+MLFLOW_SERVER_HOST ?= 127.0.0.1
+MLFLOW_SERVER_PORT ?= 5000
+MLFLOW_SERVER_WORKERS ?= 2
+mlflow-server: $(STAMP)  ## MLflow server on PostgreSQL: set MLFLOW_BACKEND_STORE_URI=postgresql://...
+	@case "$${MLFLOW_BACKEND_STORE_URI:-}" in postgresql://*|postgresql+*) ;; \
+	  *) echo "mlflow-server: set MLFLOW_BACKEND_STORE_URI=postgresql+psycopg://<user>:<password>@<host>:5432/<db>" \
+	       "(now: '$${MLFLOW_BACKEND_STORE_URI:-}'); README: For teams" >&2; exit 2;; esac
+	mlflow server --backend-store-uri "$$MLFLOW_BACKEND_STORE_URI" --serve-artifacts \
+		--artifacts-destination "$${MLFLOW_ARTIFACTS_DESTINATION:-$(CURDIR)/mlartifacts-server}" \
+		--host $(MLFLOW_SERVER_HOST) --port $(MLFLOW_SERVER_PORT) --workers $(MLFLOW_SERVER_WORKERS)
 
 # params.yaml back to the committed defaults. Not `git checkout params.yaml`: after a failed
 # `dvc exp run -S ...` git can show the file clean while it holds the refused value.
