@@ -55,7 +55,16 @@ class AlbumentationsStream:
 
 class TensorStream:
     def __init__(
-        self, x, y, batch_size: int, aug: AugmentConfig, mean, std, seed: int, dev: Device
+        self,
+        x,
+        y,
+        batch_size: int,
+        aug: AugmentConfig,
+        mean,
+        std,
+        seed: int,
+        dev: Device,
+        ranks=None,
     ):
         if len(x) == 0:
             raise ValueError("no training images")
@@ -63,24 +72,35 @@ class TensorStream:
         self.y = torch.from_numpy(y).to(dev.device)
         self.batch_size = min(batch_size, len(x))
         self.aug, self.mean, self.std, self.seed = aug, mean, std, seed
+        self.ranks = ranks  # distributed.Ranks: this rank takes its slice of every batch
 
     def __len__(self) -> int:
         return len(self.x) // self.batch_size  # the ragged last batch is dropped
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        """Batch ``b`` of the epoch's permutation; under data parallelism, this rank's slice of
+        it, augmented with the draws one process would give those images."""
         order = torch.from_numpy(epoch_order(self.seed, epoch, len(self.x))).to(self.x.device)
+        part = self.ranks.shard(self.batch_size) if self.ranks and self.ranks.world > 1 else None
         for b in range(start, len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            if part is not None:
+                idx = idx[part]
             x = torch_augment.augment_batch(
-                self.x[idx], self.aug, self.mean, self.std, self.seed, epoch, b
-            )
+                self.x[idx], self.aug, self.mean, self.std, self.seed, epoch, b,
+                self.batch_size, part,
+            )  # fmt: skip
             yield b, x, self.y[idx]
 
 
-def make_stream(x, y, batch_size: int, aug: AugmentConfig, mean, std, seed: int, dev: Device):
-    """The stream ``aug.backend`` names, over the uint8 images ``x`` and labels ``y``."""
-    kind = {"albumentations": AlbumentationsStream, "torch": TensorStream}
-    return kind[resolve_backend(aug.backend)](x, y, batch_size, aug, mean, std, seed, dev)
+def make_stream(
+    x, y, batch_size: int, aug: AugmentConfig, mean, std, seed: int, dev: Device, ranks=None
+):
+    """The stream ``aug.backend`` names, over the uint8 images ``x`` and labels ``y``; with
+    data-parallel ``ranks`` (torch backend only), this rank's slice of every batch."""
+    if resolve_backend(aug.backend) == "torch":
+        return TensorStream(x, y, batch_size, aug, mean, std, seed, dev, ranks)
+    return AlbumentationsStream(x, y, batch_size, aug, mean, std, seed, dev)
 
 
 def sample_images(x, y, aug: AugmentConfig, mean, std, seed: int, n: int = 32):

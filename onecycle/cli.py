@@ -63,3 +63,7 @@ def run(main: Callable[[], None], stage: str) -> None:
     except UserError as exc:
         print(f"\n{stage}: error: {exc}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        ddp = sys.modules.get("onecycle.distributed")  # imported by the stages that train
+        if ddp is not None:
+            ddp.shutdown()  # a data-parallel rank leaves its process group

@@ -31,6 +31,7 @@ class BaseConfig(_Section):
     seed: int = Field(0, ge=0)
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
     num_workers: Literal["auto"] | int = Field("auto")
+    devices: int = Field(1, ge=1)  # >1: data-parallel over this many processes (torchrun, DDP)
 
     # Checks that a plain Field constraint cannot express are field validators (not model
     # validators), so the error names the key (base.num_workers), not just the section.

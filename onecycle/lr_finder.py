@@ -48,13 +48,14 @@ def range_test(
     batches = session.stream()
     session.model.train()
 
-    def step(lr: float) -> float:
+    def step(lr: float) -> float:  # the mean over the ranks' shares of the batch
         loss, _ = session.step(*next(batches), lr, lr_cfg.momentum)
-        return float(loss)
+        return session.ranks.mean(loss)
 
-    def val_loss() -> float:
+    def val_loss() -> float:  # rank 0's model (its BatchNorm statistics) decides, on every rank
         x, y = val
-        return float(F.cross_entropy(predict(session.model, x, dev), y))
+        loss = F.cross_entropy(predict(session.model, x, dev), y)
+        return session.ranks.main_value(loss)
 
     lrs = sweep_lrs(lr_cfg.num_iter, lr_cfg.start_lr, lr_cfg.end_lr, lr_cfg.mode)
     with progress.bar(len(lrs), desc) as bar:

@@ -8,17 +8,25 @@ from tqdm import tqdm
 
 LONG_RUN_SECONDS = 3600  # a run projected past this is worth a word in its first minute
 HINT_AFTER_SECONDS = 20  # enough steps to project from
+QUIET = False  # set in data-parallel ranks other than 0: one bar and one set of lines on screen
 
 
 def bar(total: int, desc: str, unit: str = "batch", initial: int = 0) -> tqdm:
     return tqdm(
-        total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, mininterval=1.0
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit=unit,
+        dynamic_ncols=True,
+        mininterval=1.0,
+        disable=QUIET,
     )
 
 
 def say(message: str) -> None:
     """Print a line without breaking an open bar."""
-    tqdm.write(message)
+    if not QUIET:
+        tqdm.write(message)
 
 
 def duration(seconds: float) -> str:

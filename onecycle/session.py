@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import distributed
 from .batches import Batch, make_stream
 from .config import ModelConfig, TrainConfig
 from .engine import Device, build_model, build_optimizer, make_scaler, seed_everything, train_step
@@ -23,10 +24,11 @@ from .prepared import Prepared
 class Session:
     dev: Device
     model: torch.nn.Module  # what is saved and evaluated
-    forward: torch.nn.Module  # what trains: the model, or its torch.compile'd form
+    forward: torch.nn.Module  # what trains: the model under DDP and/or torch.compile, or itself
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     batches: object  # batches.AlbumentationsStream or batches.TensorStream
+    ranks: distributed.Ranks = distributed.Ranks()  # data-parallel ranks (one process: world 1)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -82,9 +84,10 @@ def build_session(
     if indices is not None:
         x, y = x[indices], y[indices]
     model = build_model(model_cfg, len(data.classes), dev)
-    forward = torch.compile(model) if use_compile(train_cfg.compile, dev) else model
+    forward = distributed.wrap(model, dev)  # DDP over the ranks (rank 0's weights to all)
+    forward = torch.compile(forward) if use_compile(train_cfg.compile, dev) else forward
     optimizer = build_optimizer(model, 0.0, momentum, train_cfg.nesterov, train_cfg.weight_decay)
-    stream = make_stream(
-        x, y, train_cfg.batch_size, train_cfg.augment, data.mean, data.std, seed, dev
-    )
-    return Session(dev, model, forward, optimizer, make_scaler(dev), stream)
+    ranks = distributed.current()
+    aug = train_cfg.augment
+    stream = make_stream(x, y, train_cfg.batch_size, aug, data.mean, data.std, seed, dev, ranks)
+    return Session(dev, model, forward, optimizer, make_scaler(dev), stream, ranks)

@@ -120,10 +120,21 @@ def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> t
 
 
 def augment_batch(
-    packed: torch.Tensor, aug: AugmentConfig, mean, std, seed: int, epoch: int, batch: int
+    packed: torch.Tensor,
+    aug: AugmentConfig,
+    mean,
+    std,
+    seed: int,
+    epoch: int,
+    batch: int,
+    whole: int | None = None,
+    part: slice | None = None,
 ) -> torch.Tensor:
     """Batch ``batch`` of ``epoch`` (packed pixels, see :func:`pack`), augmented and normalized:
-    what the network trains on."""
-    d = draw(packed.shape[0], packed.shape[1], aug, batch_seed(seed, epoch, batch))
+    what the network trains on. ``packed`` may be the ``part`` of a batch of ``whole`` images (a
+    data-parallel rank's share): it gets the draws those images get in the whole batch."""
+    d = draw(whole or packed.shape[0], packed.shape[1], aug, batch_seed(seed, epoch, batch))
+    if part is not None:
+        d = Draws(*(getattr(d, f)[part] for f in d.__dataclass_fields__))
     fill = pack(fill_pixel(mean).view(1, 1, 1, 3)).view(())
     return normalize(unpack(apply_packed(packed, d, aug, fill)), mean, std)

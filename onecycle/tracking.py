@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -239,7 +240,9 @@ def datasets(data) -> list[tuple[object, str]]:
         from mlflow.data.dataset_source_registry import resolve_dataset_source
 
         path = Path(source).resolve()
-        origin, short = resolve_dataset_source(str(path)), path.name
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": the same class
+            warnings.simplefilter("ignore", UserWarning)
+            origin, short = resolve_dataset_source(str(path)), path.name
     digest = str(data.meta["fingerprint"])
     return [
         (NumpyDataset(x, origin, y, name=f"{short}:{split}", digest=digest), context)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from . import progress, schedule
 from .checkpoint import ResumeFile
 from .config import ConfigError, TrainConfig
+from .distributed import Ranks
 from .engine import Device, predict
 from .errors import UserError
 from .prepared import Prepared
@@ -164,7 +165,15 @@ class _DeviceSums:
         self.correct += correct
         self.seen += n
 
-    def sync(self, totals: Totals, plan: Plan, steps_per_epoch: int) -> None:
+    def sync(self, totals: Totals, plan: Plan, steps_per_epoch: int, ranks: Ranks) -> None:
+        if ranks.world > 1:  # the sums over every rank's share of the batches
+            import torch.distributed as dist
+
+            dist.all_reduce(self.loss)
+            dist.all_reduce(self.correct)
+            dist.all_reduce(self.bad_step, op=dist.ReduceOp.MAX)
+            dist.all_reduce(self.bad_loss, op=dist.ReduceOp.MAX)
+            self.seen *= ranks.world
         bad_step = int(self.bad_step)
         if bad_step >= 0:
             epoch, batch = divmod(bad_step, steps_per_epoch)
@@ -210,14 +219,17 @@ def train_epoch(
         bar.update()
         if hooks.on_step:
             hooks.on_step(step)
+        at_sync = (b + 1 - start) % every == 0 or b == spe - 1
         stopping = stop.signum is not None
-        if stopping or (b + 1 - start) % every == 0 or b == spe - 1:
-            sums.sync(totals, plan, spe)
+        if session.ranks.world > 1:  # every rank stops at the same step, or the others hang
+            stopping = at_sync and session.ranks.any(stopping, session.dev.device)
+        if stopping or at_sync:
+            sums.sync(totals, plan, spe, session.ranks)
             bar.show(epoch, plan.epochs, totals.loss / max(totals.seen, 1), lr)
         if stopping:
             next_batch = b + 1
             break
-    sums.sync(totals, plan, spe)
+    sums.sync(totals, plan, spe, session.ranks)
     totals.seconds += time.perf_counter() - t0
     return next_batch
 
@@ -246,6 +258,13 @@ def _epoch_stats(session: Session, plan: Plan, epoch: int, totals: Totals) -> Ep
         epoch_seconds=totals.seconds,
         images_per_sec=totals.seen / max(totals.seconds, 1e-9),
     )
+
+
+def _stopped(session: Session, stop: Stop) -> bool:
+    """Whether a signal stopped the epoch: on any rank, agreed by all (one process: its flag)."""
+    if session.ranks.world == 1:
+        return stop.signum is not None
+    return session.ranks.any(stop.signum is not None, session.dev.device)
 
 
 def _state(session: Session, epoch: int, batch: int, totals: Totals, history) -> dict:
@@ -288,13 +307,14 @@ def fit(
             if epoch > first_epoch:
                 first_batch, totals = 0, Totals()
             batch = train_epoch(session, plan, epoch, first_batch, totals, stop, hooks, run_bar)
-            if stop.signum is not None:
-                resume.save(_state(session, epoch, batch, totals, history))
+            if _stopped(session, stop):
+                if session.ranks.is_main:
+                    resume.save(_state(session, epoch, batch, totals, history))
                 progress.say(f"interrupted: state saved to {resume.path}; `dvc repro` resumes")
                 raise KeyboardInterrupt(f"signal {stop.signum}")
             stats = _epoch_stats(session, plan, epoch, totals)
             history.append(stats)
-            if epoch + 1 < plan.epochs:
+            if epoch + 1 < plan.epochs and session.ranks.is_main:
                 resume.save(_state(session, epoch + 1, 0, Totals(), history))
             test = "" if stats.test_acc is None else f", test acc {stats.test_acc:.4f}"
             progress.say(

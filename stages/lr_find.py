@@ -1,8 +1,7 @@
 """lr_find: Leslie Smith's LR range test; writes the chosen max LR for train (metrics/lr_find.json)."""
 
-from onecycle import cli, files, lr_finder, paths, tracking
+from onecycle import cli, distributed, files, lr_finder, paths, tracking
 from onecycle.config import load_params
-from onecycle.engine import select_device
 from onecycle.prepared import load_prepared
 
 SHARED_TRAIN_KEYS = ("batch_size", "nesterov", "weight_decay")  # what the sweep takes from train
@@ -11,9 +10,16 @@ SHARED_TRAIN_KEYS = ("batch_size", "nesterov", "weight_decay")  # what the sweep
 def main() -> None:
     params = load_params()
     cfg, tcfg = params.lr_find, params.train
-    tracking.setup()  # an unusable MLflow store stops the stage here, before any work
+    # An unusable MLflow store stops the stage here, before any work. With base.devices > 1 this
+    # process runs the stage as that many data-parallel ranks (torchrun) and returns.
+    started = distributed.start(params, "stages.lr_find", tracking.setup)
+    if started is None:
+        return
+    dev, ranks = started
     data = load_prepared(paths.PREPARED_DIR)
-    dev = select_device(params.base.device, params.base.num_workers)
+    if not ranks.is_main:  # the same sweeps, in step with rank 0, which alone writes and logs
+        lr_finder.find(params, data, dev)
+        return
 
     with tracking.stage_run("lr_find") as run:
         run.log_params(

@@ -1,8 +1,7 @@
 """train: the custom ResNet with the 1cycle policy; writes models/model.pt and the per-epoch history."""
 
-from onecycle import checkpoint, cli, files, mlmodel, paths, tracking, training
+from onecycle import checkpoint, cli, distributed, files, mlmodel, paths, tracking, training
 from onecycle.config import load_params
-from onecycle.engine import select_device
 from onecycle.model import count_parameters
 from onecycle.prepared import load_prepared
 from onecycle.session import build_session
@@ -10,9 +9,13 @@ from onecycle.session import build_session
 
 def main() -> None:
     params = load_params()
-    tracking.setup()  # an unusable MLflow store stops the stage here, before any work
+    # An unusable MLflow store stops the stage here, before any work. With base.devices > 1 this
+    # process runs the stage as that many data-parallel ranks (torchrun) and returns.
+    started = distributed.start(params, "stages.train", tracking.setup)
+    if started is None:
+        return
+    dev, ranks = started
     data = load_prepared(paths.PREPARED_DIR)
-    dev = select_device(params.base.device, params.base.num_workers)
     lr_find = files.read_json(paths.LR_FIND_METRICS) if paths.LR_FIND_METRICS.exists() else None
     hyper = training.resolve(params.train, lr_find, paths.LR_FIND_METRICS)
     cfg, max_lr, lr_source = hyper.cfg, hyper.max_lr, hyper.sources["max_lr"]
@@ -24,6 +27,9 @@ def main() -> None:
     state = resume.load()
     session = build_session(params.model, cfg, data, dev, params.base.seed, cfg.max_momentum)
     plan = training.make_plan(cfg, max_lr, session, data, hyper.base_lr)
+    if not ranks.is_main:  # rank 0 alone writes outputs, the resume state and the MLflow run
+        training.fit(session, plan, resume, state)
+        return
     linked = "lr_find" in hyper.sources.values() and paths.LR_FIND_RUN.exists()
     lr_run = tracking.read_run_ref(paths.LR_FIND_RUN)["run_id"] if linked else "none"
 

@@ -285,3 +285,28 @@ def test_repo_root_without_dvc_root_finds_dvc_yaml(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "sub" / "deeper")
     assert repo_root() == tmp_path.resolve()
     assert resolve_path("data") == tmp_path.resolve() / "data"
+
+
+@pytest.mark.parametrize(
+    ("raw", "names"),
+    [
+        (
+            {"base": {"devices": 3}, "train": {"batch_size": 512}},
+            ["train.batch_size", "base.devices"],
+        ),
+        (
+            {"base": {"devices": 2}, "train": {"augment": {"backend": "albumentations"}}},
+            ["train.augment.backend"],
+        ),
+    ],
+)
+def test_data_parallel_settings_that_cannot_work_name_the_key(raw, names):
+    from onecycle import distributed
+
+    with pytest.raises(ConfigError) as err:
+        distributed.check(parse_params(raw))
+    assert all(n in str(err.value) for n in names), err.value
+
+
+def test_zero_devices_is_refused():
+    assert "base.devices" in error({"base": {"devices": 0}})

@@ -12,6 +12,7 @@ import pwd
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -22,7 +23,7 @@ import pytest
 from onecycle import paths
 
 from .conftest import ROOT
-from .test_pipeline import TINY_PIPELINE, _copy_repo, _env, _free_port, _set_params
+from .test_pipeline import TINY_PIPELINE, _copy_repo, _env, _free_port, _set_params, _train
 
 pytestmark = [pytest.mark.scaleout, pytest.mark.slow, pytest.mark.long]
 
@@ -238,3 +239,68 @@ def test_a_second_clone_pulls_the_results_from_the_shared_remote_and_reruns_noth
     _sh(clone, env_b, "dvc", "repro", "-s", "-f", "evaluate")  # B logs into A's run
     after = client.get_metric_history(run_id, "eval/accuracy")
     assert max(m.timestamp for m in after) >= started and after[-1].value == pytest.approx(before)
+
+
+# --- data-parallel training: 2 gloo processes on the CPU ----------------------------------------
+
+DDP_LR = 0.2  # a fixed max LR: the comparison with one process is about the training, not lr_find
+DDP_TOLERANCE = 0.05  # test accuracy, absolute: plain BatchNorm normalizes over half the batch
+
+
+@pytest.fixture(scope="module")
+def ddp_repo(tmp_path_factory):
+    repo = _copy_repo(tmp_path_factory.mktemp("ddp"))
+    _set_params(repo, TINY_PIPELINE)
+    _set_params(repo, {"base": {"devices": 2}, "train": {"max_lr": DDP_LR, "epochs": 3}})
+    _sh(repo, {**_env(repo), **GIT_ID}, "git", "commit", "-qam", "two processes")
+    return repo
+
+
+def _train_runs(repo: Path):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / paths.MLFLOW_DB}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    return [r for r in runs if r.data.tags.get("dvc.stage") == "train"]
+
+
+def test_two_gloo_processes_train_as_one_run_close_to_one_process(ddp_repo):
+    env = _env(ddp_repo)
+    out = _sh(ddp_repo, env, "dvc", "repro")
+    assert out.count("train: test accuracy") == 1, out  # rank 0 alone reports, writes and logs
+    assert out.count("lr_find: ") == 1, out
+    (run,) = _train_runs(ddp_repo)
+    assert run.info.status == "FINISHED" and run.data.params["base.devices"] == "2"
+    assert json.loads((ddp_repo / paths.TRAIN_RUN).read_text())["run_id"] == run.info.run_id
+    history = (ddp_repo / paths.TRAIN_HISTORY).read_text().strip().splitlines()
+    assert len(history) == 1 + 3  # one header, one row per epoch: written once
+    two = json.loads((ddp_repo / paths.EVAL_METRICS).read_text())["accuracy"]
+
+    _set_params(ddp_repo, {"base": {"devices": 1}})  # the same run in one process
+    for stage in ("train", "evaluate"):
+        _sh(ddp_repo, env, sys.executable, "-m", f"stages.{stage}")
+    one = json.loads((ddp_repo / paths.EVAL_METRICS).read_text())["accuracy"]
+    print(f"test accuracy: 2 processes {two:.4f}, 1 process {one:.4f}")
+    assert abs(two - one) <= DDP_TOLERANCE, (two, one)
+    _sh(ddp_repo, env, "git", "checkout", "-q", "params.yaml")
+
+
+def test_a_stopped_data_parallel_run_resumes_in_the_same_mlflow_run(ddp_repo):
+    _set_params(ddp_repo, {"train": {"epochs": 4}})
+    proc = _train(ddp_repo)
+    seen = []
+    for line in proc.stdout:  # the first epoch done, stop it as `kill <stage pid>` would
+        seen.append(line)
+        if line.startswith("epoch 1:"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest, _ = proc.communicate(timeout=180)
+    assert proc.returncode != 0, "".join(seen) + rest
+    assert (ddp_repo / paths.RESUME_STATE).exists(), "".join(seen) + rest
+    killed = max(_train_runs(ddp_repo), key=lambda r: r.info.start_time)
+    assert killed.info.status == "KILLED"
+    out = _sh(ddp_repo, _env(ddp_repo), sys.executable, "-m", "stages.train")
+    assert "resuming from" in out and not (ddp_repo / paths.RESUME_STATE).exists(), out
+    resumed = next(r for r in _train_runs(ddp_repo) if r.info.run_id == killed.info.run_id)
+    assert resumed.info.status == "FINISHED" and resumed.data.tags.get("resumed") == "true"
+    _sh(ddp_repo, _env(ddp_repo), "git", "checkout", "-q", "params.yaml")

@@ -118,6 +118,22 @@ def test_both_streams_put_the_same_images_in_each_batch():
         assert b1 == b2 and torch.equal(y1, y2)
 
 
+def test_data_parallel_ranks_split_each_batch_into_the_single_process_pixels():
+    """Under DDP each rank takes a disjoint slice of every global batch, augmented exactly as one
+    process augments those images: together the ranks train on the same batch."""
+    from onecycle.distributed import Ranks
+
+    x, y = _images(300), np.arange(300) % 10
+    whole = TensorStream(x, y, 64, AUG, MEAN, STD, 5, CPU)
+    parts = [TensorStream(x, y, 64, AUG, MEAN, STD, 5, CPU, Ranks(r, 2, r)) for r in (0, 1)]
+    assert len(parts[0]) == len(whole) == 4  # the same steps an epoch: the global batch is 64
+    for (b, xw, yw), (b0, x0, y0), (b1, x1, y1) in zip(
+        whole.epoch(1), parts[0].epoch(1), parts[1].epoch(1), strict=True
+    ):
+        assert b == b0 == b1 and len(y0) == len(y1) == 32
+        assert torch.equal(torch.cat([x0, x1]), xw) and torch.equal(torch.cat([y0, y1]), yw)
+
+
 @pytest.mark.parametrize("backend", ["albumentations", "torch"])
 def test_sample_images_show_the_backends_augmentation(backend):
     aug = AugmentConfig(backend=backend, pad=4, cutout=8, cutout_p=1.0)
