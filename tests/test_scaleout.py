@@ -285,14 +285,30 @@ def test_two_gloo_processes_train_as_one_run_close_to_one_process(ddp_repo):
     _sh(ddp_repo, env, "git", "checkout", "-q", "params.yaml")
 
 
-def test_a_stopped_data_parallel_run_resumes_in_the_same_mlflow_run(ddp_repo):
-    _set_params(ddp_repo, {"train": {"epochs": 4}})
+def _rank_process(stage_pid: int, rank: int):
+    """The process of data-parallel rank ``rank`` under the stage's torchrun."""
+    import psutil
+
+    for child in psutil.Process(stage_pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if child.environ().get("RANK") == str(rank) and "LOCAL_RANK" in child.environ():
+                return child
+    raise AssertionError(f"no rank {rank} under process {stage_pid}")
+
+
+@pytest.mark.parametrize("target", ["the stage", "rank 1"])
+def test_a_signal_stops_every_rank_and_the_next_run_resumes_the_same_mlflow_run(ddp_repo, target):
+    """SIGTERM to the stage (as `kill` or DVC would send it) or to one rank alone: every rank
+    stops at the same step, rank 0 saves the resume state, the run is KILLED; the next run
+    continues it."""
+    _set_params(ddp_repo, {"train": {"epochs": 3}})
     proc = _train(ddp_repo)
     seen = []
-    for line in proc.stdout:  # the first epoch done, stop it as `kill <stage pid>` would
+    for line in proc.stdout:  # the first epoch done, then the signal
         seen.append(line)
         if line.startswith("epoch 1:"):
-            proc.send_signal(signal.SIGTERM)
+            victim = proc if target == "the stage" else _rank_process(proc.pid, 1)
+            victim.send_signal(signal.SIGTERM)
             break
     rest, _ = proc.communicate(timeout=180)
     assert proc.returncode != 0, "".join(seen) + rest
