@@ -174,6 +174,18 @@ def ui_url(base: str, root: Path | None = None) -> str:
         with contextlib.suppress(MissingInput, KeyError, TypeError):
             exp_id = files.read_json(root / ref)["experiment_id"]
             return f"{base}/#/experiments/{exp_id}/runs{view}"
+    db = root / paths.MLFLOW_DB  # no run in the workspace yet (e.g. only queued experiments)
+    if db.exists():
+        import sqlite3
+
+        with (
+            contextlib.suppress(sqlite3.Error),
+            contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con,
+        ):
+            query = "SELECT experiment_id FROM experiments WHERE name = ?"
+            row = con.execute(query, (EXPERIMENT,)).fetchone()
+            if row:
+                return f"{base}/#/experiments/{row[0]}/runs{view}"
     return f"{base}/#/experiments{view}"
 
 

@@ -277,3 +277,18 @@ def test_stages_starting_at_once_on_a_fresh_clone_share_one_new_store(store):
     ids = [p.communicate(timeout=120)[0].strip() for p in procs]
     assert [p.returncode for p in procs] == [0] * 4
     assert len(set(ids)) == 1  # one experiment, created once
+
+
+def test_the_ui_address_opens_the_experiments_runs_in_the_model_training_view(tmp_path):
+    """MLflow 3.17's UI opens an experiment on its GenAI overview unless the URL says otherwise:
+    `make mlflow-ui` prints the runs table's address, found from the runs or the store."""
+    from onecycle import paths
+
+    base, view = "http://127.0.0.1:5000", "?workflowType=machine_learning"
+    assert tracking.ui_url(base, tmp_path) == f"{base}/#/experiments{view}"  # nothing run yet
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / paths.MLFLOW_DB}")
+    exp_id = client.create_experiment(tracking.EXPERIMENT)
+    assert tracking.ui_url(base, tmp_path) == f"{base}/#/experiments/{exp_id}/runs{view}"
+    (tmp_path / paths.TRAIN_RUN).parent.mkdir()
+    (tmp_path / paths.TRAIN_RUN).write_text('{"experiment_id": "42"}')
+    assert tracking.ui_url(base, tmp_path) == f"{base}/#/experiments/42/runs{view}"
