@@ -127,10 +127,9 @@ def inputs_of(data) -> dict:
     }
 
 
-def load_weights(
-    path: Path, model_cfg: ModelConfig, classes: list[str], dev: Device
-) -> torch.nn.Module:
-    """Rebuild the model that params describe and load ``path``'s weights into it (eval mode)."""
+def read_weights(path: Path) -> dict:
+    """A weights file of this pipeline, read and checked: it exists, loads, and holds a state
+    dict (with its 'config', 'classes' and, from train, 'inputs')."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} not found: run the train stage first (`dvc repro train`)")
@@ -145,6 +144,14 @@ def load_weights(
             f"{path} is not a checkpoint of this pipeline (a {type(ckpt).__name__}, not a dict "
             "holding 'model', 'config' and 'classes'); rerun `dvc repro train`"
         )
+    return ckpt
+
+
+def load_weights(
+    path: Path, model_cfg: ModelConfig, classes: list[str], dev: Device
+) -> torch.nn.Module:
+    """Rebuild the model that params describe and load ``path``'s weights into it (eval mode)."""
+    ckpt = read_weights(path)
     want = {**model_cfg.model_dump(), "num_classes": len(classes)}
     have = ckpt["config"] if isinstance(ckpt.get("config"), dict) else {}
     diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}

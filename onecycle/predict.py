@@ -22,8 +22,6 @@ import numpy as np
 from . import paths
 from .errors import UserError
 
-MAX_IMAGE_PIXELS = 40_000_000  # as data.max_image_pixels' default
-
 
 class PredictError(UserError):
     """An image or the model cannot be used; the message names which and why."""
@@ -45,15 +43,11 @@ def load_checkpoint_model(path: Path) -> Model:
     from .model import ResNet9, ResNetConfig
 
     try:
-        ckpt = checkpoint.load(path)
-        config, classes, inputs = ckpt["config"], ckpt["classes"], ckpt.get("inputs")
-    except FileNotFoundError:
-        raise PredictError(
-            f"{path} not found: train first (`dvc repro train`) or give --model"
-        ) from None
-    except Exception as exc:
-        raise PredictError(f"{path} is not a checkpoint of this pipeline ({exc})") from None
-    if not inputs:
+        ckpt = checkpoint.read_weights(path)
+    except checkpoint.CheckpointError as exc:
+        raise PredictError(f"{exc}, or give --model") from None
+    config, classes, inputs = ckpt.get("config") or {}, ckpt.get("classes"), ckpt.get("inputs")
+    if not inputs or not classes or "num_classes" not in config:
         raise PredictError(
             f"{path} predates predict (it lacks the image size and normalization); "
             "retrain it with `dvc repro -f train`, or give an MLflow model with --model"
@@ -112,7 +106,10 @@ def load_model(spec: str) -> Model:
 
 
 def read_images(files: list[Path], image_size: int) -> np.ndarray:
+    from .config import DataConfig
     from .imagefolder import decode_image
+
+    max_pixels = DataConfig.model_fields["max_image_pixels"].default  # as the data stage's
 
     images = []
     for f in files:
@@ -123,7 +120,7 @@ def read_images(files: list[Path], image_size: int) -> np.ndarray:
         except OSError as exc:
             raise PredictError(f"{f}: cannot read it ({exc.strerror or exc})") from None
         try:
-            images.append(decode_image(data, str(f), image_size, MAX_IMAGE_PIXELS))
+            images.append(decode_image(data, str(f), image_size, max_pixels))
         except UserError as exc:
             raise PredictError(f"{exc} (is it an image file?)") from None
     return np.stack(images)

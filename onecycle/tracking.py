@@ -319,7 +319,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 @contextlib.contextmanager
 def stage_run(
-    stage: str, run_id: str | None = None, tags: dict | None = None, system_metrics: bool = True
+    stage: str, run_id: str | None = None, tags: dict | None = None
 ) -> Iterator[Recorder]:
     """One MLflow run for one stage execution (or a resumed one, given ``run_id``).
 
@@ -338,7 +338,7 @@ def stage_run(
             run_id=run_id,
             run_name=None if run_id else run_name(stage),
             tags=run_tags,
-            log_system_metrics=system_metrics,  # CPU, memory, GPU: the run page's System tab
+            log_system_metrics=True,  # CPU, memory, GPU: the run page's System tab
         )
     except Exception as exc:
         raise TrackingError(
