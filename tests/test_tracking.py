@@ -78,11 +78,11 @@ def test_later_stages_add_to_the_train_run_without_changing_its_status(store, tm
     ref = tmp_path / "train.json"
     tracking.write_run_ref(ref, run)
     with tracking.add_to_run(ref, "evaluate") as later:
-        later.log_metrics({"eval.accuracy": 0.9})
+        later.log_metrics({"eval/accuracy": 0.9})
     with pytest.raises(RuntimeError), tracking.add_to_run(ref, "plots"):
         raise RuntimeError("plot failed")
     got = mlflow.MlflowClient().get_run(run.run_id)
-    assert got.info.status == "FINISHED" and got.data.metrics["eval.accuracy"] == 0.9
+    assert got.info.status == "FINISHED" and got.data.metrics["eval/accuracy"] == 0.9
     assert (
         "plot failed" in got.data.tags["plots.error"] and got.data.tags["evaluate.done"] == "true"
     )
@@ -256,7 +256,7 @@ def test_a_finished_run_the_store_missed_ending_is_finished_by_the_next_stage(st
         ref, tracking.Recorder(run.info.run_id, exp_id, mlflow.get_tracking_uri())
     )
     with tracking.add_to_run(ref, "evaluate") as later:
-        later.log_metrics({"eval.accuracy": 0.5})
+        later.log_metrics({"eval/accuracy": 0.5})
     got = client.get_run(run.info.run_id)
     assert got.info.status == "FINISHED" and got.data.tags["onecycle.finished_by"] == "evaluate"
 
