@@ -13,7 +13,7 @@ QUICK := -S data.source=$(SHARED_CIFAR) -S model.width=16 -S train.batch_size=25
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: env repro quick test test-fast test-long lint format mlflow-ui mlflow-server reset-params bench study-schedules \
-	study-lr ci-pipeline ci-baseline clean
+	study-lr study-transfer ci-pipeline ci-baseline clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -56,6 +56,13 @@ study-schedules: $(STAMP)  ## 1cycle vs constant, step and cyclic LR, 3 seeds ea
 
 study-lr: $(STAMP)  ## fixed max LRs 0.01..1.0 vs each suggestion method's pick, 3 seeds each
 	python -m onecycle.study run studies/lr.yaml
+
+# The transfer example: CIFAR-10's animals and vehicles as image folders of their own (under
+# data/transfer/), then the study: its source run first, then every setting from its checkpoint.
+study-transfer: $(STAMP)  ## animals -> vehicles at 100 images a class: scratch/frozen/fine-tuned x 1cycle/fixed
+	python -m onecycle.subset $(SHARED_CIFAR) data/transfer/animals --classes bird,cat,deer,dog,frog,horse
+	python -m onecycle.subset $(SHARED_CIFAR) data/transfer/vehicles --classes airplane,automobile,ship,truck
+	python -m onecycle.study run studies/transfer.yaml
 
 mlflow-ui: $(STAMP)  ## browse the runs at http://127.0.0.1:5000 (it prints the runs table's URL)
 	@echo "MLflow UI: open $$(python -c 'from onecycle.tracking import ui_url; print(ui_url("http://127.0.0.1:5000"))')"

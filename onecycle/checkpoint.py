@@ -41,9 +41,11 @@ def resume_key(
     seed: int,
     max_lr: float,
     base_lr: float | None = None,
+    pretrained: str | None = None,
 ) -> dict:
     """Everything that must match for a saved state to be continued (``base_lr``: the cyclic
-    schedule's floor as used, None for the other schedules)."""
+    schedule's floor as used, None for the other schedules; ``pretrained``: the sha256 of the
+    weights file the backbone started from)."""
     return {
         **{f"train.{k}": v for k, v in cfg.model_dump().items() if k != "eval_every"},
         **{f"model.{k}": v for k, v in model_cfg.model_dump().items()},
@@ -51,6 +53,7 @@ def resume_key(
         "max_lr (used)": max_lr,
         "base_lr (used)": base_lr,
         "data (fingerprint of data/prepared)": fingerprint,
+        "pretrained weights (sha256)": pretrained,
     }
 
 
@@ -151,9 +154,18 @@ def load_weights(
     path: Path, model_cfg: ModelConfig, classes: list[str], dev: Device
 ) -> torch.nn.Module:
     """Rebuild the model that params describe and load ``path``'s weights into it (eval mode)."""
+    return load_trained(path, model_cfg, classes, dev)[0]
+
+
+def load_trained(
+    path: Path, model_cfg: ModelConfig, classes: list[str], dev: Device
+) -> tuple[torch.nn.Module, dict | None]:
+    """:func:`load_weights`, and the inputs the model was trained on (image size, the mean/std
+    it normalizes by: see :func:`inputs_of`; None in a checkpoint older than them)."""
     ckpt = read_weights(path)
-    want = {**model_cfg.model_dump(), "num_classes": len(classes)}
+    want = {**model_cfg.architecture(), "num_classes": len(classes)}
     have = ckpt["config"] if isinstance(ckpt.get("config"), dict) else {}
+    have = {"arch": "resnet9", **have}  # checkpoints from before model.arch
     diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
     if diff:
         what = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
@@ -169,7 +181,7 @@ def load_weights(
     if misfit:
         raise CheckpointError(f"{path}: weights do not fit the model:\n{misfit}\nRetrain.")
     model.load_state_dict(ckpt["model"])
-    return model.eval()
+    return model.eval(), ckpt.get("inputs")
 
 
 def state_dict_misfit(expected: dict, given: dict, show: int = 8) -> str:

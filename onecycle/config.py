@@ -56,8 +56,56 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    width: int = Field(64, ge=1, le=1024)
-    logit_scale: float = Field(0.125, gt=0)
+    arch: str = Field("resnet9", min_length=1)  # or a torchvision classification model
+    width: int = Field(64, ge=1, le=1024)  # resnet9 only
+    logit_scale: float = Field(0.125, gt=0)  # resnet9 only
+    pretrained: str = Field("none", min_length=1)  # none | default | a weights file
+    freeze: Literal["none", "backbone"] = "none"
+    backbone_lr_mult: float = Field(1.0, gt=0, le=1e3)
+
+    @field_validator("arch")
+    @classmethod
+    def _arch(cls, v):
+        from .model import RESNET9, torchvision_archs
+
+        if v == RESNET9:
+            return v
+        known = torchvision_archs()
+        if v not in known:
+            close = difflib.get_close_matches(v, [RESNET9, *known], n=3, cutoff=0.6)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(
+                f"must be {RESNET9} or a torchvision classification model (resnet18, resnet50, "
+                f"mobilenet_v3_small, efficientnet_b0, ...: torchvision.models.list_models()){hint}"
+            )
+        return v
+
+    @field_validator("pretrained")
+    @classmethod
+    def _pretrained(cls, v, info: ValidationInfo):
+        if v == "default" and info.data.get("arch") == "resnet9":
+            raise ValueError(
+                "resnet9 has no published weights: give the path of a checkpoint of this "
+                "pipeline (models/model.pt of another run), or none"
+            )
+        return v
+
+    @field_validator("freeze")
+    @classmethod
+    def _freeze(cls, v, info: ValidationInfo):
+        if v == "backbone" and info.data.get("pretrained") == "none":
+            raise ValueError(
+                "a frozen backbone needs pretrained weights (model.pretrained: default or a "
+                "weights file); with none it would train the classifier on random features"
+            )
+        return v
+
+    def architecture(self) -> dict:
+        """What decides the network's shape (with the number of classes): a checkpoint must
+        match it to be loaded."""
+        if self.arch == "resnet9":
+            return {"arch": self.arch, "width": self.width, "logit_scale": self.logit_scale}
+        return {"arch": self.arch}
 
 
 class LRFindConfig(_Section):

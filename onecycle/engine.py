@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ConfigError, ModelConfig
-from .model import ResNet9, ResNetConfig
+from .model import build
 
 
 @dataclass(frozen=True)
@@ -57,19 +57,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(cfg: ModelConfig, num_classes: int, dev: Device) -> ResNet9:
-    model = ResNet9(
-        ResNetConfig(num_classes=num_classes, width=cfg.width, logit_scale=cfg.logit_scale)
-    )
+def build_model(cfg: ModelConfig, num_classes: int, dev: Device) -> torch.nn.Module:
+    """``model.arch`` freshly initialized (pretrained weights: :mod:`onecycle.transfer`)."""
+    model = build(cfg.arch, num_classes, width=cfg.width, logit_scale=cfg.logit_scale)
     # channels_last pays on CUDA tensor cores and on CPU oneDNN alike (3x at width 16 on 2 cores).
     return model.to(dev.device, memory_format=torch.channels_last)
 
 
-def build_optimizer(
-    model: torch.nn.Module, lr: float, momentum: float, nesterov: bool, weight_decay: float
-):
+def build_optimizer(params, lr: float, momentum: float, nesterov: bool, weight_decay: float):
+    """SGD over a model's parameters or over param groups (each may carry an ``lr_mult``)."""
+    if isinstance(params, torch.nn.Module):
+        params = params.parameters()
     return torch.optim.SGD(
-        model.parameters(),
+        params,
         lr=lr,
         momentum=momentum,
         nesterov=nesterov and momentum > 0,

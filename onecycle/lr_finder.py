@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import progress
+from . import progress, transfer
 from .config import Params
 from .curves import SUGGESTERS, LRFindError, Sweep, check_curve, choose, run_sweep, suggestions
 from .engine import Device, predict
@@ -36,14 +36,28 @@ def _held_out(data: Prepared, val_images: int, seed: int):
 
 
 def range_test(
-    params: Params, data: Prepared, dev: Device, seed: int, desc: str = "lr_find"
+    params: Params,
+    data: Prepared,
+    dev: Device,
+    seed: int,
+    desc: str = "lr_find",
+    start: transfer.Start = transfer.RANDOM,
 ) -> Sweep:
     """Sweep the LR over ``lr_find.num_iter`` mini-batches of the training data, in the session
-    that training builds (same model, optimizer, loss and augmentation as ``params.train``)."""
+    that training builds (same model, start, optimizer, loss and augmentation as
+    ``params.train``: the LR swept is the head's, the backbone's is ``model.backbone_lr_mult``
+    times it)."""
     lr_cfg = params.lr_find
     train_idx, val = _held_out(data, lr_cfg.val_images, seed)
     session = build_session(
-        params.model, params.train, data, dev, seed, momentum=lr_cfg.momentum, indices=train_idx
+        params.model,
+        params.train,
+        data,
+        dev,
+        seed,
+        momentum=lr_cfg.momentum,
+        indices=train_idx,
+        start=start,
     )
     batches = session.stream()
     session.model.train()
@@ -119,14 +133,23 @@ class Grid:
         ]
 
 
-def grid(params: Params, data: Prepared, dev: Device, name: str, values: list[float]) -> Grid:
+def grid(
+    params: Params,
+    data: Prepared,
+    dev: Device,
+    name: str,
+    values: list[float],
+    start: transfer.Start = transfer.RANDOM,
+) -> Grid:
     """One LR sweep per value, everything else equal (``base.seed``, the held-out split)."""
     where = {"momentum": "lr_find", "weight_decay": "train"}[name]
     sweeps = []
     for value in values:
         section = getattr(params, where).model_copy(update={name: value})
         varied = params.model_copy(update={where: section})
-        sweep = range_test(varied, data, dev, params.base.seed, desc=f"lr_find {name} {value:g}")
+        sweep = range_test(
+            varied, data, dev, params.base.seed, desc=f"lr_find {name} {value:g}", start=start
+        )
         check_curve(
             sweep, params.lr_find.start_lr, params.lr_find.num_iter, params.lr_find.smooth_beta
         )
@@ -178,24 +201,27 @@ class Finding:
         return f"max_lr = {r['max_lr']:.4g} by {method}{spread if len(self.seeds) > 1 else ''}; {picks}"
 
 
-def find(params: Params, data: Prepared, dev: Device) -> Finding:
+def find(
+    params: Params, data: Prepared, dev: Device, start: transfer.Start = transfer.RANDOM
+) -> Finding:
     """The grids first (weight decay, then momentum), each choice taken where the train params
     say ``auto``; then the range test once per seed (``lr_find.seeds`` of them from
     ``base.seed`` on), each curve checked, and the median of ``lr_find.suggestion`` chosen."""
     lr_cfg = params.lr_find
     grids = []
     if lr_cfg.weight_decay_grid:
-        grids.append(grid(params, data, dev, "weight_decay", lr_cfg.weight_decay_grid))
+        grids.append(grid(params, data, dev, "weight_decay", lr_cfg.weight_decay_grid, start))
         if params.train.weight_decay == "auto":  # the LR sweeps below use the choice
             chosen = grids[-1].summary()["chosen"]
             train = params.train.model_copy(update={"weight_decay": chosen})
             params = params.model_copy(update={"train": train})
     if lr_cfg.momentum_grid:
-        grids.append(grid(params, data, dev, "momentum", lr_cfg.momentum_grid))
+        grids.append(grid(params, data, dev, "momentum", lr_cfg.momentum_grid, start))
     seeds = [params.base.seed + k for k in range(lr_cfg.seeds)]
     sweeps = []
     for k, s in enumerate(seeds):
-        sweep = range_test(params, data, dev, s, desc=f"lr_find seed {k + 1}/{len(seeds)}")
+        desc = f"lr_find seed {k + 1}/{len(seeds)}"
+        sweep = range_test(params, data, dev, s, desc=desc, start=start)
         check_curve(sweep, lr_cfg.start_lr, lr_cfg.num_iter, lr_cfg.smooth_beta)
         sweeps.append(sweep)
     per_seed = [suggestions(sweep) for sweep in sweeps]

@@ -1,4 +1,5 @@
-"""The seeds' "custom ResNet" (David Page's ResNet-9 for CIFAR-10)."""
+"""The networks: the seeds' "custom ResNet" (David Page's ResNet-9 for CIFAR-10), or any
+torchvision classification model by name, its classifier sized for the dataset's classes."""
 
 from __future__ import annotations
 
@@ -55,5 +56,50 @@ class ResNet9(nn.Module):
         return self.fc(self.pool(x).flatten(1)) * self.cfg.logit_scale  # (N, classes) logits
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+RESNET9 = "resnet9"
+# Built without their auxiliary classifiers (a training forward would return a tuple) and with
+# torchvision's fast init (the default warns and runs scipy's slow truncated normal).
+TORCHVISION_KWARGS = {
+    "googlenet": {"aux_logits": False, "init_weights": False},
+    "inception_v3": {"aux_logits": False, "init_weights": False},
+}
+AUX_PREFIXES = ("AuxLogits.", "aux1.", "aux2.")  # their keys in torchvision's weights files
+
+
+def torchvision_archs() -> list[str]:
+    """Every classification model in torchvision's registry (resnet18, mobilenet_v3_small, ...)."""
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def build(arch: str, num_classes: int, width: int = 64, logit_scale: float = 0.125) -> nn.Module:
+    """``arch`` with freshly initialized weights and a ``num_classes`` classifier; ``width`` and
+    ``logit_scale`` shape the ResNet-9 only. Never downloads anything."""
+    if arch == RESNET9:
+        return ResNet9(ResNetConfig(num_classes=num_classes, width=width, logit_scale=logit_scale))
+    import torchvision
+
+    kwargs = TORCHVISION_KWARGS.get(arch, {})
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+
+
+def head_keys(arch: str, num_classes: int, **shape) -> set[str]:
+    """The state-dict keys of the classifier: those whose shape follows the number of classes
+    (``fc.*`` of a ResNet, ``classifier.3.*`` of MobileNetV3, ``heads.head.*`` of a ViT)."""
+
+    def shapes(n: int) -> dict[str, tuple]:
+        try:  # on the meta device: no memory, no init (a few torchvision builders need real data)
+            with torch.device("meta"):
+                net = build(arch, n, **shape)
+        except (NotImplementedError, RuntimeError):
+            net = build(arch, n, **shape)
+        return {k: tuple(v.shape) for k, v in net.state_dict().items()}
+
+    a, b = shapes(num_classes), shapes(num_classes + 1)
+    return {k for k in a if a[k] != b[k]}
+
+
+def count_parameters(model: nn.Module, trainable: bool = False) -> int:
+    """All parameters, or (``trainable``) those that get a gradient."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)

@@ -40,7 +40,7 @@ def load_checkpoint_model(path: Path) -> Model:
     import torch
 
     from . import checkpoint, mlmodel
-    from .model import ResNet9, ResNetConfig
+    from .model import build
 
     try:
         ckpt = checkpoint.read_weights(path)
@@ -52,7 +52,8 @@ def load_checkpoint_model(path: Path) -> Model:
             f"{path} predates predict (it lacks the image size and normalization); "
             "retrain it with `dvc repro -f train`, or give an MLflow model with --model"
         )
-    net = ResNet9(ResNetConfig(config["num_classes"], config["width"], config["logit_scale"]))
+    shape = {k: config[k] for k in ("width", "logit_scale") if k in config}
+    net = build(config.get("arch", "resnet9"), config["num_classes"], **shape)
     misfit = checkpoint.state_dict_misfit(net.state_dict(), ckpt["model"])
     if misfit:
         raise PredictError(f"{path}: weights do not fit the model they name:\n{misfit}")

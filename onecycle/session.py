@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import distributed
+from . import distributed, transfer
 from .batches import Batch, make_stream
 from .config import ModelConfig, TrainConfig
 from .engine import Device, build_model, build_optimizer, make_scaler, seed_everything, train_step
@@ -46,8 +46,8 @@ class Session:
 
     def step(self, x, y, lr: float, momentum: float) -> tuple[torch.Tensor, torch.Tensor]:
         """One SGD step at ``lr``/``momentum``; returns (mean loss, correct count), unsynced."""
-        for group in self.optimizer.param_groups:
-            group["lr"], group["momentum"] = lr, momentum
+        for group in self.optimizer.param_groups:  # the backbone's at its model.backbone_lr_mult
+            group["lr"], group["momentum"] = lr * group.get("lr_mult", 1.0), momentum
         return train_step(self.forward, self.optimizer, self.scaler, x, y, self.dev)
 
     def state_dict(self) -> dict:
@@ -76,17 +76,25 @@ def build_session(
     seed: int,
     momentum: float,
     indices: np.ndarray | None = None,
+    start: transfer.Start = transfer.RANDOM,
 ) -> Session:
     """Everything one run trains with; ``indices`` restricts the training images (the range
-    test's held-out split). ``momentum`` is the optimizer's first (it decides Nesterov)."""
+    test's held-out split). ``momentum`` is the optimizer's first (it decides Nesterov).
+    ``start``: the pretrained backbone (``data`` normalized as its weights expect: see
+    :meth:`transfer.Start.normalize`); ``model.freeze`` and ``model.backbone_lr_mult`` apply."""
     seed_everything(seed)
     x, y = data.x_train, data.y_train
     if indices is not None:
         x, y = x[indices], y[indices]
     model = build_model(model_cfg, len(data.classes), dev)
+    head = transfer.head_of(model_cfg, len(data.classes))
+    transfer.initialize(model, start, head)
+    if model_cfg.freeze == "backbone":
+        transfer.freeze(model, head)
+    groups = transfer.param_groups(model, head, model_cfg.backbone_lr_mult)
     forward = distributed.wrap(model, dev)  # DDP over the ranks (rank 0's weights to all)
     forward = torch.compile(forward) if use_compile(train_cfg.compile, dev) else forward
-    optimizer = build_optimizer(model, 0.0, momentum, train_cfg.nesterov, train_cfg.weight_decay)
+    optimizer = build_optimizer(groups, 0.0, momentum, train_cfg.nesterov, train_cfg.weight_decay)
     ranks = distributed.current()
     aug = train_cfg.augment
     stream = make_stream(x, y, train_cfg.batch_size, aug, data.mean, data.std, seed, dev, ranks)

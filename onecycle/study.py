@@ -2,7 +2,9 @@
 the MLflow store.
 
 A study is a YAML file (``studies/<name>.yaml``): ``common`` overrides for every run, ``settings``
-(label -> overrides), ``seeds``, and optionally ``picks``: suggestion methods each trained as a
+(label -> overrides), ``seeds``, optionally a ``source`` (a run trained first, once, whose
+``models/model.pt`` is copied to ``source.checkpoint`` for the settings' ``model.pretrained``:
+the transfer study), and optionally ``picks``: suggestion methods each trained as a
 setting of its own, ``pick-<method>``, at the max LR that method picks from the same seed's range
 test (``lr_find.suggestion: <method>``, ``train.max_lr: auto``). Every run is a queued ``dvc exp
 run`` named ``<study>-<label>-s<seed>``, all queued at once; a study that is started again skips the runs that
@@ -45,6 +47,11 @@ class Study:
     target: str = "evaluate"  # the stage each run goes up to
     jobs: int = 2  # experiments at a time (`dvc queue start -j`)
     figure: str = "epochs"  # epochs: test accuracy per epoch | max_lr: accuracy against max LR
+    source: dict | None = None  # {"overrides": {...}, "checkpoint": path}: trained first
+
+    @property
+    def source_name(self) -> str:
+        return f"{self.name}-source"
 
     def exp_name(self, label: str, seed: int) -> str:
         return f"{self.name}-{label}-s{seed}"
@@ -81,6 +88,7 @@ def load_text(text: str, path: str = "<study>") -> Study:
         "target",
         "jobs",
         "figure",
+        "source",
     }
     unknown = sorted(set(raw) - allowed)
     if unknown:
@@ -107,6 +115,16 @@ def load_text(text: str, path: str = "<study>") -> Study:
         raise StudyError(
             f"{path}: picks {bad} are not suggestion methods (valley, steepest, min_div10)"
         )
+    source = raw.get("source")
+    if source is not None and (
+        not isinstance(source, dict)
+        or set(source) != {"overrides", "checkpoint"}
+        or not isinstance(source["overrides"], dict)
+    ):
+        raise StudyError(
+            f"{path}: source must map overrides (the source run's params) and checkpoint "
+            "(where its models/model.pt goes)"
+        )
     return Study(
         name,
         str(raw.get("description", "")),
@@ -117,6 +135,7 @@ def load_text(text: str, path: str = "<study>") -> Study:
         str(raw.get("target", "evaluate")),
         int(raw.get("jobs", 2)),
         _figure(path, raw.get("figure", "epochs")),
+        source,
     )
 
 
@@ -221,8 +240,44 @@ def wait(names: list[str], repo: Path, jobs: int) -> list[str]:
             time.sleep(POLL_SECONDS)
 
 
+def exp_commit(name: str, repo: Path) -> str:
+    """The commit of experiment ``name`` on the current commit (its ref
+    ``refs/exps/<baseline[:2]>/<baseline[2:]>/<name>``)."""
+    base = baseline_rev(repo)
+    ref = f"refs/exps/{base[:2]}/{base[2:]}/{name}"
+    out = subprocess.run(
+        ["git", "rev-parse", "--verify", "-q", ref], cwd=repo, capture_output=True, text=True
+    )
+    if out.returncode != 0:
+        raise StudyError(f"experiment {name} has no commit on {base[:7]} ({ref})")
+    return out.stdout.strip()
+
+
+def train_source(study: Study, repo: Path) -> Path:
+    """The source run (once per commit), its models/model.pt fetched from the DVC cache to
+    ``source.checkpoint`` (``dvc get --rev <its commit>``); returns that path."""
+    name = study.source_name
+    if name not in finished(repo):
+        if queue_states(repo).get(name) not in ("Queued", "Running"):
+            sets = _set_args(study.source["overrides"])
+            _dvc("exp", "run", "--queue", "-n", name, *sets, study.target, cwd=repo)
+        if wait([name], repo, study.jobs):
+            raise StudyError(
+                f"study {study.name}: the source run failed; see `dvc queue logs {name}`"
+            )
+    out = repo / study.source["checkpoint"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rev = exp_commit(name, repo)
+    _dvc("get", ".", "models/model.pt", "--rev", rev, "-o", str(out.resolve()), "--force", cwd=repo)
+    return out
+
+
 def run(study: Study, repo: Path = Path(".")) -> list[str]:
-    """Queue and run what is missing; returns the names that failed."""
+    """Queue and run what is missing (the source first, when there is one); returns the names
+    that failed."""
+    if study.source:
+        path = train_source(study, repo)
+        progress.say(f"study {study.name}: source model {study.source_name} -> {path}")
     settings = study.all_settings()
     grid = [(label, seed, settings[label]) for label, seed in study.runs()]
     return wait(enqueue(study, grid, repo), repo, study.jobs)
@@ -351,12 +406,38 @@ def report(study: Study, repo: Path = Path("."), out: Path | None = None) -> Pat
     png = out / f"{study.name}.png"
     figures.save({png: fig}, dpi=120)
     text = markdown(study, rows, missing, png.name, tracking.cpu_name())
+    if study.source:
+        text = text.replace("\n| setting |", f"\n{source_line(study, repo)}\n\n| setting |", 1)
     files_ = [png, out / "report.md"]
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(text)
     (out / "results.json").write_text(json.dumps([r.__dict__ for r in results], indent=2) + "\n")
     _parent_run(study, results, files_ + [out / "results.json"], baseline_rev(repo))
     return out / "report.md"
+
+
+def source_line(study: Study, repo: Path) -> str:
+    """The source run in one line: its settings and its own test accuracy, from the store."""
+    import mlflow
+
+    from . import tracking
+
+    exp_id = tracking.setup(repo.resolve())
+    query = (
+        f"tags.`dvc.stage` = 'train' and attributes.status = 'FINISHED' and "
+        f"tags.`dvc.exp_name` = '{study.source_name}' and "
+        f"tags.`dvc.exp_baseline_rev` = '{baseline_rev(repo)}'"
+    )
+    found = mlflow.MlflowClient().search_runs(
+        [exp_id], query, order_by=["attributes.start_time DESC"], max_results=1
+    )
+    acc = found[0].data.metrics.get("eval/accuracy") if found else None
+    sets = ", ".join(f"`{k}={v}`" for k, v in study.source["overrides"].items())
+    shown = "not found in the store" if acc is None else f"{100 * acc:.2f} % on its own test split"
+    return (
+        f"Source model `{study.source_name}` ({sets}): {shown}; its checkpoint "
+        f"`{study.source['checkpoint']}` is what `model.pretrained` names."
+    )
 
 
 def _parent_run(study: Study, results: list[Result], attach: list[Path], rev: str) -> str:

@@ -12,8 +12,9 @@ def main() -> None:
     tracking.setup()  # an unusable MLflow store stops the stage here, before any work
     data = load_prepared(paths.PREPARED_DIR)
     dev = select_device(params.base.device)
-    model = checkpoint.load_weights(paths.MODEL, params.model, data.classes, dev)
-    x_test = normalize(data.x_test, data.mean, data.std)
+    model, inputs = checkpoint.load_trained(paths.MODEL, params.model, data.classes, dev)
+    inputs = inputs or {"mean": data.mean, "std": data.std}  # what it was trained with
+    x_test = normalize(data.x_test, inputs["mean"], inputs["std"])
     logits = predict(model, x_test, dev, params.evaluate.batch_size)
     metrics, pred, conf = evaluation.evaluate_logits(logits, data.y_test, data.classes)
 

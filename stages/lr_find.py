@@ -1,6 +1,6 @@
 """lr_find: Leslie Smith's LR range test; writes the chosen max LR for train (metrics/lr_find.json)."""
 
-from onecycle import cli, distributed, files, lr_finder, paths, tracking
+from onecycle import cli, distributed, files, lr_finder, paths, progress, tracking, transfer
 from onecycle.config import load_params
 from onecycle.prepared import load_prepared
 
@@ -16,10 +16,14 @@ def main() -> None:
     if started is None:
         return
     dev, ranks = started
-    data = load_prepared(paths.PREPARED_DIR)
+    start = transfer.load(params.model)  # model.pretrained; the data normalized as it expects
+    data = start.normalize(load_prepared(paths.PREPARED_DIR))
     if not ranks.is_main:  # the same sweeps, in step with rank 0, which alone writes and logs
-        lr_finder.find(params, data, dev)
+        lr_finder.find(params, data, dev, start)
         return
+    warning = start.warning(data)
+    if warning:
+        progress.say(f"warning: {warning}")
 
     with tracking.stage_run("lr_find") as run:
         run.log_params(
@@ -30,11 +34,12 @@ def main() -> None:
                 "train": {k: getattr(tcfg, k) for k in SHARED_TRAIN_KEYS},
                 "augment": tcfg.augment.model_dump(),
                 "data": {"num_train": len(data.y_train), "source": data.meta["source"]},
+                "start": start.record(data),
             }
         )
-        run.set_tags({"device": str(dev.device)})
+        run.set_tags({"device": str(dev.device)} | ({"warning": warning} if warning else {}))
         run.log_datasets(tracking.datasets(data)[:1])  # the sweep sees the training split only
-        found = lr_finder.find(params, data, dev)
+        found = lr_finder.find(params, data, dev, start)
         rows = found.curve_rows()
         files.write_csv(paths.LR_FIND_CURVE, rows)
         grid_fields = ["grid", "value", "step", "lr", "loss", "smooth_loss"]

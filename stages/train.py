@@ -1,6 +1,17 @@
 """train: the custom ResNet with the 1cycle policy; writes models/model.pt and the per-epoch history."""
 
-from onecycle import checkpoint, cli, distributed, files, mlmodel, paths, tracking, training
+from onecycle import (
+    checkpoint,
+    cli,
+    distributed,
+    files,
+    mlmodel,
+    paths,
+    progress,
+    tracking,
+    training,
+    transfer,
+)
 from onecycle.config import load_params
 from onecycle.model import count_parameters
 from onecycle.prepared import load_prepared
@@ -15,22 +26,28 @@ def main() -> None:
     if started is None:
         return
     dev, ranks = started
-    data = load_prepared(paths.PREPARED_DIR)
+    start = transfer.load(params.model)  # model.pretrained; the data normalized as it expects
+    data = start.normalize(load_prepared(paths.PREPARED_DIR))
     lr_find = files.read_json(paths.LR_FIND_METRICS) if paths.LR_FIND_METRICS.exists() else None
     hyper = training.resolve(params.train, lr_find, paths.LR_FIND_METRICS)
     cfg, max_lr, lr_source = hyper.cfg, hyper.max_lr, hyper.sources["max_lr"]
     fingerprint = data.meta.get("fingerprint")
     key = checkpoint.resume_key(
-        cfg, params.model, fingerprint, params.base.seed, max_lr, hyper.base_lr
+        cfg, params.model, fingerprint, params.base.seed, max_lr, hyper.base_lr, start.digest
     )
     resume = checkpoint.ResumeFile(paths.RESUME_STATE, key)
     state = resume.load()
-    session = build_session(params.model, cfg, data, dev, params.base.seed, cfg.max_momentum)
+    session = build_session(
+        params.model, cfg, data, dev, params.base.seed, cfg.max_momentum, start=start
+    )
     plan = training.make_plan(cfg, max_lr, session, data, hyper.base_lr)
     if not ranks.is_main:  # rank 0 alone writes outputs, the resume state and the MLflow run
         training.fit(session, plan, resume, state)
         return
     linked = "lr_find" in hyper.sources.values() and paths.LR_FIND_RUN.exists()
+    warning = start.warning(data)
+    if warning:
+        progress.say(f"warning: {warning}")
     lr_run = tracking.read_run_ref(paths.LR_FIND_RUN)["run_id"] if linked else "none"
 
     run_id = state["extra"].get("mlflow_run_id") if state else None
@@ -47,14 +64,17 @@ def main() -> None:
                     "base_lr_used": hyper.base_lr,
                     "sources": hyper.sources,
                     "parameters": count_parameters(session.model),
+                    "trainable_parameters": count_parameters(session.model, trainable=True),
+                    "start": start.record(data),
                     **tracking.context(dev, data),
                 }
             )
             run.log_datasets(tracking.datasets(data))
         else:
             run.set_tags({"resumed": "true"})
-        if plan.warning:
-            run.set_tags({"warning": plan.warning})
+        warnings = [w for w in (warning, plan.warning) if w]
+        if warnings:
+            run.set_tags({"warning": " | ".join(warnings)})
         hooks = training.Hooks(on_epoch=lambda s: run.log_metrics(s.metrics(), s.epoch))
         result = training.fit(session, plan, resume, state, hooks)
 

@@ -296,6 +296,43 @@ def test_max_lr_override_reruns_train_not_lr_find(pipeline):
     assert latest.data.params["max_lr_used"] == "0.05" and latest.data.tags.get("dvc.exp_name")
 
 
+def test_resnet18_from_a_weights_file_runs_through_dvc_as_an_experiment(pipeline, tmp_path):
+    """model.arch resnet18, its backbone from a torchvision state dict (made here: ImageNet's
+    1000 classes) at a tenth of the LR: lr_find and train rerun, the download does not."""
+    import numpy as np
+    import torch
+    import torchvision
+    from PIL import Image
+
+    from onecycle import checkpoint, transfer
+
+    weights = tmp_path / "resnet18-imagenet-shaped.pth"
+    torch.save(torchvision.models.resnet18(num_classes=1000).state_dict(), weights)
+    sets = ["model.arch=resnet18", f"model.pretrained={weights}", "model.backbone_lr_mult=0.1"]
+    proc = _run(
+        pipeline, "dvc", "exp", "run", "-n", "resnet18", *(a for s in sets for a in ("-S", s))
+    )
+    assert (
+        "Running stage 'lr_find'" in proc.stdout and "Running stage 'download'" not in proc.stdout
+    )
+
+    ckpt = checkpoint.read_weights(pipeline / paths.MODEL)
+    assert ckpt["config"]["arch"] == "resnet18" and ckpt["model"]["fc.weight"].shape == (10, 512)
+    assert ckpt["inputs"]["mean"] == list(transfer.IMAGENET_MEAN)  # the weights', not the data's
+    _, runs = _runs(pipeline)
+    mine = [r for r in runs if r.data.tags.get("dvc.exp_name") == "resnet18"]
+    train = next(r for r in mine if r.data.tags["dvc.stage"] == "train")
+    assert train.info.status == "FINISHED" and "eval/accuracy" in train.data.metrics
+    assert train.data.params["model.arch"] == "resnet18"
+    assert train.data.params["start.weights"] == str(weights)
+    assert train.data.params["start.normalization"].startswith("ImageNet")
+    assert int(train.data.params["trainable_parameters"]) == 11_181_642  # all of ResNet-18
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(tmp_path / "grey.png")
+    out = _run(pipeline, sys.executable, "-m", "onecycle.predict", str(tmp_path / "grey.png"))
+    assert "grey.png" in out.stdout  # predict rebuilds the ResNet-18 from the checkpoint alone
+    _reset_params(pipeline)
+
+
 def _reset_params(repo: Path) -> None:
     """The README's way back to the committed params (works where `git checkout` does not)."""
     _run(repo, "make", "reset-params")
