@@ -261,7 +261,7 @@ def train_source(study: Study, repo: Path) -> Path:
         if queue_states(repo).get(name) not in ("Queued", "Running"):
             sets = _set_args(study.source["overrides"])
             _dvc("exp", "run", "--queue", "-n", name, *sets, study.target, cwd=repo)
-        if wait([name], repo, study.jobs):
+        if wait([name], repo, 1):  # alone: every core to it
             raise StudyError(
                 f"study {study.name}: the source run failed; see `dvc queue logs {name}`"
             )
