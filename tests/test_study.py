@@ -50,6 +50,7 @@ def test_a_study_file_is_read_with_its_runs_named_for_finding_them_again(tmp_pat
         (("figure: max_lr", "figure: pie"), "figure 'pie'"),
         (("  lr-0.1:", "  lr..1:"), "settings must map labels"),
         (("figure: max_lr", "figur: max_lr"), "unknown key"),
+        (("figure: max_lr", "figure: max_lr\nsource: {checkpoint: a.pt}"), "source must map"),
     ],
 )
 def test_a_bad_study_file_is_refused_naming_the_file_and_key(tmp_path, change, message):
@@ -57,6 +58,28 @@ def test_a_bad_study_file_is_refused_naming_the_file_and_key(tmp_path, change, m
     with pytest.raises(study.StudyError, match=message) as err:
         study.load(path)
     assert str(path) in str(err.value)
+
+
+def test_the_transfer_study_trains_its_source_first_and_names_its_checkpoint_in_settings():
+    s = study.load(study.Path("studies/transfer.yaml"))
+    assert s.source_name == "transfer-source"
+    checkpoint = s.source["checkpoint"]
+    pretrained = {label: o.get("model.pretrained") for label, o in s.all_settings().items()}
+    assert {v for k, v in pretrained.items() if not k.startswith("scratch")} == {checkpoint}
+    assert s.common["data.source"] != s.source["overrides"]["data.source"]
+
+
+def test_a_class_subset_is_an_image_folder_of_those_classes_only(tmp_path, shared_cifar):
+    from onecycle import subset
+
+    out = tmp_path / "vehicles"
+    counts = subset.make(shared_cifar, out, ["truck", "ship"])
+    assert counts == {"train": {"ship": 5000, "truck": 5000}, "test": {"ship": 1000, "truck": 1000}}
+    assert sorted(p.name for p in (out / "test").iterdir()) == ["ship", "truck"]
+    assert len(list((out / "train" / "ship").iterdir())) == 5000
+    with pytest.raises(subset.SubsetError, match="no images for train/unicorn"):
+        subset.make(shared_cifar, tmp_path / "x", ["unicorn"])
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.tmp").exists()
 
 
 def _result(label, seed, acc, lr=0.1, seconds=10.0):
