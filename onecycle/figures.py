@@ -266,12 +266,14 @@ def study_epochs_figure(results, name: str) -> Figure:
     """Test accuracy per epoch, one mean line and a std band per setting (a study's runs)."""
     fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
     for i, label in enumerate(dict.fromkeys(r.label for r in results)):
-        curves = [r.test_acc for r in results if r.label == label and r.test_acc]
-        if not curves:
+        mine = [r for r in results if r.label == label and r.test_acc]
+        if not mine:
             continue
+        curves = [r.test_acc for r in mine]
         n = min(len(c) for c in curves)
         mean, std = _mean_std([c[:n] for c in curves])
-        epochs = np.arange(1, n + 1)
+        # the epochs the test set was looked at (train.eval_every), else one look an epoch
+        epochs = np.asarray(mine[0].test_epochs[:n] or np.arange(1, n + 1))
         ax.plot(epochs, 100 * mean, "o-", color=f"C{i}", label=f"{label} ({len(curves)} seeds)")
         ax.fill_between(epochs, 100 * (mean - std), 100 * (mean + std), color=f"C{i}", alpha=0.2)
     ax.set(xlabel="epoch", ylabel="test accuracy (%)", title=f"Study {name}: mean ± std over seeds")

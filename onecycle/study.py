@@ -294,7 +294,8 @@ class Result:
     accuracy: float  # eval/accuracy: the full test split, as evaluate measured it
     max_lr: float
     seconds: float  # training time (the epochs' sum)
-    test_acc: list[float]  # per epoch (monitoring)
+    test_acc: list[float]  # per test-set look (monitoring): every train.eval_every epochs
+    test_epochs: list[int] = field(default_factory=list)  # the epoch of each look (1-based)
 
 
 def baseline_rev(repo: Path) -> str:
@@ -337,6 +338,7 @@ def collect(study: Study, repo: Path = Path(".")) -> tuple[list[Result], list[st
                 float(r.data.params["max_lr_used"]),
                 sum(m.value for m in seconds),
                 [m.value for m in sorted(history, key=lambda m: m.step)],
+                sorted(m.step for m in history),
             )
         )
     order = list(wanted)  # the study's order: settings, then picks; seeds within

@@ -116,6 +116,14 @@ def test_both_study_figures_draw(kind):
     assert fig.axes and fig.axes[0].get_title().startswith("Study t")
 
 
+def test_the_epochs_figure_puts_each_test_look_at_its_epoch():
+    from onecycle import figures
+
+    looks = [study.Result("a", s, "r", 0.6, 0.1, 1.0, [0.3, 0.5, 0.6], [3, 6, 9]) for s in (0, 1)]
+    line = figures.study_epochs_figure(looks, "t").axes[0].lines[0]
+    assert list(line.get_xdata()) == [3, 6, 9]  # train.eval_every 3: not 1, 2, 3
+
+
 def test_queued_runs_share_the_cores_unless_told_otherwise(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(study.os, "cpu_count", lambda: 2)
