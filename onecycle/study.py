@@ -479,12 +479,17 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     study = load(args.study)
     failed = run(study) if args.action == "run" else []
-    path = report(study)
+    why = (
+        f"study {study.name}: {len(failed)} run(s) failed: {', '.join(failed)}; see "
+        "`dvc queue logs <name>`"
+    )
+    try:
+        path = report(study)
+    except StudyError as exc:
+        raise StudyError(f"{why}\n{exc}" if failed else str(exc)) from None
     print(f"study {study.name}: {path}")
     if failed:
-        raise StudyError(
-            f"study {study.name}: {len(failed)} run(s) failed: {', '.join(failed)}; see `dvc queue logs <name>`"
-        )
+        raise StudyError(why)
 
 
 if __name__ == "__main__":

@@ -296,38 +296,6 @@ def test_max_lr_override_reruns_train_not_lr_find(pipeline):
     assert latest.data.params["max_lr_used"] == "0.05" and latest.data.tags.get("dvc.exp_name")
 
 
-def test_resnet18_from_a_weights_file_runs_through_dvc_as_an_experiment(pipeline, tmp_path):
-    """model.arch resnet18, its backbone from a torchvision state dict (made here: ImageNet's
-    1000 classes) at a tenth of the LR: lr_find, train and evaluate rerun, the download does not.
-    (predict on a torchvision checkpoint: tests/test_transfer.py; plots reads only files.)"""
-    import torch
-    import torchvision
-
-    from onecycle import checkpoint, transfer
-
-    weights = tmp_path / "resnet18-imagenet-shaped.pth"
-    torch.save(torchvision.models.resnet18(num_classes=1000).state_dict(), weights)
-    sets = ["model.arch=resnet18", f"model.pretrained={weights}", "model.backbone_lr_mult=0.1"]
-    args = [a for s in sets for a in ("-S", s)]
-    proc = _run(pipeline, "dvc", "exp", "run", "-n", "resnet18", *args, "evaluate")
-    assert (
-        "Running stage 'lr_find'" in proc.stdout and "Running stage 'download'" not in proc.stdout
-    )
-
-    ckpt = checkpoint.read_weights(pipeline / paths.MODEL)
-    assert ckpt["config"]["arch"] == "resnet18" and ckpt["model"]["fc.weight"].shape == (10, 512)
-    assert ckpt["inputs"]["mean"] == list(transfer.IMAGENET_MEAN)  # the weights', not the data's
-    _, runs = _runs(pipeline)
-    mine = [r for r in runs if r.data.tags.get("dvc.exp_name") == "resnet18"]
-    train = next(r for r in mine if r.data.tags["dvc.stage"] == "train")
-    assert train.info.status == "FINISHED" and "eval/accuracy" in train.data.metrics
-    assert train.data.params["model.arch"] == "resnet18"
-    assert train.data.params["start.weights"] == str(weights)
-    assert train.data.params["start.normalization"].startswith("ImageNet")
-    assert int(train.data.params["trainable_parameters"]) == 11_181_642  # all of ResNet-18
-    _reset_params(pipeline)
-
-
 def _reset_params(repo: Path) -> None:
     """The README's way back to the committed params (works where `git checkout` does not)."""
     _run(repo, "make", "reset-params")
@@ -686,6 +654,18 @@ settings:
 seeds: [0, 1]
 figure: epochs
 """,
+    "tiny-transfer": """
+name: tiny-transfer
+description: ResNet-18 trained, then its checkpoint frozen on the data (the suite's study-transfer)
+source:
+  checkpoint: weights/source-resnet18.pt
+  overrides: {model.arch: resnet18, train.epochs: 1}
+common: {model.arch: resnet18, train.epochs: 1, lr_find.smooth_beta: 0.8}
+settings:
+  frozen: {model.pretrained: weights/source-resnet18.pt, model.freeze: backbone}
+seeds: [0]
+figure: epochs
+""",
 }
 
 
@@ -750,6 +730,42 @@ def test_a_study_runs_as_named_experiments_and_reports_what_the_store_holds(pipe
     # started again, it runs nothing; its report alone reads the same runs
     out = _run(pipeline, sys.executable, "-m", "onecycle.study", "run", "tiny.yaml").stdout
     assert json.loads((pipeline / "reports" / "tiny" / "results.json").read_text()) == results, out
+
+
+@pytest.mark.long
+def test_a_transfer_study_trains_resnet18_then_freezes_its_checkpoint_through_dvc(pipeline):
+    """model.arch resnet18 on a few hundred real images, end to end through DVC: the study's
+    source run first; its models/model.pt, fetched from the DVC cache, starts the frozen run,
+    whose backbone comes out exactly as the source left it and whose classifier alone trained."""
+    import hashlib
+
+    import torch
+
+    from onecycle import checkpoint, study
+
+    results, report = _study(pipeline, "tiny-transfer")
+    assert [(r["label"], r["seed"]) for r in results] == [("frozen", 0)]
+    source = checkpoint.read_weights(pipeline / "weights" / "source-resnet18.pt")
+    assert source["config"]["arch"] == "resnet18" and source["classes"]
+    assert "Source model `tiny-transfer-source`" in report and "% on its own test split" in report
+
+    client, runs = _runs(pipeline)
+    run = client.get_run(results[0]["run_id"])
+    digest = hashlib.sha256((pipeline / "weights" / "source-resnet18.pt").read_bytes()).hexdigest()
+    assert run.data.params["model.arch"] == "resnet18"
+    assert run.data.params["start.weights_sha256"] == digest
+    assert run.data.params["start.normalization"].startswith("checkpoint source-resnet18.pt")
+    assert int(run.data.params["trainable_parameters"]) == 512 * 10 + 10  # the classifier only
+
+    frozen = pipeline / "frozen.pt"  # the frozen run's own checkpoint, from the DVC cache
+    rev = study.exp_commit("tiny-transfer-frozen-s0", pipeline)
+    _run(pipeline, "dvc", "get", ".", "models/model.pt", "--rev", rev, "-o", str(frozen))
+    trained = checkpoint.read_weights(frozen)
+    for k, v in source["model"].items():  # BatchNorm statistics included
+        if not k.startswith("fc."):
+            assert torch.equal(trained["model"][k], v), k
+    assert not torch.equal(trained["model"]["fc.weight"], source["model"]["fc.weight"])
+    assert trained["inputs"]["mean"] == source["inputs"]["mean"]  # the source's normalization
 
 
 @pytest.mark.long
