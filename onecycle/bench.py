@@ -54,7 +54,9 @@ def _timed(fn, steps: int, batch: int, dev) -> float:
 def _bare(model_cfg: ModelConfig, cfg: TrainConfig, dev, steps: int):
     model = build_model(model_cfg, 10, dev)
     forward = torch.compile(model) if use_compile(cfg.compile, dev) else model
-    optimizer = build_optimizer(model, 0.05, cfg.max_momentum, cfg.nesterov, cfg.weight_decay)
+    optimizer = build_optimizer(
+        model.parameters(), 0.05, cfg.max_momentum, cfg.nesterov, cfg.weight_decay
+    )
     scaler = make_scaler(dev)
     gen = torch.Generator().manual_seed(0)
     xs = torch.randn(steps, cfg.batch_size, 3, 32, 32, generator=gen)

@@ -163,10 +163,9 @@ def load_trained(
     """:func:`load_weights`, and the inputs the model was trained on (image size, the mean/std
     it normalizes by: see :func:`inputs_of`; None in a checkpoint older than them)."""
     ckpt = read_weights(path)
-    want = {**model_cfg.architecture(), "num_classes": len(classes)}
-    have = ckpt["config"] if isinstance(ckpt.get("config"), dict) else {}
-    have = {"arch": "resnet9", **have}  # checkpoints from before model.arch
-    diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+    diff = architecture_diff(
+        ckpt.get("config"), {**model_cfg.architecture(), "num_classes": len(classes)}
+    )
     if diff:
         what = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
         raise CheckpointError(
@@ -182,6 +181,18 @@ def load_trained(
         raise CheckpointError(f"{path}: weights do not fit the model:\n{misfit}\nRetrain.")
     model.load_state_dict(ckpt["model"])
     return model.eval(), ckpt.get("inputs")
+
+
+def saved_architecture(config) -> dict:
+    """A checkpoint's ``config``, with the ``arch`` that checkpoints from before model.arch
+    leave out (they are all resnet9)."""
+    return {"arch": "resnet9", **(config if isinstance(config, dict) else {})}
+
+
+def architecture_diff(config, want: dict) -> dict[str, tuple]:
+    """key -> (the checkpoint's value, ``want``'s) for each of ``want``'s keys that differ."""
+    have = saved_architecture(config)
+    return {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
 
 
 def state_dict_misfit(expected: dict, given: dict, show: int = 8) -> str:

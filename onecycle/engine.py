@@ -65,9 +65,8 @@ def build_model(cfg: ModelConfig, num_classes: int, dev: Device) -> torch.nn.Mod
 
 
 def build_optimizer(params, lr: float, momentum: float, nesterov: bool, weight_decay: float):
-    """SGD over a model's parameters or over param groups (each may carry an ``lr_mult``)."""
-    if isinstance(params, torch.nn.Module):
-        params = params.parameters()
+    """SGD over parameters or param groups (a group may carry an ``lr_mult``: see
+    :func:`onecycle.transfer.param_groups`)."""
     return torch.optim.SGD(
         params,
         lr=lr,

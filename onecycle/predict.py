@@ -53,7 +53,7 @@ def load_checkpoint_model(path: Path) -> Model:
             "retrain it with `dvc repro -f train`, or give an MLflow model with --model"
         )
     shape = {k: config[k] for k in ("width", "logit_scale") if k in config}
-    net = build(config.get("arch", "resnet9"), config["num_classes"], **shape)
+    net = build(checkpoint.saved_architecture(config)["arch"], config["num_classes"], **shape)
     misfit = checkpoint.state_dict_misfit(net.state_dict(), ckpt["model"])
     if misfit:
         raise PredictError(f"{path}: weights do not fit the model they name:\n{misfit}")

@@ -303,9 +303,9 @@ def baseline_rev(repo: Path) -> str:
     return out.stdout.strip()
 
 
-def collect(study: Study, repo: Path = Path(".")) -> tuple[list[Result], list[str]]:
-    """The study's train runs on the current commit from the MLflow store (the latest finished
-    run of each experiment name), and the names that have none yet."""
+def latest_train_runs(repo: Path, names: set[str]):
+    """(client, {experiment name: its latest finished, evaluated train run}) for ``names``, on
+    the current commit, from the MLflow store."""
     import mlflow
 
     from . import tracking
@@ -316,14 +316,21 @@ def collect(study: Study, repo: Path = Path(".")) -> tuple[list[Result], list[st
         f"tags.`dvc.stage` = 'train' and attributes.status = 'FINISHED' and "
         f"tags.`dvc.exp_baseline_rev` = '{baseline_rev(repo)}'"
     )
-    wanted = {study.exp_name(label, seed): (label, seed) for label, seed in study.runs()}
     latest = {}
     for r in client.search_runs(
         [exp_id], query, order_by=["attributes.start_time DESC"], max_results=5000
     ):
         name = r.data.tags.get("dvc.exp_name")
-        if name in wanted and name not in latest and "eval/accuracy" in r.data.metrics:
+        if name in names and name not in latest and "eval/accuracy" in r.data.metrics:
             latest[name] = r
+    return client, latest
+
+
+def collect(study: Study, repo: Path = Path(".")) -> tuple[list[Result], list[str]]:
+    """The study's train runs on the current commit from the MLflow store (the latest finished
+    run of each experiment name), and the names that have none yet."""
+    wanted = {study.exp_name(label, seed): (label, seed) for label, seed in study.runs()}
+    client, latest = latest_train_runs(repo, set(wanted))
     results = []
     for name, r in latest.items():
         label, seed = wanted[name]
@@ -368,7 +375,15 @@ def summarize(results: list[Result]) -> list[dict]:
     return rows
 
 
-def markdown(study: Study, rows: list[dict], missing: list[str], figure: str, machine: str) -> str:
+def markdown(
+    study: Study,
+    rows: list[dict],
+    missing: list[str],
+    figure: str,
+    machine: str,
+    source: str | None = None,
+) -> str:
+    """The report; ``source``: a line on the study's source run, above the table."""
     lines = [
         f"# Study: {study.name}",
         "",
@@ -377,6 +392,7 @@ def markdown(study: Study, rows: list[dict], missing: list[str], figure: str, ma
         f"Every run: {', '.join(f'`{k}={v}`' for k, v in study.common.items()) or 'the defaults'}; "
         f"seeds {study.seeds}. Measured on {machine}.",
         "",
+        *([source, ""] if source else []),
         "| setting | runs | test accuracy (mean ± std) | max LR (mean) | training s (mean) |",
         "| --- | --- | --- | --- | --- |",
     ]
@@ -407,9 +423,8 @@ def report(study: Study, repo: Path = Path("."), out: Path | None = None) -> Pat
     )
     png = out / f"{study.name}.png"
     figures.save({png: fig}, dpi=120)
-    text = markdown(study, rows, missing, png.name, tracking.cpu_name())
-    if study.source:
-        text = text.replace("\n| setting |", f"\n{source_line(study, repo)}\n\n| setting |", 1)
+    source = source_line(study, repo) if study.source else None
+    text = markdown(study, rows, missing, png.name, tracking.cpu_name(), source)
     files_ = [png, out / "report.md"]
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(text)
@@ -420,22 +435,14 @@ def report(study: Study, repo: Path = Path("."), out: Path | None = None) -> Pat
 
 def source_line(study: Study, repo: Path) -> str:
     """The source run in one line: its settings and its own test accuracy, from the store."""
-    import mlflow
-
-    from . import tracking
-
-    exp_id = tracking.setup(repo.resolve())
-    query = (
-        f"tags.`dvc.stage` = 'train' and attributes.status = 'FINISHED' and "
-        f"tags.`dvc.exp_name` = '{study.source_name}' and "
-        f"tags.`dvc.exp_baseline_rev` = '{baseline_rev(repo)}'"
-    )
-    found = mlflow.MlflowClient().search_runs(
-        [exp_id], query, order_by=["attributes.start_time DESC"], max_results=1
-    )
-    acc = found[0].data.metrics.get("eval/accuracy") if found else None
+    _, found = latest_train_runs(repo, {study.source_name})
+    run = found.get(study.source_name)
     sets = ", ".join(f"`{k}={v}`" for k, v in study.source["overrides"].items())
-    shown = "not found in the store" if acc is None else f"{100 * acc:.2f} % on its own test split"
+    shown = (
+        f"{100 * run.data.metrics['eval/accuracy']:.2f} % on its own test split"
+        if run
+        else "not found in the store"
+    )
     return (
         f"Source model `{study.source_name}` ({sets}): {shown}; its checkpoint "
         f"`{study.source['checkpoint']}` is what `model.pretrained` names."

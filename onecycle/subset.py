@@ -15,10 +15,11 @@ import argparse
 import json
 import shutil
 import tarfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
+from .archives import tar_members
 from .errors import UserError
-from .imagefolder import SPLITS
+from .imagefolder import SPLITS, Layout
 
 MARKER = "subset.json"  # what the folder was made from
 
@@ -27,27 +28,22 @@ class SubsetError(UserError):
     """The source or the classes asked for cannot make the subset."""
 
 
-def _split_and_class(parts: tuple[str, ...]) -> tuple[str, str] | None:
-    for i, part in enumerate(parts[:-2]):
-        if part in SPLITS:
-            return part, parts[i + 1]
-    return None
-
-
 def _members(source: Path):
-    """(split, class, file name, bytes) of every file of ``source``."""
+    """(split, class, file name, bytes) of every image file of ``source``, found as the download
+    stage finds them (:class:`imagefolder.Layout`; a tar's members through its safety checks)."""
+    layout = Layout(str(source))
     if source.is_dir():
         for path in sorted(source.rglob("*")):
-            found = _split_and_class(path.relative_to(source).parts)
-            if path.is_file() and found:
+            found = layout.place(path.relative_to(source).as_posix(), is_dir=False)
+            if found and path.is_file() and not path.is_symlink():
                 yield *found, path.name, path.read_bytes()
         return
     try:
         with tarfile.open(source) as tar:
-            for member in tar:
-                found = _split_and_class(Path(member.name).parts)
-                if member.isfile() and found:
-                    yield *found, Path(member.name).name, tar.extractfile(member).read()
+            for member in tar_members(tar, source):
+                found = layout.place(member.name, is_dir=False)
+                if found and member.isfile():
+                    yield *found, PurePosixPath(member.name).name, tar.extractfile(member).read()
     except (tarfile.TarError, OSError) as exc:
         raise SubsetError(f"{source}: not a readable .tar/.tar.gz or directory ({exc})") from None
 

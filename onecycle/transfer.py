@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import state_dict_misfit
+from . import checkpoint
+from .checkpoint import architecture_diff, state_dict_misfit
 from .config import ModelConfig, resolve_path
 from .errors import UserError
 from .model import AUX_PREFIXES, TORCHVISION_KWARGS, head_keys
@@ -105,11 +106,8 @@ def load(cfg: ModelConfig) -> Start:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _torchvision_default(arch: str) -> Start:
@@ -151,7 +149,7 @@ def _from_file(path: Path, cfg: ModelConfig) -> Start:
             "or models/model.pt of another run of this pipeline), default or none"
         )
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = checkpoint.load(path)  # weights only: a weights file can never run code
     except Exception as exc:
         raise PretrainedError(
             f"model.pretrained: {path} is not a loadable weights-only file ({exc})"
@@ -175,16 +173,13 @@ def _from_file(path: Path, cfg: ModelConfig) -> Start:
 
 def _from_checkpoint(path: Path, ckpt: dict, cfg: ModelConfig, digest: str) -> Start:
     """A models/model.pt of this pipeline: same architecture, its own inputs."""
-    saved = ckpt["config"] if isinstance(ckpt["config"], dict) else {}
-    saved_arch = {k: saved.get(k, "resnet9" if k == "arch" else None) for k in cfg.architecture()}
-    if saved_arch != cfg.architecture():
-        diff = ", ".join(
-            f"{k}: {saved_arch[k]!r} there, {v!r} here"
-            for k, v in cfg.architecture().items()
-            if saved_arch[k] != v
+    diff = architecture_diff(ckpt["config"], cfg.architecture())
+    if diff:
+        what = ", ".join(
+            f"{k}: {there!r} there, {here!r} here" for k, (there, here) in diff.items()
         )
         raise PretrainedError(
-            f"model.pretrained: {path} is a checkpoint of another network ({diff}); set the "
+            f"model.pretrained: {path} is a checkpoint of another network ({what}); set the "
             "model params it was trained with"
         )
     got = ckpt.get("inputs") or {}

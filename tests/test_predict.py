@@ -70,6 +70,7 @@ def test_the_logged_mlflow_model_takes_raw_images_and_matches_the_checkpoint(
     net, path = model_file
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("predict")  # not an experiment id another test's store left active
     x = predict.read_images(images, 32)
     with mlflow.start_run() as run:
         model_id = mlmodel.log(net, CLASSES, MEAN, STD, x, run.info.run_id)
