@@ -29,7 +29,7 @@ from .errors import UserError
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 LABEL = re.compile(r"^[a-z0-9]([a-z0-9_-]|\.(?!\.))*$")  # a Git ref part: no "..", e.g. lr-0.03
-POLL_SECONDS = 10
+POLL_SECONDS = 10  # at most, between looks at the queue (a tenth of the time waited, at least 1)
 
 
 class StudyError(UserError):
@@ -229,6 +229,7 @@ def wait(names: list[str], repo: Path, jobs: int) -> list[str]:
     if not names:
         return []
     start_queue(repo, jobs)
+    started = time.monotonic()
     with progress.bar(len(names), "study runs", unit="run") as bar:
         while True:
             states = queue_states(repo)
@@ -237,7 +238,8 @@ def wait(names: list[str], repo: Path, jobs: int) -> list[str]:
             bar.refresh()
             if len(done) == len(names):
                 return [n for n in names if states.get(n) == "Failed"]
-            time.sleep(POLL_SECONDS)
+            # A look costs a `dvc` process: rarely on a study of hours, soon on a short one.
+            time.sleep(min(POLL_SECONDS, max(1.0, (time.monotonic() - started) / 10)))
 
 
 def exp_commit(name: str, repo: Path) -> str:

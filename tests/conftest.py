@@ -1,22 +1,30 @@
-"""Shared fixtures: real CIFAR-10 (the shared archive) shrunk to a few hundred images, and a tiny
-config (narrow model, a couple of epochs, CPU) so every stage runs in seconds."""
+"""Shared fixtures: real CIFAR-10 (the shared archive) shrunk to a few hundred images, a tiny
+config (narrow model, a couple of epochs, CPU) so every stage runs in seconds, and the one tiny
+pipeline run the suite shares (``pipeline``, read-only) with copies of it to change (``fork``)."""
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
-import pytest
+# One thread per process: the tiny models gain nothing from a second, and the suite runs its
+# in-process tests beside the shared run's build (measured: the in-process tests take as long).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from onecycle import prepared, sources
-from onecycle.config import DataConfig, parse_params
+import pytest  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+from onecycle import prepared, sources  # noqa: E402
+from onecycle.config import DataConfig, parse_params  # noqa: E402
+
+from . import tiny_repo  # noqa: E402
+
 # The shared image-folder copy beside the repo; ONECYCLE_TEST_DATA points elsewhere (any source
 # `data.source` accepts, e.g. the official archive on a hosted CI runner).
-SHARED_CIFAR = Path(
-    os.environ.get("ONECYCLE_TEST_DATA", ROOT / ".." / "shared" / "datasets" / "cifar10-jpg.tar.gz")
-).resolve()
+ROOT, SHARED_CIFAR = tiny_repo.ROOT, tiny_repo.SHARED_CIFAR
+# The environment's commands (dvc, mlflow) for the tests that call them, also when pytest was
+# started by its path rather than from an activated environment or `make test`.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
 
 
 @pytest.fixture(scope="session")
@@ -51,3 +59,43 @@ TINY = {
 @pytest.fixture
 def tiny_params():
     return parse_params(TINY)
+
+
+# ---------------------------------------------------------------- the shared tiny pipeline run
+
+
+def _tiny_dest(config: pytest.Config) -> Path:
+    """Where the shared run is built: one folder for the whole test run, xdist workers included."""
+    base = config._tmp_path_factory.getbasetemp()  # the tmp_path_factory fixture's own
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "tiny" / "repo"
+
+
+def _needs_the_run(item) -> bool:
+    return bool({"pipeline", "fork"} & set(item.fixturenames))
+
+
+@pytest.hookimpl(trylast=True)  # after -m and -k deselected what they deselect
+def pytest_collection_modifyitems(session, config, items):
+    """Start building the shared run at once when a selected test needs it, and put the tests
+    that need it last, the long ones first among them: the in-process tests run meanwhile (on
+    the other core), then the longest modules start first on the two workers."""
+    if any(map(_needs_the_run, items)):
+        tiny_repo.start_build(_tiny_dest(config))
+        items.sort(key=lambda item: (_needs_the_run(item), item.get_closest_marker("long") is None))
+
+
+def pytest_unconfigure(config):
+    if not os.environ.get("PYTEST_XDIST_WORKER") and hasattr(config, "_tmp_path_factory"):
+        tiny_repo.stop_build(_tiny_dest(config))
+
+
+@pytest.fixture(scope="session")
+def pipeline(request) -> Path:
+    """The tiny pipeline after `dvc repro` (committed): look, never change (use ``fork``)."""
+    return tiny_repo.wait_for_build(_tiny_dest(request.config))
+
+
+@pytest.fixture
+def fork(pipeline, tmp_path) -> Path:
+    """A copy of the finished tiny pipeline for a test that changes it."""
+    return tiny_repo.fork(pipeline, tmp_path / "repo")

@@ -4,8 +4,16 @@ import pytest
 from onecycle import recorder, tracking
 
 
+@pytest.fixture(scope="session")
+def migrated(tmp_path_factory):
+    """An MLflow store with its schema made (a second per new SQLite store), copied per test."""
+    db = tmp_path_factory.mktemp("template") / "mlflow.db"
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+    return db
+
+
 @pytest.fixture
-def store(tmp_path, monkeypatch):
+def empty(tmp_path, monkeypatch):
     """An empty repository root; the store must land there whatever the working directory."""
     root = tmp_path / "repo"
     (root / "elsewhere").mkdir(parents=True)
@@ -17,18 +25,27 @@ def store(tmp_path, monkeypatch):
         mlflow.end_run()
 
 
+@pytest.fixture
+def store(empty, migrated):
+    """A repository root holding a store with its schema but no run, no experiment of ours."""
+    import shutil
+
+    shutil.copy(migrated, empty / "mlflow.db")
+    return empty
+
+
 def _status(run_id):
     return mlflow.MlflowClient().get_run(run_id).info.status
 
 
-def test_store_is_at_the_repository_root_not_the_working_directory(store):
+def test_store_is_at_the_repository_root_not_the_working_directory(empty):
     with tracking.stage_run("lr_find") as run:
         mlflow.log_metric("x", 1.0, step=0)
         mlflow.log_text("hi", "a.txt")
-    assert (store / "mlflow.db").exists() and not (store / "elsewhere" / "mlflow.db").exists()
+    assert (empty / "mlflow.db").exists() and not (empty / "elsewhere" / "mlflow.db").exists()
     artifact_uri = mlflow.MlflowClient().get_run(run.run_id).info.artifact_uri
-    assert artifact_uri.startswith((store / "mlartifacts").as_uri())
-    assert (store / "mlartifacts").exists() and not (store / "elsewhere" / "mlruns").exists()
+    assert artifact_uri.startswith((empty / "mlartifacts").as_uri())
+    assert (empty / "mlartifacts").exists() and not (empty / "elsewhere" / "mlruns").exists()
     assert _status(run.run_id) == "FINISHED"
 
 
@@ -261,7 +278,7 @@ def test_a_finished_run_the_store_missed_ending_is_finished_by_the_next_stage(st
     assert got.info.status == "FINISHED" and got.data.tags["onecycle.finished_by"] == "evaluate"
 
 
-def test_stages_starting_at_once_on_a_fresh_clone_share_one_new_store(store):
+def test_stages_starting_at_once_on_a_fresh_clone_share_one_new_store(empty):
     # `dvc queue start -j 2` on a fresh clone: both experiments' first stage creates mlflow.db;
     # without a lock one of them failed with "duplicate column name: step" (seen in a study)
     import os
@@ -269,7 +286,7 @@ def test_stages_starting_at_once_on_a_fresh_clone_share_one_new_store(store):
     import sys
 
     code = "from onecycle import tracking; print(tracking.setup())"
-    env = {**os.environ, "DVC_ROOT": str(store)}
+    env = {**os.environ, "DVC_ROOT": str(empty)}
     procs = [
         subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
         for _ in range(4)

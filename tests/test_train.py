@@ -115,6 +115,27 @@ def test_resume_state_with_other_params_is_refused(tiny_data, tiny_params, tmp_p
     )
 
 
+@pytest.mark.parametrize("setting", ["auto", "number"])  # from lr_find, or given in params
+def test_a_resume_state_saved_at_another_max_lr_is_refused(
+    tiny_data, tiny_params, tmp_path, setting
+):
+    state_path = tmp_path / "resume.pt"
+    stop, hooks = _stop_after(2)
+    saved = tiny_params
+    if setting == "number":
+        saved = tiny_params.model_copy(
+            update={"train": tiny_params.train.model_copy(update={"max_lr": 0.2})}
+        )
+    with pytest.raises(KeyboardInterrupt):
+        _fit(saved, tiny_data, state_path, max_lr=0.2, hooks=hooks, stop=stop)
+    now = saved
+    if setting == "number":
+        now = saved.model_copy(update={"train": saved.train.model_copy(update={"max_lr": 0.3})})
+    with pytest.raises(checkpoint.ResumeMismatch, match="max_lr") as err:
+        _resume(now, tiny_data, state_path, max_lr=0.3).load()
+    assert f"rm {state_path}" in str(err.value)
+
+
 @pytest.mark.parametrize("content", [[1, 2, 3], {"model": {}}])
 def test_a_resume_state_of_another_kind_is_refused_with_the_rm_command(tmp_path, content):
     path = tmp_path / "resume.pt"

@@ -1,0 +1,110 @@
+"""A study through DVC's queue, for real (the file's checks and the report's numbers are
+tests/test_study.py's, in-process): one tiny study with a source run, whose checkpoint starts a
+frozen run; its report against the MLflow store; started again, it runs
+nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from .tiny_repo import TINY_PIPELINE, run, runs
+
+pytestmark = [pytest.mark.slow, pytest.mark.long]
+
+TINY_STUDY = """
+name: tiny
+description: a source run, then its checkpoint frozen (the suite's study)
+source:  # the tiny run's training again (its range test from DVC's run cache)
+  checkpoint: weights/source.pt
+  overrides: {train.eval_every: 2}
+common: {train.epochs: 1}
+settings:
+  frozen:  # a frozen width-4 backbone's loss falls little in 40 steps: a short smoothing
+    model.pretrained: weights/source.pt
+    model.freeze: backbone
+    train.max_lr: 0.05
+    lr_find.smooth_beta: 0.8
+seeds: [0]
+figure: epochs
+"""
+
+
+def _study(repo: Path) -> tuple[list[dict], str]:
+    (repo / "tiny.yaml").write_text(TINY_STUDY)
+    run(repo, "git", "add", "tiny.yaml")
+    run(repo, "git", "commit", "-qm", "tiny study")
+    run(repo, sys.executable, "-m", "onecycle.study", "run", "tiny.yaml")
+    out = repo / "reports" / "tiny"
+    return json.loads((out / "results.json").read_text()), (out / "report.md").read_text()
+
+
+def test_a_study_trains_its_source_then_its_settings_and_reports_what_the_store_holds(fork):
+    import numpy as np
+    import torch
+
+    from onecycle import checkpoint, study
+
+    results, report = _study(fork)
+    assert [(r["label"], r["seed"]) for r in results] == [("frozen", 0)]
+
+    # the report: every number is the store's; one parent run holds the study's runs
+    client, found = runs(fork)
+    by_id = {r.info.run_id: r for r in found}
+    for r in results:
+        mine = by_id[r["run_id"]]
+        assert mine.data.metrics["eval/accuracy"] == r["accuracy"]
+        assert mine.data.tags["dvc.exp_name"] == f"tiny-{r['label']}-s{r['seed']}"
+        assert float(mine.data.params["max_lr_used"]) == r["max_lr"] == 0.05
+        history = client.get_metric_history(r["run_id"], "test/accuracy")
+        assert [m.value for m in sorted(history, key=lambda m: m.step)] == r["test_acc"]
+        assert f"| {r['label']} | 1 | {100 * np.mean(r['accuracy']):.2f} ± n/a % |" in report
+    assert (fork / "reports" / "tiny" / "tiny.png").exists()
+    parents = {by_id[r["run_id"]].data.tags.get("mlflow.parentRunId") for r in results}
+    assert client.get_run(parents.pop()).data.tags["study"] == "tiny" and not parents
+
+    # the source: trained first, its checkpoint fetched from the DVC cache; the frozen run's own
+    # checkpoint has the source's backbone bit for bit (BatchNorm too) and a classifier of its own
+    source = checkpoint.read_weights(fork / "weights" / "source.pt")
+    assert "Source model `tiny-source`" in report and "% on its own test split" in report
+    frozen = by_id[next(r["run_id"] for r in results if r["label"] == "frozen")]
+    digest = hashlib.sha256((fork / "weights" / "source.pt").read_bytes()).hexdigest()
+    assert frozen.data.params["start.weights_sha256"] == digest
+    assert frozen.data.params["start.normalization"].startswith("checkpoint source.pt")
+    width = 8 * TINY_PIPELINE["model"]["width"]  # the classifier's inputs
+    assert int(frozen.data.params["trainable_parameters"]) == width * 10 + 10
+    rev = study.exp_commit("tiny-frozen-s0", fork)
+    run(fork, "dvc", "get", ".", "models/model.pt", "--rev", rev, "-o", str(fork / "frozen.pt"))
+    trained = checkpoint.read_weights(fork / "frozen.pt")
+    for k, v in source["model"].items():
+        if not k.startswith("fc."):
+            assert torch.equal(trained["model"][k], v), k
+    assert not torch.equal(trained["model"]["fc.weight"], source["model"]["fc.weight"])
+
+    # DVC's side: queued experiments show by name with their metrics, and record into the
+    # project's one store, not their temporary copies
+    shown = json.loads(run(fork, "dvc", "exp", "show", "--json").stdout)
+    exps = {
+        rev["name"]: rev["data"]["metrics"]
+        for entry in shown
+        for exp in entry.get("experiments") or []
+        if (rev := exp["revs"][0]).get("name")
+    }
+    for r in results:
+        train = exps[f"tiny-{r['label']}-s{r['seed']}"]["metrics/train.json"]["data"]
+        assert train["max_lr"] == pytest.approx(r["max_lr"])
+    strays = [
+        p
+        for p in (fork / ".dvc" / "tmp").rglob("*")
+        if p.name in ("mlflow.db", "mlruns", "mlartifacts")
+    ]
+    assert not strays and not (fork / "mlruns").exists(), strays
+
+    # started again, it runs nothing; its report alone reads the same runs
+    out = run(fork, sys.executable, "-m", "onecycle.study", "run", "tiny.yaml")
+    assert json.loads((fork / "reports" / "tiny" / "results.json").read_text()) == results, out
+    assert "study runs" not in out.stderr  # no progress bar: nothing was queued
