@@ -12,7 +12,7 @@ QUICK := -S data.source=$(SHARED_CIFAR) -S model.width=16 -S train.batch_size=25
 
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: env repro quick test test-fast lint format mlflow-ui mlflow-server reset-params bench study-schedules \
+.PHONY: env repro quick test test-fast lint format mlflow-ui mlflow-server reset-params bench bench-lr study-schedules \
 	study-lr study-transfer ci-pipeline ci-baseline clean
 
 $(STAMP): pyproject.toml
@@ -56,6 +56,15 @@ study-schedules: $(STAMP)  ## 1cycle vs constant, step and cyclic LR, 3 seeds ea
 
 study-lr: $(STAMP)  ## fixed max LRs 0.01..1.0 vs each suggestion method's pick, 3 seeds each
 	python -m onecycle.study run studies/lr.yaml
+
+# The LR-choice benchmark (README: The LR range test): per scenario of studies/lr-choice/, range-test
+# sweeps stored as data and a grid of fixed max LRs through the pipeline (hours of CPU; resumes),
+# then every suggestion rule scored offline into reports/lr-choice/. Never run by CI.
+LR_CHOICE := quick small finetune mobilenet width64
+bench-lr: $(STAMP)  ## the LR-choice benchmark: sweeps, grids, then the rules scored (hours)
+	python -m onecycle.subset $(SHARED_CIFAR) data/transfer/animals --classes bird,cat,deer,dog,frog,horse
+	python -m onecycle.subset $(SHARED_CIFAR) data/transfer/vehicles --classes airplane,automobile,ship,truck
+	python -m onecycle.lrbench run $(LR_CHOICE:%=studies/lr-choice/%.yaml)
 
 # The transfer example: CIFAR-10's animals and vehicles as image folders of their own (under
 # data/transfer/), then the study: its source run first, then every setting from its checkpoint.

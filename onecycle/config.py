@@ -48,6 +48,7 @@ class DataConfig(_Section):
     image_size: int = Field(32, ge=8, le=512)
     train_subset: int | None = Field(None, ge=1)
     test_subset: int | None = Field(None, ge=1)
+    val_images: int = Field(0, ge=0)  # carved from the training images: what choices are made on
     timeout: float = Field(60.0, gt=0)
     # Checked on what a header declares, before reading or decoding: a small archive must not
     # make the stage allocate gigabytes (a 1 GiB zero file compresses to 1 MB).

@@ -137,6 +137,65 @@ def suggest_lower_bound(lrs, losses, fraction: float = 0.1) -> float:
     return float(lr[int(np.argmax(loss[: lowest + 1] <= threshold))])
 
 
+def suggest_min(lrs, losses, divisor: float = 1.0) -> float:
+    """LR at the loss minimum, divided by ``divisor`` (1: Smith's extremum, the largest usable
+    maximum bound of a cyclical schedule, arXiv 1803.09820 sec. 4.1; 10: ``min_div10``)."""
+    lr, loss = _trim(lrs, losses)
+    return float(lr[int(np.argmin(loss))] / divisor)
+
+
+def suggest_slide(lrs, losses, lr_diff: int = 15, thresh: float = 0.005) -> float:
+    """fastai's slide rule (Andrew Chang): walking left from the end, the first LR where the
+    loss's gradient (per step) differs by at most ``thresh`` from ``lr_diff`` steps to its right."""
+    lr, loss = _trim(lrs, losses)
+    lr_diff = min(lr_diff, len(loss) - 1)
+    grad = np.gradient(loss)
+    right = len(loss) - 1
+    left = right - lr_diff
+    pick = lr[left]
+    while left >= 0 and abs(grad[right] - grad[left]) > thresh:
+        pick = lr[left]
+        right, left = right - 1, left - 1
+    return float(pick)
+
+
+def suggest_blowup(lrs, losses, divisor: float = 10.0) -> float:
+    """The LR where the loss, past its minimum, first climbs back above its starting level (the
+    divergence point), divided by ``divisor``; the last LR swept if it never does."""
+    lr, loss = _trim(lrs, losses)
+    low = int(np.argmin(loss))
+    above = np.flatnonzero(loss[low:] > loss[0])
+    return float(lr[low + above[0]] if len(above) else lr[-1]) / divisor
+
+
+def centered(losses: Iterable[float], sigma: float) -> list[float]:
+    """A Gaussian-weighted moving average centred on each step (``sigma`` in steps): unlike the
+    EMA it does not lag, so the minimum it shows sits where the raw loss's minimum is. The
+    weights are renormalised at both ends."""
+    y = np.asarray(list(losses), float)
+    if sigma <= 0 or len(y) < 2:
+        return y.tolist()
+    offsets = np.arange(len(y))
+    weights = np.exp(-0.5 * ((offsets[:, None] - offsets[None, :]) / sigma) ** 2)
+    return (weights @ y / weights.sum(1)).tolist()
+
+
+def window(steps: int, fraction: float) -> float:
+    """The smoothing window (in steps) for a sweep of ``steps``: ``fraction`` of it, at least 2."""
+    return max(2.0, fraction * steps)
+
+
+def smooth(losses: list[float], how: str, fraction: float) -> list[float]:
+    """The raw losses smoothed over ``fraction`` of the sweep: ``ema`` (bias-corrected, beta =
+    1 - 1/window, lags about a window) or ``centered`` (Gaussian, sigma = window / 2, no lag)."""
+    w = window(len(losses), fraction)
+    if how == "ema":
+        return ema(losses, 1 - 1 / w)
+    if how == "centered":
+        return centered(losses, w / 2)
+    raise ValueError(f"unknown smoothing {how!r}")
+
+
 SUGGESTERS = {
     "valley": suggest_valley,
     "steepest": suggest_steepest,

@@ -52,8 +52,11 @@ def lr_find_figure(
     return fig
 
 
-def history_figure(epochs, train_loss, test_loss, train_acc, test_acc) -> Figure:
-    """Loss and accuracy per epoch; test values may be None where not evaluated."""
+def history_figure(
+    epochs, train_loss, test_loss, train_acc, test_acc, val_loss=None, val_acc=None
+) -> Figure:
+    """Loss and accuracy per epoch; test (and validation) values may be None where not
+    evaluated."""
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
 
     def points(xs, ys):
@@ -62,10 +65,14 @@ def history_figure(epochs, train_loss, test_loss, train_acc, test_acc) -> Figure
 
     ax1.plot(epochs, train_loss, "o-", label="train (augmented)")
     ax1.plot(*points(epochs, test_loss), "s-", label="test")
+    if val_loss and any(v is not None for v in val_loss):
+        ax1.plot(*points(epochs, val_loss), "^-", label="validation")
+        va = points(epochs, val_acc)
+        ax2.plot(va[0], [100 * a for a in va[1]], "^-", color="C2", label="validation")
     ax1.set(title="Loss per epoch", xlabel="epoch", ylabel="cross-entropy loss")
-    ax2.plot(epochs, [100 * a for a in train_acc], "o-", label="train (augmented)")
+    ax2.plot(epochs, [100 * a for a in train_acc], "o-", color="C0", label="train (augmented)")
     te = points(epochs, test_acc)
-    ax2.plot(te[0], [100 * a for a in te[1]], "s-", label="test")
+    ax2.plot(te[0], [100 * a for a in te[1]], "s-", color="C1", label="test")
     if te[1]:
         ax2.annotate(
             f"{100 * te[1][-1]:.2f}%",
@@ -90,6 +97,7 @@ def history_figure_from_rows(rows: Sequence[dict]) -> Figure:
     return history_figure(
         [int(float(r["epoch"])) for r in rows],
         *(_column(rows, k) for k in ("train_loss", "test_loss", "train_acc", "test_acc")),
+        *(_column(rows, k) for k in ("val_loss", "val_acc")),
     )
 
 

@@ -23,10 +23,16 @@ from .session import build_session
 
 
 def _held_out(data: Prepared, val_images: int, seed: int):
-    """(indices to train on, normalized held-out images and labels or None)."""
+    """(indices to train on, normalized held-out images and labels or None). The held-out
+    images come from the validation split when there is one (``data.val_images``), else they
+    are carved from the training images."""
     n = len(data.y_train)
     if not val_images:
         return None, None
+    if data.has_val:
+        take = np.random.default_rng([seed, 1]).permutation(len(data.y_val))[:val_images]
+        x_val = normalize(data.x_val[take], data.mean, data.std)
+        return None, (x_val, torch.from_numpy(data.y_val[take]))
     if val_images >= n // 2:
         raise LRFindError(f"lr_find.val_images={val_images} leaves too few training images ({n})")
     held = np.random.default_rng([seed, 1]).permutation(n)

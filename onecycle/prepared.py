@@ -2,7 +2,9 @@
 
 ``data/prepared/{train.npz,test.npz,meta.json}``: uint8 images (N, H, W, 3), int64 labels, the
 class names, per-channel mean/std of the training split and a fingerprint of the arrays. Also
-the stratified ``data.train_subset`` / ``data.test_subset`` taken before it is written.
+the stratified ``data.train_subset`` / ``data.test_subset`` taken before it is written, and the
+validation split ``data.val_images`` carves from the training images (``val.npz``): what
+anything that chooses (an LR, a rule, a setting) is chosen on, never the test split.
 """
 
 from __future__ import annotations
@@ -37,6 +39,12 @@ class Prepared(Dataset):
     mean: tuple[float, float, float]  # per channel, on [0, 1], training split only
     std: tuple[float, float, float]
     meta: dict
+    x_val: np.ndarray | None = None  # the validation split (None without data.val_images)
+    y_val: np.ndarray | None = None
+
+    @property
+    def has_val(self) -> bool:
+        return self.y_val is not None and len(self.y_val) > 0
 
 
 # ---------------------------------------------------------------- subsets
@@ -104,6 +112,23 @@ def subset(ds: Dataset, train_count: int | None, test_count: int | None, seed: i
     return take(ds, picker(train_count, test_count, seed))
 
 
+def carve_validation(ds: Dataset, count: int, seed: int) -> tuple[Dataset, tuple | None]:
+    """``data.val_images``: a stratified validation split of ``count`` training images (drawn
+    with ``seed``, after the subsets), and the training split without them. None when 0."""
+    if not count:
+        return ds, None
+    n = len(ds.y_train)
+    if count > n // 2:
+        raise DataError(
+            f"data.val_images={count} would leave {n - count} of the {n} training images to "
+            f"train on; keep it at most half ({n // 2}), or raise data.train_subset"
+        )
+    val = stratified_subset(ds.y_train, count, seed, "data.val_images")
+    keep = np.setdiff1d(np.arange(n), val, assume_unique=True)
+    rest = Dataset(ds.x_train[keep], ds.y_train[keep], ds.x_test, ds.y_test, ds.classes)
+    return rest, (ds.x_train[val], ds.y_train[val])
+
+
 # ---------------------------------------------------------------- stats and storage
 
 
@@ -121,17 +146,26 @@ def channel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
-def fingerprint(ds: Dataset) -> str:
+def fingerprint(ds: Dataset, val: tuple | None = None) -> str:
     h = hashlib.sha256()
-    for arr in (ds.x_train, ds.y_train, ds.x_test, ds.y_test):
+    for arr in (ds.x_train, ds.y_train, ds.x_test, ds.y_test, *(val or ())):
         h.update(np.ascontiguousarray(arr).data)
     h.update("\n".join(ds.classes).encode())
     return h.hexdigest()[:16]
 
 
-def save_prepared(ds: Dataset, out_dir: Path, source: str) -> Prepared:
-    """Write ``out_dir/{train.npz,test.npz,meta.json}`` atomically (temp folder, then rename)."""
+def save_prepared(
+    ds: Dataset, out_dir: Path, source: str, val: tuple[np.ndarray, np.ndarray] | None = None
+) -> Prepared:
+    """Write ``out_dir/{train.npz,test.npz,meta.json}`` (and ``val.npz``: ``val`` is (x, y))
+    atomically (temp folder, then rename)."""
     mean, std = channel_stats(ds.x_train)
+    val_meta = {}
+    if val is not None:
+        val_meta = {
+            "num_val": int(len(val[1])),
+            "val_per_class": np.bincount(val[1], minlength=len(ds.classes)).tolist(),
+        }
     meta = {
         "source": source,
         "classes": ds.classes,
@@ -140,9 +174,10 @@ def save_prepared(ds: Dataset, out_dir: Path, source: str) -> Prepared:
         "num_test": int(len(ds.y_test)),
         "train_per_class": np.bincount(ds.y_train, minlength=len(ds.classes)).tolist(),
         "test_per_class": np.bincount(ds.y_test, minlength=len(ds.classes)).tolist(),
+        **val_meta,
         "mean": list(mean),
         "std": list(std),
-        "fingerprint": fingerprint(ds),
+        "fingerprint": fingerprint(ds, val),
     }
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Not tempfile.mkdtemp: its folder is mode 0700, and the rename would keep that mode.
@@ -155,6 +190,8 @@ def save_prepared(ds: Dataset, out_dir: Path, source: str) -> Prepared:
     try:
         np.savez(tmp / "train.npz", x=ds.x_train, y=ds.y_train)
         np.savez(tmp / "test.npz", x=ds.x_test, y=ds.y_test)
+        if val is not None:
+            np.savez(tmp / "val.npz", x=val[0], y=val[1])
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         # Move the old output aside rather than delete it first: an interrupted rmtree would
         # leave half of it, and a failed rename puts it back.
@@ -172,7 +209,10 @@ def save_prepared(ds: Dataset, out_dir: Path, source: str) -> Prepared:
             old.unlink()
         else:
             shutil.rmtree(old, ignore_errors=True)
-    return Prepared(ds.x_train, ds.y_train, ds.x_test, ds.y_test, ds.classes, mean, std, meta)
+    x_val, y_val = val if val is not None else (None, None)
+    return Prepared(
+        ds.x_train, ds.y_train, ds.x_test, ds.y_test, ds.classes, mean, std, meta, x_val, y_val
+    )
 
 
 # ---------------------------------------------------------------- loading, checked
@@ -211,6 +251,12 @@ META_CHECKS = {  # key: (check, what it must be)
 }
 
 
+OPTIONAL_META = {  # present with a validation split (data.val_images)
+    "num_val": META_CHECKS["num_train"],
+    "val_per_class": META_CHECKS["train_per_class"],
+}
+
+
 def _read_meta(path: Path) -> dict:
     try:
         meta = json.loads((path / "meta.json").read_text())
@@ -225,6 +271,11 @@ def _read_meta(path: Path) -> dict:
             raise _Corrupt("meta.json", f"no {key!r}")
         if not ok(meta[key]):
             raise _Corrupt("meta.json", f"{key!r} is {meta[key]!r}, not {must}")
+    for key, (ok, must) in OPTIONAL_META.items():
+        if key in meta and not ok(meta[key]):
+            raise _Corrupt("meta.json", f"{key!r} is {meta[key]!r}, not {must}")
+    if ("num_val" in meta) != ("val_per_class" in meta):
+        raise _Corrupt("meta.json", "num_val and val_per_class come together")
     return meta
 
 
@@ -266,9 +317,11 @@ def load_prepared(path: Path) -> Prepared:
         meta = _read_meta(path)
         x_train, y_train = _read_split(path, "train", meta)
         x_test, y_test = _read_split(path, "test", meta)
+        val = _read_split(path, "val", meta) if "num_val" in meta else None
         ds = Dataset(x_train, y_train, x_test, y_test, list(meta["classes"]))
-        if fingerprint(ds) != meta["fingerprint"]:
-            raise _Corrupt("train.npz or test.npz", "arrays differ from meta.json's fingerprint")
+        if fingerprint(ds, val) != meta["fingerprint"]:
+            names = "train.npz, test.npz or val.npz" if val else "train.npz or test.npz"
+            raise _Corrupt(names, "arrays differ from meta.json's fingerprint")
     except FileNotFoundError as exc:
         raise DataError(
             f"{path}: prepared data missing ({exc.filename}); run `dvc repro download`"
@@ -278,4 +331,5 @@ def load_prepared(path: Path) -> Prepared:
             f"{path / exc.name} is corrupt ({exc.what}); rerun `dvc repro -f download`"
         ) from None
     mean, std = tuple(meta["mean"]), tuple(meta["std"])
-    return Prepared(x_train, y_train, x_test, y_test, ds.classes, mean, std, meta)
+    x_val, y_val = val if val is not None else (None, None)
+    return Prepared(x_train, y_train, x_test, y_test, ds.classes, mean, std, meta, x_val, y_val)

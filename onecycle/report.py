@@ -7,6 +7,10 @@ def _pct(v) -> str:
     return "n/a" if v is None else f"{100 * float(v):.2f}%"
 
 
+def _val(data: dict) -> str:
+    return f"{data['num_val']:,} validation / " if data.get("num_val") else ""
+
+
 def render(
     lr_find: dict, train: dict, evaluation: dict, data: dict, figures: list[tuple[str, str]]
 ) -> str:
@@ -20,7 +24,8 @@ def render(
         "",
         "| what | value |",
         "| --- | --- |",
-        f"| data | {data['num_train']:,} train / {data['num_test']:,} test images, {data['num_classes']} classes |",
+        f"| data | {data['num_train']:,} train / {_val(data)}{data['num_test']:,} test images, {data['num_classes']} classes |",
+        *([f"| validation accuracy | {_pct(train['val_acc'])} |"] if train.get("val_acc") else []),
         f"| max LR used | {train['max_lr']:.4g} (from {train['max_lr_source']}) |",
         f"| lr_find suggestion ({lr_find['method']}) | {lr_find['max_lr']:.4g} |",
         "| lr_find, every method | "

@@ -298,6 +298,7 @@ class Result:
     seconds: float  # training time (the epochs' sum)
     test_acc: list[float]  # per test-set look (monitoring): every train.eval_every epochs
     test_epochs: list[int] = field(default_factory=list)  # the epoch of each look (1-based)
+    val_accuracy: float | None = None  # the validation split's, at the end (data.val_images)
 
 
 def baseline_rev(repo: Path) -> str:
@@ -348,6 +349,7 @@ def collect(study: Study, repo: Path = Path(".")) -> tuple[list[Result], list[st
                 sum(m.value for m in seconds),
                 [m.value for m in sorted(history, key=lambda m: m.step)],
                 sorted(m.step for m in history),
+                r.data.metrics.get("val/accuracy"),
             )
         )
     order = list(wanted)  # the study's order: settings, then picks; seeds within
@@ -364,12 +366,15 @@ def summarize(results: list[Result]) -> list[dict]:
     for label in dict.fromkeys(r.label for r in results):
         mine = [r for r in results if r.label == label]
         acc = np.array([r.accuracy for r in mine])
+        val = np.array([r.val_accuracy for r in mine if r.val_accuracy is not None])
         rows.append(
             {
                 "setting": label,
                 "runs": len(mine),
                 "accuracy_mean": float(acc.mean()),
                 "accuracy_std": float(acc.std(ddof=1)) if len(mine) > 1 else float("nan"),
+                "val_accuracy_mean": float(val.mean()) if len(val) else None,
+                "val_accuracy_std": float(val.std(ddof=1)) if len(val) > 1 else float("nan"),
                 "max_lr_mean": float(np.mean([r.max_lr for r in mine])),
                 "seconds_mean": float(np.mean([r.seconds for r in mine])),
             }
@@ -395,19 +400,32 @@ def markdown(
         f"seeds {study.seeds}. Measured on {machine}.",
         "",
         *([source, ""] if source else []),
-        "| setting | runs | test accuracy (mean ± std) | max LR (mean) | training s (mean) |",
-        "| --- | --- | --- | --- | --- |",
+    ]
+    val = any(r.get("val_accuracy_mean") is not None for r in rows)
+    lines += [
+        "| setting | runs | "
+        + ("validation accuracy (mean ± std) | " if val else "")
+        + "test accuracy (mean ± std) | max LR (mean) | training s (mean) |",
+        "| --- | --- | " + ("--- | " if val else "") + "--- | --- | --- |",
     ]
     for r in rows:
-        std = "n/a" if r["accuracy_std"] != r["accuracy_std"] else f"{100 * r['accuracy_std']:.2f}"
+        val_cell = f"{_pct(r['val_accuracy_mean'], r['val_accuracy_std'])} | " if val else ""
         lines.append(
-            f"| {r['setting']} | {r['runs']} | {100 * r['accuracy_mean']:.2f} ± {std} % | "
+            f"| {r['setting']} | {r['runs']} | {val_cell}"
+            f"{_pct(r['accuracy_mean'], r['accuracy_std'])} | "
             f"{r['max_lr_mean']:.3g} | {r['seconds_mean']:.0f} |"
         )
     if missing:
         lines += ["", f"Not finished (left out): {', '.join(missing)}."]
     lines += ["", f"![{study.name}]({figure})", ""]
     return "\n".join(lines)
+
+
+def _pct(mean: float | None, std: float) -> str:
+    """``82.00 ± 2.00 %``; n/a for a missing mean or the std of one run."""
+    if mean is None:
+        return "n/a"
+    return f"{100 * mean:.2f} ± {'n/a' if std != std else f'{100 * std:.2f}'} %"
 
 
 def report(study: Study, repo: Path = Path("."), out: Path | None = None) -> Path:

@@ -52,6 +52,8 @@ class EpochStats:
     momentum: float
     epoch_seconds: float
     images_per_sec: float
+    val_loss: float | None = None  # the validation split (data.val_images), when there is one
+    val_acc: float | None = None
 
     def metrics(self) -> dict[str, float | None]:
         """The epoch's numbers for MLflow, logged at step ``epoch``, named by the UI section they
@@ -64,6 +66,8 @@ MLFLOW_NAMES = {  # EpochStats field -> MLflow metric (metrics/train_history.csv
     "train_acc": "train/accuracy",
     "test_loss": "test/loss",
     "test_acc": "test/accuracy",
+    "val_loss": "val/loss",
+    "val_acc": "val/accuracy",
     "lr": "schedule/lr",
     "momentum": "schedule/momentum",
     "epoch_seconds": "speed/epoch_seconds",
@@ -91,6 +95,8 @@ class Plan:
     x_test: torch.Tensor  # normalized (N, C, H, W)
     y_test: torch.Tensor
     warning: str | None = None  # too few steps (see too_few_steps)
+    x_val: torch.Tensor | None = None  # the validation split, watched with the test split
+    y_val: torch.Tensor | None = None
 
 
 @dataclass
@@ -132,12 +138,14 @@ class Stop:
                 signal.signal(s, h)
 
 
-def test_tensors(data: Prepared, dev: Device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The normalized test split; on CUDA it lives on the GPU for the whole run."""
-    x = normalize(data.x_test, data.mean, data.std)
+def test_tensors(
+    data: Prepared, dev: Device, split: str = "test"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalized test (or val) split; on CUDA it lives on the GPU for the whole run."""
+    x = normalize(getattr(data, f"x_{split}"), data.mean, data.std)
     if dev.type == "cuda":
         x = x.to(dev.device).contiguous(memory_format=torch.channels_last)
-    return x, torch.from_numpy(data.y_test)
+    return x, torch.from_numpy(getattr(data, f"y_{split}"))
 
 
 def sync_every(dev: Device) -> int:
@@ -243,9 +251,11 @@ def evaluate(
 
 
 def _epoch_stats(session: Session, plan: Plan, epoch: int, totals: Totals) -> EpochStats:
-    test_loss = test_acc = None
+    test_loss = test_acc = val_loss = val_acc = None
     if epoch == plan.epochs - 1 or (plan.eval_every and (epoch + 1) % plan.eval_every == 0):
         test_loss, test_acc = evaluate(session.model, plan.x_test, plan.y_test, session.dev)
+        if plan.x_val is not None:
+            val_loss, val_acc = evaluate(session.model, plan.x_val, plan.y_val, session.dev)
     lr, momentum = plan.schedule((epoch + 1) * session.steps_per_epoch - 1)  # its last step's
     return EpochStats(
         epoch=epoch + 1,
@@ -257,6 +267,8 @@ def _epoch_stats(session: Session, plan: Plan, epoch: int, totals: Totals) -> Ep
         momentum=momentum,
         epoch_seconds=totals.seconds,
         images_per_sec=totals.seen / max(totals.seconds, 1e-9),
+        val_loss=val_loss,
+        val_acc=val_acc,
     )
 
 
@@ -317,6 +329,7 @@ def fit(
             if epoch + 1 < plan.epochs and session.ranks.is_main:
                 resume.save(_state(session, epoch + 1, 0, Totals(), history))
             test = "" if stats.test_acc is None else f", test acc {stats.test_acc:.4f}"
+            test += "" if stats.val_acc is None else f", val acc {stats.val_acc:.4f}"
             progress.say(
                 f"epoch {stats.epoch}: train loss {stats.train_loss:.4f}, acc "
                 f"{stats.train_acc:.4f}{test} ({stats.epoch_seconds:.1f}s)"
@@ -348,13 +361,15 @@ def make_plan(
     cfg: TrainConfig, max_lr: float, session: Session, data: Prepared, base_lr: float | None = None
 ) -> Plan:
     """``cfg``'s schedule at ``max_lr`` (and ``base_lr``, the cyclic floor) over ``session``'s
-    batches, watched on the test split; warns (and the plan says) when the run is too short."""
+    batches, watched on the test split (and the validation split, if any); warns (and the plan
+    says) when the run is too short."""
     x_test, y_test = test_tensors(data, session.dev)
+    x_val, y_val = test_tensors(data, session.dev, "val") if data.has_val else (None, None)
     sched = schedule.for_training(cfg, max_lr, session.steps_per_epoch, base_lr)
     warning = too_few_steps(len(data.y_train), cfg.batch_size, cfg.epochs)
     if warning:
         progress.say(f"warning: {warning}")
-    return Plan(cfg.epochs, sched, cfg.eval_every, x_test, y_test, warning)
+    return Plan(cfg.epochs, sched, cfg.eval_every, x_test, y_test, warning, x_val, y_val)
 
 
 # ---------------------------------------------------------------- what the train stage writes
@@ -380,6 +395,8 @@ def summary(result: Result, hyper: Resolved) -> dict:
     return {
         "test_acc": last.test_acc,
         "test_loss": last.test_loss,
+        "val_acc": last.val_acc,  # the validation split: what choices are made on (None: none)
+        "val_loss": last.val_loss,
         "train_acc": last.train_acc,
         "train_loss": last.train_loss,
         "max_lr": hyper.max_lr,

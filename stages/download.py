@@ -9,11 +9,13 @@ def main() -> None:
     cfg = params.data
     root = repo_root()
     ds, source = sources.fetch(cfg, root, root / paths.RAW_DIR, params.base.seed)
-    meta = prepared.save_prepared(ds, paths.PREPARED_DIR, source).meta
-    counts = {k: meta[k] for k in ("num_train", "num_test")} | {"num_classes": len(ds.classes)}
-    files.write_json(paths.DATA_METRICS, counts)
+    ds, val = prepared.carve_validation(ds, cfg.val_images, params.base.seed)
+    meta = prepared.save_prepared(ds, paths.PREPARED_DIR, source, val).meta
+    counts = {k: meta.get(k, 0) for k in ("num_train", "num_val", "num_test")}
+    files.write_json(paths.DATA_METRICS, counts | {"num_classes": len(ds.classes)})
+    val_part = f" + {meta['num_val']:,} validation" if val is not None else ""
     print(
-        f"prepared {meta['num_train']:,} train + {meta['num_test']:,} test images, "
+        f"prepared {meta['num_train']:,} train{val_part} + {meta['num_test']:,} test images, "
         f"{len(ds.classes)} classes, from {source} -> {paths.PREPARED_DIR}"
     )
 

@@ -218,3 +218,39 @@ def test_meta_count_disagrees_with_the_arrays(out):
 def test_meta_with_more_classes_than_the_counts_name(out):
     edit_meta(out, lambda m: m.update(classes=["neg", "pos", "odd"]))
     assert_corrupt(out, "train.npz", "train_per_class")
+
+
+# ---------------------------------------------------------------- the validation split
+
+
+def _labelled(n_per_class: int, classes: int = 3) -> prepared.Dataset:
+    y = np.repeat(np.arange(classes), n_per_class)
+    x = np.arange(len(y), dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
+    return prepared.Dataset(x, y, x[:3], y[:3], [f"c{i}" for i in range(classes)])
+
+
+def test_the_validation_split_is_stratified_and_held_out_of_training(tmp_path):
+    ds, (x_val, y_val) = prepared.carve_validation(_labelled(20), 12, seed=0)
+    assert np.bincount(y_val).tolist() == [4, 4, 4] and len(ds.y_train) == 48
+    assert not set(x_val[:, 0, 0, 0]) & set(ds.x_train[:, 0, 0, 0])  # no image in both
+    again = prepared.carve_validation(_labelled(20), 12, seed=0)[1][0]
+    assert np.array_equal(again, x_val)  # reproducible from the seed
+    saved = prepared.save_prepared(ds, tmp_path / "p", "src", (x_val, y_val))
+    loaded = prepared.load_prepared(tmp_path / "p")
+    assert np.array_equal(loaded.x_val, x_val) and loaded.has_val
+    assert loaded.meta["num_val"] == 12 and loaded.meta["val_per_class"] == [4, 4, 4]
+    assert loaded.mean == saved.mean  # the statistics of the training images alone
+    assert prepared.carve_validation(_labelled(20), 0, seed=0)[1] is None
+
+
+def test_a_validation_split_of_more_than_half_is_refused_naming_the_key():
+    with pytest.raises(DataError, match=r"data.val_images=31 .* at most half \(30\)"):
+        prepared.carve_validation(_labelled(20), 31, seed=0)
+
+
+def test_a_changed_validation_file_is_caught_by_the_fingerprint(tmp_path):
+    ds, val = prepared.carve_validation(_labelled(20), 12, seed=0)
+    out = tmp_path / "p"
+    prepared.save_prepared(ds, out, "src", val)
+    resave(out, "val", x=load_arrays(out, "val")["x"][::-1].copy())
+    assert_corrupt(out, "train.npz, test.npz or val.npz", "fingerprint")

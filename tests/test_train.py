@@ -294,3 +294,23 @@ def test_a_damaged_lr_find_json_names_the_file_and_the_way_out(tmp_path):
     path.write_text('{"max_lr": 0.3')  # cut short
     with pytest.raises(UserError, match=r"lr_find.json is not valid JSON .*dvc repro -f"):
         files.read_json(path)
+
+
+def test_the_validation_split_is_watched_every_epoch_and_reported(tiny_data, tiny_params, tmp_path):
+    import dataclasses
+
+    from onecycle import prepared
+
+    rest, (x_val, y_val) = prepared.carve_validation(tiny_data, 128, seed=0)
+    data = dataclasses.replace(
+        tiny_data, x_train=rest.x_train, y_train=rest.y_train, x_val=x_val, y_val=y_val
+    )
+    result = _fit(tiny_params, data, tmp_path / "s.pt")
+    assert all(h.val_acc is not None and h.val_loss is not None for h in result.history)
+    assert {"val/accuracy", "val/loss"} <= set(result.history[-1].metrics())
+    hyper = training.resolve(tiny_params.train, None, tmp_path / "lr_find.json")
+    summary = training.summary(result, hyper)
+    assert summary["val_acc"] == result.history[-1].val_acc
+    session = build_session(tiny_params.model, tiny_params.train, data, CPU, 0, 0.9)
+    _, acc = training.evaluate(session.model, *training.test_tensors(data, CPU, "val"), CPU)
+    assert 0 <= acc <= 1 and len(result.history) == tiny_params.train.epochs

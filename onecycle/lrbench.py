@@ -1,0 +1,389 @@
+"""The LR-choice benchmark (``make bench-lr``): is the range test's pick the best max LR?
+
+Per scenario (``studies/lr-choice/<name>.yaml``):
+
+* a grid of fixed max LRs, each trained with 1cycle through the pipeline over several seeds (a
+  study: queued DVC experiments, reported from MLflow), giving validation accuracy against max
+  LR, with the test accuracy beside it;
+* range-test sweeps over many seeds, stored as data (lrs, raw losses, held-out losses): a sweep
+  is cheap, so every suggestion rule can be scored offline from the same sweeps.
+
+Then every rule is scored without retraining (``score``): its picks over the sweeps, their
+spread (max / min), and its regret: the best grid point's mean validation accuracy minus the
+accuracy at the pick, interpolated on log LR between grid points. Nothing here reads the test
+split to choose; it is reported beside the validation numbers.
+
+Everything is resumable: a sweep or run that is stored is not redone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from . import curves, progress
+from .errors import UserError
+
+OUT = Path("reports/lr-choice")
+
+
+class BenchError(UserError):
+    """A scenario file or the stored data cannot be used; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    description: str
+    common: dict[str, object]  # params overrides for every run and sweep
+    grid: list[float]  # fixed max LRs
+    seeds: list[int]  # of the grid runs
+    sweep_seeds: int = 10
+    sweep_lengths: list[int] = field(default_factory=lambda: [100])
+    sweep_val_images: int = 512  # held-out loss per step, from the validation split
+    source: dict | None = None  # as a study's: trained first, its checkpoint for the settings
+    jobs: int = 2
+    path: Path = Path(".")
+
+    def study(self):
+        from . import study
+
+        settings = {f"lr-{lr:g}": {"train.max_lr": lr} for lr in self.grid}
+        return study.Study(
+            f"lrc-{self.name}",
+            self.description,
+            self.common,
+            settings,
+            self.seeds,
+            jobs=self.jobs,
+            figure="max_lr",
+            source=self.source,
+        )
+
+    @property
+    def out(self) -> Path:
+        return OUT / self.name
+
+
+def load(path: Path) -> Scenario:
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise BenchError(f"{path}: cannot read the scenario ({exc})") from None
+    sweeps = raw.pop("sweeps", {}) or {}
+    allowed = {"name", "description", "common", "grid", "seeds", "source", "jobs"}
+    unknown = sorted(set(raw) - allowed) + sorted(set(sweeps) - {"seeds", "lengths", "val_images"})
+    if unknown:
+        raise BenchError(f"{path}: unknown key(s) {unknown}")
+    grid = [float(x) for x in raw.get("grid") or []]
+    if len(grid) < 2 or sorted(grid) != grid:
+        raise BenchError(f"{path}: grid must list at least 2 max LRs, increasing")
+    return Scenario(
+        str(raw.get("name", "")),
+        str(raw.get("description", "")),
+        dict(raw.get("common") or {}),
+        grid,
+        list(raw.get("seeds") or [0, 1]),
+        int(sweeps.get("seeds", 10)),
+        [int(n) for n in sweeps.get("lengths", [100])],
+        int(sweeps.get("val_images", 512)),
+        raw.get("source"),
+        int(raw.get("jobs", 2)),
+        Path(path),
+    )
+
+
+# ---------------------------------------------------------------- the sweeps (in-process)
+
+
+def params_for(scenario: Scenario, repo: Path, **overrides):
+    """params.yaml of ``repo`` with the scenario's overrides and ``overrides`` (dotted keys)."""
+    from .config import parse_params, read_yaml
+
+    raw = read_yaml(repo / "params.yaml")
+    for key, value in {**scenario.common, **overrides}.items():
+        section, *rest = key.split(".")
+        node = raw.setdefault(section, {})
+        for part in rest[:-1]:
+            node = node.setdefault(part, {})
+        node[rest[-1]] = value
+    return parse_params(raw, f"{scenario.path} over params.yaml")
+
+
+def prepare(params, repo: Path):
+    """The download stage's data/prepared, in memory (a temporary folder)."""
+    from . import paths, prepared, sources
+
+    ds, source = sources.fetch(params.data, repo, repo / paths.RAW_DIR, params.base.seed)
+    ds, val = prepared.carve_validation(ds, params.data.val_images, params.base.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        return prepared.save_prepared(ds, Path(tmp) / "prepared", source, val)
+
+
+def sweeps_path(scenario: Scenario) -> Path:
+    return scenario.out / "sweeps.json"
+
+
+def run_sweeps(scenario: Scenario, repo: Path = Path(".")) -> list[dict]:
+    """``sweep_seeds`` range tests per length, each stored as it ends (resumable). They run to
+    a wide divergence factor (10): a rule's own stop is applied when it is scored."""
+    from . import lr_finder, transfer
+    from .engine import select_device
+
+    path = sweeps_path(scenario)
+    done = json.loads(path.read_text()) if path.exists() else []
+    have = {(s["seed"], s["num_iter"]) for s in done}
+    todo = [
+        (seed, n) for seed in range(scenario.sweep_seeds) for n in scenario.sweep_lengths
+        if (seed, n) not in have
+    ]  # fmt: skip
+    data_seed, data, start = None, None, None
+    for seed, n in todo:
+        params = params_for(
+            scenario,
+            repo,
+            **{
+                "base.seed": seed,
+                "lr_find.num_iter": n,
+                "lr_find.val_images": scenario.sweep_val_images,
+                "lr_find.diverge_factor": 10.0,
+            },
+        )
+        if data_seed != seed:  # the subsets and the validation split follow the seed
+            start = transfer.load(params.model)
+            data, data_seed = start.normalize(prepare(params, repo)), seed
+        dev = select_device(params.base.device, params.base.num_workers)
+        sweep = lr_finder.range_test(
+            params, data, dev, seed, f"{scenario.name} sweep {seed}/{n}", start
+        )
+        done.append(
+            {
+                "seed": seed,
+                "num_iter": n,
+                "lrs": sweep.lrs,
+                "losses": sweep.losses,
+                "val_losses": sweep.val_losses,
+                "stop": sweep.stop,
+            }
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(done) + "\n")
+    return done
+
+
+# ---------------------------------------------------------------- the grid (through DVC)
+
+
+def run_grid(scenario: Scenario, repo: Path = Path(".")) -> Path:
+    """The grid as a study (queued DVC experiments; resumes), reported into ``out/grid``."""
+    from . import study
+
+    s = scenario.study()
+    failed = study.run(s, repo)
+    report = study.report(s, repo, out=repo / scenario.out / "grid")
+    if failed:
+        raise BenchError(f"{scenario.name}: grid runs failed: {', '.join(failed)}")
+    return report
+
+
+# ---------------------------------------------------------------- scoring (offline, pure)
+
+
+@dataclass(frozen=True)
+class Curve:
+    """Accuracy against max LR from the grid: per LR the mean and std over seeds."""
+
+    lrs: np.ndarray
+    val_mean: np.ndarray
+    val_std: np.ndarray
+    test_mean: np.ndarray
+    seeds: int
+
+    @classmethod
+    def from_results(cls, results: list[dict]) -> Curve:
+        by_lr: dict[float, list[dict]] = {}
+        for r in results:
+            by_lr.setdefault(float(r["max_lr"]), []).append(r)
+        lrs = sorted(by_lr)
+        val = [[r["val_accuracy"] for r in by_lr[lr]] for lr in lrs]
+        test = [[r["accuracy"] for r in by_lr[lr]] for lr in lrs]
+        return cls(
+            np.array(lrs),
+            np.array([np.mean(v) for v in val]),
+            np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in val]),
+            np.array([np.mean(t) for t in test]),
+            min(len(v) for v in val),
+        )
+
+    @property
+    def best(self) -> int:
+        return int(np.argmax(self.val_mean))
+
+    def at(self, lr: float, which: str = "val") -> float:
+        """Mean accuracy at ``lr``, linear in log LR between grid points (the end points'
+        value beyond them)."""
+        ys = self.val_mean if which == "val" else self.test_mean
+        return float(np.interp(np.log(lr), np.log(self.lrs), ys))
+
+    def regret(self, lr: float) -> float:
+        """Best grid point's validation accuracy minus the pick's, in points."""
+        return 100 * (self.val_mean[self.best] - self.at(lr))
+
+
+Rule = Callable[[list[float], list[float], list[float]], float]  # (lrs, losses, val) -> lr
+
+
+def _stop(lrs, losses, smoothed, factor: float = 4.0):
+    """The sweep as the pipeline records it: cut where the smoothed loss passes ``factor``
+    times its best so far (the stored sweeps ran on to 10)."""
+    best = math.inf
+    for i, v in enumerate(smoothed):
+        best = min(best, v)
+        if v > factor * best:
+            return lrs[: i + 1], losses[: i + 1], smoothed[: i + 1]
+    return lrs, losses, smoothed
+
+
+def rule(reader: Callable, how: str, fraction: float, on: str = "train", **kw) -> Rule:
+    """A suggestion rule: the curve (training or held-out loss) smoothed by ``how`` over
+    ``fraction`` of the sweep, then read by ``reader`` (a ``curves.suggest_*``)."""
+
+    def pick(lrs, losses, val_losses):
+        raw = val_losses if on == "val" else losses
+        smoothed = curves.smooth(raw, how, fraction)
+        lrs_, _, smoothed = _stop(lrs, raw, smoothed)
+        return reader(lrs_, smoothed, **kw)
+
+    return pick
+
+
+def legacy(reader: Callable, beta: float = 0.98, **kw) -> Rule:
+    """Today's rules: the EMA at a fixed ``beta`` (lr_find.smooth_beta)."""
+
+    def pick(lrs, losses, val_losses):
+        smoothed = curves.ema(losses, beta)
+        lrs_, _, smoothed = _stop(lrs, losses, smoothed)
+        return reader(lrs_, smoothed, **kw)
+
+    return pick
+
+
+def candidates() -> dict[str, Rule]:
+    """Every rule the benchmark scores (name -> rule)."""
+    out: dict[str, Rule] = {
+        "min_div10 (ema 0.98)": legacy(curves.suggest_min_div10),
+        "steepest (ema 0.98)": legacy(curves.suggest_steepest),
+        "valley (ema 0.98)": legacy(curves.suggest_valley),
+        "slide (ema 0.98)": legacy(curves.suggest_slide),
+    }
+    for how in ("ema", "centered"):
+        for frac in (0.05, 0.1, 0.2):
+            tag = f"{how} {frac:g}"
+            for k in (1, 2, 3, 4, 10):
+                out[f"min/{k} ({tag})"] = rule(curves.suggest_min, how, frac, divisor=k)
+            out[f"steepest ({tag})"] = rule(curves.suggest_steepest, how, frac)
+            out[f"valley ({tag})"] = rule(curves.suggest_valley, how, frac)
+            for k in (3, 10):
+                out[f"blowup/{k} ({tag})"] = rule(curves.suggest_blowup, how, frac, divisor=k)
+            for k in (1, 2, 3):
+                out[f"val min/{k} ({tag})"] = rule(
+                    curves.suggest_min, how, frac, on="val", divisor=k
+                )
+    return out
+
+
+def picks(sweeps: list[dict], fn: Rule, num_iter: int, median_of: int = 1) -> list[float]:
+    """``fn``'s pick on each stored sweep of ``num_iter`` steps (in seed order); with
+    ``median_of`` > 1, the median of consecutive groups of that many sweeps (the pipeline's
+    lr_find.seeds)."""
+    chosen = sorted((s for s in sweeps if s["num_iter"] == num_iter), key=lambda s: s["seed"])
+    out = []
+    for s in chosen:
+        try:
+            lr = fn(s["lrs"], s["losses"], s["val_losses"])
+        except (ValueError, IndexError):
+            lr = float("nan")
+        out.append(lr if np.isfinite(lr) and lr > 0 else float("nan"))
+    if median_of > 1:
+        groups = [out[i : i + median_of] for i in range(0, len(out) - median_of + 1, median_of)]
+        out = [float(np.nanmedian(g)) for g in groups]
+    return out
+
+
+def score_rule(curve: Curve, lrs: list[float]) -> dict:
+    """One rule on one scenario: its picks' spread and regret (mean and worst), and the test
+    accuracy at its picks (reported, never chosen on)."""
+    ok = [lr for lr in lrs if np.isfinite(lr)]
+    if not ok:
+        return {"picks": lrs, "failed": len(lrs), "regret_mean": math.inf, "regret_max": math.inf}
+    regrets = [curve.regret(lr) for lr in ok]
+    return {
+        "picks": lrs,
+        "failed": len(lrs) - len(ok),
+        "median_pick": float(np.median(ok)),
+        "spread": float(max(ok) / min(ok)),
+        "regret_mean": float(np.mean(regrets)) if len(ok) == len(lrs) else math.inf,
+        "regret_max": float(np.max(regrets)) if len(ok) == len(lrs) else math.inf,
+        "val_at_picks": 100 * float(np.mean([curve.at(lr) for lr in ok])),
+        "test_at_picks": 100 * float(np.mean([curve.at(lr, "test") for lr in ok])),
+        "outside_grid": sum(not curve.lrs[0] <= lr <= curve.lrs[-1] for lr in ok),
+    }
+
+
+def score(scenarios: dict[str, tuple[Curve, list[dict], int]], rules: dict[str, Rule]) -> dict:
+    """Every rule on every scenario: {rule: {scenario: score_rule(...)}}; each scenario is
+    (its grid curve, its sweeps, the sweep length it is scored at)."""
+    return {
+        name: {
+            sc: score_rule(curve, picks(sweeps, fn, n))
+            for sc, (curve, sweeps, n) in scenarios.items()
+        }
+        for name, fn in rules.items()
+    }
+
+
+def worst_case(scores: dict, leave_out: str | None = None) -> dict[str, float]:
+    """Per rule, its worst mean regret over the scenarios (``leave_out`` left out)."""
+    return {
+        rule_: max(v["regret_mean"] for sc, v in per.items() if sc != leave_out)
+        for rule_, per in scores.items()
+    }
+
+
+def tolerance(curve: Curve) -> float:
+    """What counts as close enough: 0.5 points, or the best grid point's seed std if larger."""
+    return max(0.5, 100 * float(curve.val_std[curve.best]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(
+        prog="python -m onecycle.lrbench", description=__doc__.splitlines()[0]
+    )
+    ap.add_argument("action", choices=["sweeps", "grid", "run"], help="sweeps | grid | run (both)")
+    ap.add_argument("scenarios", nargs="+", type=Path, help="studies/lr-choice/<name>.yaml")
+    args = ap.parse_args(argv)
+    for path in args.scenarios:
+        scenario = load(path)
+        if scenario.source:  # the settings (and sweeps) start from its checkpoint
+            from . import study
+
+            study.train_source(scenario.study(), Path("."))
+        if args.action in ("sweeps", "run"):
+            found = run_sweeps(scenario)
+            progress.say(f"{scenario.name}: {len(found)} sweeps in {sweeps_path(scenario)}")
+        if args.action in ("grid", "run"):
+            progress.say(f"{scenario.name}: {run_grid(scenario)}")
+
+
+if __name__ == "__main__":
+    from . import cli
+
+    cli.run(main, "bench-lr")
