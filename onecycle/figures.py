@@ -324,3 +324,40 @@ def study_lr_figure(results, name: str) -> Figure:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=9)
     return fig
+
+
+def lr_choice_figure(
+    name: str,
+    lrs: Sequence[float],
+    val_mean: Sequence[float],
+    val_std: Sequence[float],
+    test_mean: Sequence[float],
+    picks: dict[str, Sequence[float]],
+    subtitle: str = "",
+) -> Figure:
+    """One LR-choice scenario: validation accuracy (%) against max LR (log x) with its seed std
+    band and the test accuracy beside it; each rule's picks (one per sweep) as a row of ticks
+    under the curve, their median ringed."""
+    fig, ax = plt.subplots(figsize=(8.5, 5.2), layout="constrained")
+    lrs, mean, std = np.asarray(lrs), np.asarray(val_mean), np.asarray(val_std)
+    ax.fill_between(lrs, mean - std, mean + std, color="C0", alpha=0.2, label="validation ± std")
+    ax.plot(lrs, mean, "o-", color="C0", label="validation (mean over seeds)")
+    ax.plot(lrs, test_mean, "s--", color="0.5", ms=4, lw=1, label="test (reported, not chosen on)")
+    low = float(np.nanmin(mean - std))
+    span = float(np.nanmax(mean + std)) - low
+    for i, (rule_name, chosen) in enumerate(picks.items()):
+        ok = [p for p in chosen if np.isfinite(p)]
+        y = low - span * (0.12 + 0.08 * i)
+        color = f"C{i + 1}"
+        ax.scatter(ok, [y] * len(ok), marker="|", s=120, color=color, label=rule_name)
+        if ok:
+            ax.scatter([np.median(ok)], [y], s=70, facecolors="none", edgecolors=color, lw=1.5)
+    ax.set_xscale("log")
+    ax.set(
+        xlabel="max LR (log scale)",
+        ylabel="accuracy (%)",
+        title=f"LR choice, {name}: accuracy against max LR" + (f"\n{subtitle}" if subtitle else ""),
+    )
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left" if len(picks) < 4 else "best")
+    return fig

@@ -363,13 +363,136 @@ def tolerance(curve: Curve) -> float:
     return max(0.5, 100 * float(curve.val_std[curve.best]))
 
 
+# ---------------------------------------------------------------- the report
+
+
+SHOWN = {  # the rules drawn on each scenario's figure
+    "today's default": "min_div10 (ema 0.98)",
+    "fastai valley": "valley (ema 0.98)",
+}
+
+
+def collect(scenarios: list[Scenario]) -> dict[str, tuple[Curve, list[dict], int]]:
+    """Each scenario whose grid and sweeps are stored: (its grid curve, its sweeps, the sweep
+    length it is scored at: its pipeline's lr_find.num_iter)."""
+    found = {}
+    for sc in scenarios:
+        grid, sweeps = sc.out / "grid" / "results.json", sweeps_path(sc)
+        if not (grid.exists() and sweeps.exists()):
+            continue
+        results = [r for r in json.loads(grid.read_text()) if r.get("val_accuracy") is not None]
+        if len({r["max_lr"] for r in results}) < 2:
+            continue
+        n = int(sc.common.get("lr_find.num_iter", 100))
+        found[sc.name] = (Curve.from_results(results), json.loads(sweeps.read_text()), n)
+    return found
+
+
+def choose_default(scores: dict) -> tuple[str, dict[str, str]]:
+    """The rule of lowest worst-case mean regret over all scenarios, and for each scenario left
+    out, the rule that the others would have chosen (leave-one-scenario-out)."""
+    worst = worst_case(scores)
+    best = min(worst, key=lambda r: (worst[r], r))
+    scenarios = list(next(iter(scores.values())))
+    held_out = {}
+    for sc in scenarios if len(scenarios) > 1 else []:
+        others = worst_case(scores, leave_out=sc)
+        held_out[sc] = min(others, key=lambda r: (others[r], r))
+    return best, held_out
+
+
+def markdown(scores: dict, found: dict, best: str, held_out: dict, machine: str, top: int = 12):
+    names = list(found)
+    worst = worst_case(scores)
+    ranked = sorted(worst, key=lambda r: (worst[r], r))
+    shown = list(dict.fromkeys(ranked[:top] + list(SHOWN.values())))
+    lines = [
+        "# LR choice: which rule lands on the best max LR?",
+        "",
+        "Regret = the best grid point's mean validation accuracy minus the accuracy at the "
+        "rule's pick (interpolated on log LR), in points, averaged over the stored sweeps; "
+        "spread = largest pick / smallest. Chosen on validation accuracy; test accuracy is "
+        f"reported in scores.json. Measured on {machine}.",
+        "",
+        "| scenario | grid runs (seeds) | best max LR | best val. accuracy | tolerance |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for sc, (curve, _, _) in found.items():
+        b = curve.best
+        lines.append(
+            f"| {sc} | {len(curve.lrs)} LRs x {curve.seeds} | {curve.lrs[b]:g} | "
+            f"{100 * curve.val_mean[b]:.2f} ± {100 * curve.val_std[b]:.2f} % | "
+            f"{tolerance(curve):.2f} |"
+        )
+    lines += [
+        "",
+        "| rule | worst | " + " | ".join(f"{sc}: regret, spread" for sc in names) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in names) + " |",
+    ]
+    for r in shown:
+        cells = []
+        for sc in names:
+            v = scores[r][sc]
+            spread = f"{v['spread']:.1f}x" if "spread" in v else "n/a"
+            cells.append(f"{v['regret_mean']:.2f}, {spread}")
+        mark = "**" if r == best else ""
+        lines.append(f"| {mark}{r}{mark} | {worst[r]:.2f} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Lowest worst-case regret: **{best}** ({worst[best]:.2f} points).",
+        "",
+        "Left out one scenario at a time, the others choose:",
+        "",
+    ]
+    for sc, rule_ in held_out.items():
+        v = scores[rule_][sc]
+        lines.append(
+            f"- without {sc}: {rule_}; on {sc} itself it scores {v['regret_mean']:.2f} points "
+            f"(tolerance {tolerance(found[sc][0]):.2f})"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def report(scenarios: list[Scenario], out: Path = OUT) -> Path:
+    """reports/lr-choice/{report.md, scores.json, <scenario>.png} from what is stored."""
+    from . import figures, tracking
+
+    found = collect(scenarios)
+    if not found:
+        raise BenchError("no scenario has both its grid and its sweeps stored yet; run them first")
+    rules = candidates()
+    scores = score(found, rules)
+    best, held_out = choose_default(scores)
+    out.mkdir(parents=True, exist_ok=True)
+    for sc, (curve, sweeps, n) in found.items():
+        shown = {**SHOWN, "lowest worst-case regret": best}
+        drawn = {f"{label}: {r}": picks(sweeps, rules[r], n) for label, r in shown.items()}
+        fig = figures.lr_choice_figure(
+            sc, curve.lrs, 100 * curve.val_mean, 100 * curve.val_std, 100 * curve.test_mean,
+            drawn, f"{len(picks(sweeps, rules[best], n))} sweeps of {n} steps",
+        )  # fmt: skip
+        figures.save({out / f"{sc}.png": fig}, dpi=110)
+    (out / "scores.json").write_text(
+        json.dumps({"default": best, "held_out": held_out, "scores": scores}, indent=1) + "\n"
+    )
+    (out / "report.md").write_text(markdown(scores, found, best, held_out, tracking.cpu_name()))
+    return out / "report.md"
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         prog="python -m onecycle.lrbench", description=__doc__.splitlines()[0]
     )
-    ap.add_argument("action", choices=["sweeps", "grid", "run"], help="sweeps | grid | run (both)")
+    ap.add_argument(
+        "action",
+        choices=["sweeps", "grid", "run", "report"],
+        help="sweeps | grid | run (both) | report (score what is stored)",
+    )
     ap.add_argument("scenarios", nargs="+", type=Path, help="studies/lr-choice/<name>.yaml")
     args = ap.parse_args(argv)
+    if args.action == "report":
+        print(f"bench-lr: {report([load(p) for p in args.scenarios])}")
+        return
     for path in args.scenarios:
         scenario = load(path)
         if scenario.source:  # the settings (and sweeps) start from its checkpoint

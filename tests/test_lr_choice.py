@@ -1,0 +1,146 @@
+"""The LR-choice benchmark's pieces on made-up numbers: the new curve readers and smoothers
+(exact values, as the other suggestion tests), and the offline scoring (regret interpolated on
+log LR, spread, the median of several sweeps, the choice and its leave-one-scenario-out check).
+The benchmark itself (hours of CPU) is `make bench-lr`, never run here."""
+
+import json
+
+import numpy as np
+import pytest
+
+from onecycle import curves, lrbench
+
+from .test_lr_finder import LRS, _curve
+
+
+def test_min_is_the_extremum_and_divides_by_k():
+    assert curves.suggest_min(LRS, _curve()) == LRS[75]
+    assert curves.suggest_min(LRS, _curve(), divisor=3) == pytest.approx(LRS[75] / 3, rel=1e-12)
+
+
+def test_blowup_is_where_the_loss_climbs_back_above_its_start():
+    # Trimmed, the curve starts at index 10 (2.5 - 1.5e-8). Past the minimum (75) the loss is
+    # 1.5 + 0.2 (i - 75) give or take the tanh's last 1e-4: 2.30 at 79, 2.50005 at 80.
+    assert curves.suggest_blowup(LRS, _curve(), divisor=1) == LRS[80]
+    assert curves.suggest_blowup(LRS, list(np.linspace(3, 2, 101)), divisor=1) == LRS[95]
+
+
+def test_slide_follows_fastai():
+    # After the trim (indices 10..95) the end rises at a constant 0.2 a step: the gradient at 95
+    # equals the one 15 steps left, at 80, so the rule stops at once there.
+    assert curves.suggest_slide(LRS, _curve()) == LRS[80]
+
+
+def test_centred_smoothing_does_not_lag_where_the_ema_does():
+    parabola = [(i - 30) ** 2 / 100 for i in range(61)]
+    assert int(np.argmin(curves.centered(parabola, 4))) == 30
+    assert int(np.argmin(curves.ema(parabola, 0.8))) > 30  # the EMA's minimum comes late
+    assert curves.centered([2.0] * 10, 3) == pytest.approx([2.0] * 10)
+
+
+def test_the_window_follows_the_sweep_length():
+    assert curves.window(100, 0.1) == 10 and curves.window(10, 0.1) == 2
+    assert curves.smooth([1.0, 2.0, 3.0], "ema", 0.1) == curves.ema([1.0, 2.0, 3.0], 0.5)
+    with pytest.raises(ValueError, match="unknown smoothing"):
+        curves.smooth([1.0], "spline", 0.1)
+
+
+# ---------------------------------------------------------------- scoring, on known numbers
+
+
+def _results(table: dict[float, list[float]]) -> list[dict]:
+    """Grid results: per max LR, the validation accuracy of each seed (test = val - 0.01)."""
+    return [
+        {"max_lr": lr, "val_accuracy": v, "accuracy": v - 0.01, "seed": s}
+        for lr, vals in table.items()
+        for s, v in enumerate(vals)
+    ]
+
+
+CURVE = lrbench.Curve.from_results(
+    _results({0.1: [0.70, 0.72], 0.4: [0.80, 0.84], 1.6: [0.60, 0.60]})
+)
+
+
+def test_the_grid_curve_is_the_mean_over_seeds_interpolated_on_log_lr():
+    assert CURVE.val_mean.tolist() == pytest.approx([0.71, 0.82, 0.60])
+    assert CURVE.val_std[1] == pytest.approx(np.std([0.80, 0.84], ddof=1))
+    assert CURVE.best == 1 and CURVE.seeds == 2
+    assert CURVE.at(0.2) == pytest.approx((0.71 + 0.82) / 2)  # half-way on a log axis
+    assert CURVE.at(0.8, "test") == pytest.approx((0.81 + 0.59) / 2)
+    assert CURVE.at(0.01) == pytest.approx(0.71)  # beyond the grid: its end point
+    assert CURVE.regret(0.4) == 0 and CURVE.regret(0.2) == pytest.approx(5.5)
+    assert lrbench.tolerance(CURVE) == pytest.approx(100 * np.std([0.80, 0.84], ddof=1))
+
+
+def test_a_rule_is_scored_by_its_picks_spread_and_regret():
+    got = lrbench.score_rule(CURVE, [0.2, 0.4, 0.8])
+    assert got["spread"] == pytest.approx(4.0) and got["median_pick"] == 0.4
+    assert got["regret_mean"] == pytest.approx((5.5 + 0 + 11.0) / 3)
+    assert got["regret_max"] == pytest.approx(11.0) and got["failed"] == 0
+    failed = lrbench.score_rule(CURVE, [0.4, float("nan")])
+    assert failed["failed"] == 1 and failed["regret_mean"] == float("inf")
+
+
+# Symmetric about its minimum at index 60 (LR 0.1), so centred smoothing keeps it there.
+PARABOLA = [1 + (i - 60) ** 2 / 1000 for i in range(101)]
+
+
+def test_picks_read_each_stored_sweep_and_take_medians_of_groups():
+    sweeps = [
+        {"seed": s, "num_iter": 101, "lrs": LRS, "losses": PARABOLA, "val_losses": PARABOLA}
+        for s in range(4)
+    ]
+    sweeps.append({"seed": 0, "num_iter": 50, "lrs": LRS[:50], "losses": [1.0] * 50})
+    rule = lrbench.rule(curves.suggest_min, "centered", 0.1, divisor=2)
+    assert lrbench.picks(sweeps, rule, 101) == pytest.approx([LRS[60] / 2] * 4)
+    assert lrbench.picks(sweeps, rule, 101, median_of=3) == pytest.approx([LRS[60] / 2])
+    lagging = lrbench.legacy(curves.suggest_min_div10)  # EMA 0.98: its minimum comes late
+    assert lrbench.picks(sweeps, lagging, 101)[0] > LRS[60] / 10
+
+
+def test_the_default_is_the_lowest_worst_case_regret_and_each_scenario_is_held_out():
+    scores = {
+        "a": {"s1": {"regret_mean": 0.1}, "s2": {"regret_mean": 2.0}, "s3": {"regret_mean": 0.1}},
+        "b": {"s1": {"regret_mean": 0.6}, "s2": {"regret_mean": 0.7}, "s3": {"regret_mean": 0.5}},
+    }
+    best, held_out = lrbench.choose_default(scores)
+    assert best == "b"  # a is better on average, but 2 points off on s2
+    assert held_out == {"s1": "b", "s2": "a", "s3": "b"}
+
+
+def test_a_scenario_file_becomes_a_study_of_its_grid(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        "name: quick\ncommon: {model.width: 16}\ngrid: [0.1, 0.2]\nseeds: [0, 1]\n"
+        "sweeps: {seeds: 3, lengths: [50]}\n"
+    )
+    scenario = lrbench.load(path)
+    s = scenario.study()
+    assert s.name == "lrc-quick" and s.runs() == [
+        (lab, seed) for lab in ("lr-0.1", "lr-0.2") for seed in (0, 1)
+    ]
+    assert s.all_settings()["lr-0.2"] == {"train.max_lr": 0.2} and s.figure == "max_lr"
+    path.write_text("name: x\ngrid: [0.2, 0.1]\n")
+    with pytest.raises(lrbench.BenchError, match="increasing"):
+        lrbench.load(path)
+    path.write_text("name: x\ngrid: [0.1, 0.2]\nsweep: {}\n")
+    with pytest.raises(lrbench.BenchError, match="unknown key"):
+        lrbench.load(path)
+
+
+def test_the_report_is_written_from_stored_grids_and_sweeps(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    scenario = lrbench.Scenario("made-up", "", {"lr_find.num_iter": 101}, [0.1, 0.4, 1.6], [0, 1])
+    (scenario.out / "grid").mkdir(parents=True)
+    grid = _results({0.0001: [0.5, 0.5], 0.01: [0.7, 0.7], 1.0: [0.6, 0.6]})
+    (scenario.out / "grid" / "results.json").write_text(json.dumps(grid))
+    sweep = {"num_iter": 101, "lrs": LRS, "losses": PARABOLA, "val_losses": PARABOLA}
+    lrbench.sweeps_path(scenario).write_text(json.dumps([sweep | {"seed": s} for s in range(3)]))
+    text = lrbench.report([scenario], tmp_path / "out").read_text()
+    assert "| made-up | 3 LRs x 2 | 0.01 | 70.00 ± 0.00 % | 0.50 |" in text
+    scores = json.loads((tmp_path / "out" / "scores.json").read_text())
+    smith = scores["scores"]["min/1 (centered 0.05)"]["made-up"]
+    assert smith["median_pick"] == pytest.approx(0.1) and smith["spread"] == 1.0
+    assert smith["regret_mean"] == pytest.approx(100 * (0.7 - 0.65))  # 0.1: half-way 0.01..1
+    assert (tmp_path / "out" / "made-up.png").exists()
