@@ -12,7 +12,7 @@ QUICK := -S data.source=$(SHARED_CIFAR) -S model.width=16 -S train.batch_size=25
 
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: env repro quick test test-fast lint format mlflow-ui mlflow-server reset-params bench bench-lr study-schedules \
+.PHONY: env repro quick test test-fast lint format mlflow-ui mlflow-server reset-params bench bench-lr study-full study-schedules \
 	study-lr study-transfer ci-pipeline ci-baseline clean
 
 $(STAMP): pyproject.toml
@@ -53,6 +53,12 @@ bench: $(STAMP)  ## training step vs a bare loop on this device: a table and met
 # Started again, a study runs only what has not finished on this commit.
 study-schedules: $(STAMP)  ## 1cycle vs constant, step and cyclic LR, 3 seeds each
 	python -m onecycle.study run studies/schedules.yaml
+
+# The full recipe over seeds, for one CUDA GPU (README: GPU). FULL_SET adds overrides, e.g.
+# FULL_SET="--set data.source=/data/cifar-10-python.tar.gz" on a machine without a network.
+FULL_SET ?=
+study-full: $(STAMP)  ## the default recipe: max LR auto x 5 seeds beside 0.2 / 0.4 / 0.8 x 2 (GPU)
+	python -m onecycle.study run studies/full.yaml $(FULL_SET)
 
 study-lr: $(STAMP)  ## fixed max LRs 0.01..1.0 vs each suggestion method's pick, 3 seeds each
 	python -m onecycle.study run studies/lr.yaml

@@ -48,6 +48,7 @@ class Study:
     jobs: int = 2  # experiments at a time (`dvc queue start -j`)
     figure: str = "epochs"  # epochs: test accuracy per epoch | max_lr: accuracy against max LR
     source: dict | None = None  # {"overrides": {...}, "checkpoint": path}: trained first
+    setting_seeds: dict[str, list[int]] = field(default_factory=dict)  # a setting's own seeds
 
     @property
     def source_name(self) -> str:
@@ -62,7 +63,12 @@ class Study:
         return {**self.settings, **picks}
 
     def runs(self) -> list[tuple[str, int]]:
-        return [(label, seed) for label in self.all_settings() for seed in self.seeds]
+        """(label, seed) of every run: each setting over its own ``seeds`` or the study's."""
+        return [
+            (label, seed)
+            for label in self.all_settings()
+            for seed in self.setting_seeds.get(label, self.seeds)
+        ]
 
 
 def load(path: Path) -> Study:
@@ -104,8 +110,13 @@ def load_text(text: str, path: str = "<study>") -> Study:
         or not all(LABEL.match(str(k)) for k in settings)
     ):
         raise StudyError(f"{path}: settings must map labels (a-z, 0-9, -, _, .) to overrides")
-    if not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
+    if not _seed_list(seeds):
         raise StudyError(f"{path}: seeds must be a list of integers >= 0, e.g. [0, 1, 2]")
+    settings = {str(k): dict(v or {}) for k, v in settings.items()}
+    setting_seeds = {k: v.pop("seeds") for k, v in settings.items() if "seeds" in v}
+    bad_seeds = [k for k, v in setting_seeds.items() if not _seed_list(v)]
+    if bad_seeds:
+        raise StudyError(f"{path}: settings {bad_seeds}: seeds must be a list of integers >= 0")
     picks = list(raw.get("picks") or [])
     taken = [k for k in settings if str(k).startswith("pick-")]
     if picks and taken:
@@ -129,14 +140,39 @@ def load_text(text: str, path: str = "<study>") -> Study:
         name,
         str(raw.get("description", "")),
         dict(raw.get("common") or {}),
-        {str(k): dict(v or {}) for k, v in settings.items()},
+        settings,
         list(seeds),
         picks,
         str(raw.get("target", "evaluate")),
         int(raw.get("jobs", 2)),
         _figure(path, raw.get("figure", "epochs")),
         source,
+        setting_seeds,
     )
+
+
+def _seed_list(seeds) -> bool:
+    return (
+        isinstance(seeds, list)
+        and bool(seeds)
+        and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+    )
+
+
+def with_common(study: Study, pairs: list[str]) -> Study:
+    """``study`` with ``KEY=VALUE`` overrides (YAML values) added to its common ones: a local
+    data copy, say, on a machine with no network. A changed override makes new runs."""
+    import dataclasses
+
+    extra = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise StudyError(
+                f"--set {pair!r}: give KEY=VALUE, e.g. --set data.source=/data/x.tar.gz"
+            )
+        extra[key.strip()] = yaml.safe_load(value)
+    return dataclasses.replace(study, common={**study.common, **extra}) if extra else study
 
 
 def _figure(path: str, kind) -> str:
@@ -299,6 +335,9 @@ class Result:
     test_acc: list[float]  # per test-set look (monitoring): every train.eval_every epochs
     test_epochs: list[int] = field(default_factory=list)  # the epoch of each look (1-based)
     val_accuracy: float | None = None  # the validation split's, at the end (data.val_images)
+    images_per_sec: float | None = None  # training throughput, the epochs' mean
+    wall_seconds: float | None = None  # lr_find's start (or train's) to evaluate's last log
+    epochs: int | None = None
 
 
 def baseline_rev(repo: Path) -> str:
@@ -339,6 +378,7 @@ def collect(study: Study, repo: Path = Path(".")) -> tuple[list[Result], list[st
         label, seed = wanted[name]
         history = client.get_metric_history(r.info.run_id, "test/accuracy")
         seconds = client.get_metric_history(r.info.run_id, "speed/epoch_seconds")
+        speed = client.get_metric_history(r.info.run_id, "speed/images_per_sec")
         results.append(
             Result(
                 label,
@@ -350,11 +390,29 @@ def collect(study: Study, repo: Path = Path(".")) -> tuple[list[Result], list[st
                 [m.value for m in sorted(history, key=lambda m: m.step)],
                 sorted(m.step for m in history),
                 r.data.metrics.get("val/accuracy"),
+                sum(m.value for m in speed) / len(speed) if speed else None,
+                _wall_seconds(client, r),
+                len(seconds),
             )
         )
     order = list(wanted)  # the study's order: settings, then picks; seeds within
     results.sort(key=lambda r: order.index(study.exp_name(r.label, r.seed)))
     return results, [n for n in order if n not in latest]
+
+
+def _wall_seconds(client, train_run) -> float | None:
+    """The experiment's time from its range test's start (its train run's, when lr_find came
+    from DVC's run cache) to evaluate's last metric in the train run: MLflow's timestamps."""
+    start = train_run.info.start_time
+    lr_run = train_run.data.tags.get("lr_find_run_id")
+    if lr_run and lr_run != "none":
+        try:
+            start = min(start, client.get_run(lr_run).info.start_time)
+        except Exception:  # noqa: BLE001 - a run deleted from the store: train's start then
+            pass
+    ends = [m.timestamp for m in client.get_metric_history(train_run.info.run_id, "eval/accuracy")]
+    end = max([train_run.info.end_time or 0, *ends])
+    return (end - start) / 1000 if end > start else None
 
 
 def summarize(results: list[Result]) -> list[dict]:
@@ -376,10 +434,24 @@ def summarize(results: list[Result]) -> list[dict]:
                 "val_accuracy_mean": float(val.mean()) if len(val) else None,
                 "val_accuracy_std": float(val.std(ddof=1)) if len(val) > 1 else float("nan"),
                 "max_lr_mean": float(np.mean([r.max_lr for r in mine])),
+                "max_lr_min": min(r.max_lr for r in mine),
+                "max_lr_max": max(r.max_lr for r in mine),
                 "seconds_mean": float(np.mean([r.seconds for r in mine])),
+                "epoch_seconds": _mean([r.seconds / r.epochs for r in mine if r.epochs]),
+                "images_per_sec": _mean([r.images_per_sec for r in mine]),
+                "wall_seconds": _mean([r.wall_seconds for r in mine]),
             }
         )
     return rows
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "n/a" if value is None else format(value, fmt)
 
 
 def markdown(
@@ -405,16 +477,31 @@ def markdown(
     lines += [
         "| setting | runs | "
         + ("validation accuracy (mean ± std) | " if val else "")
-        + "test accuracy (mean ± std) | max LR (mean) | training s (mean) |",
-        "| --- | --- | " + ("--- | " if val else "") + "--- | --- | --- |",
+        + "test accuracy (mean ± std) | max LR (mean; min..max) | training s (mean) | s/epoch | "
+        "img/s | wall s: training + other |",
+        "| --- | --- | " + ("--- | " if val else "") + "--- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         val_cell = f"{_pct(r['val_accuracy_mean'], r['val_accuracy_std'])} | " if val else ""
+        lrs = f"{r['max_lr_mean']:.3g}"
+        if r.get("max_lr_min", r["max_lr_mean"]) != r.get("max_lr_max", r["max_lr_mean"]):
+            lrs += f"; {r['max_lr_min']:.3g}..{r['max_lr_max']:.3g}"
+        wall = r.get("wall_seconds")
+        split = "n/a" if wall is None else (
+            f"{wall:.0f}: {r['seconds_mean']:.0f} + {wall - r['seconds_mean']:.0f}"
+        )  # fmt: skip
         lines.append(
             f"| {r['setting']} | {r['runs']} | {val_cell}"
             f"{_pct(r['accuracy_mean'], r['accuracy_std'])} | "
-            f"{r['max_lr_mean']:.3g} | {r['seconds_mean']:.0f} |"
+            f"{lrs} | {r['seconds_mean']:.0f} | {_num(r.get('epoch_seconds'), '.2f')} | "
+            f"{_num(r.get('images_per_sec'), '.0f')} | {split} |"
         )
+    lines += [
+        "",
+        "Wall s: from the run's range test (or its training, when DVC's run cache supplied the "
+        "range test) to evaluate's last metric, by MLflow's timestamps; other = wall - training "
+        "(stage start-ups, the sweep, compile, evaluation).",
+    ]
     if missing:
         lines += ["", f"Not finished (left out): {', '.join(missing)}."]
     lines += ["", f"![{study.name}]({figure})", ""]
@@ -444,7 +531,7 @@ def report(study: Study, repo: Path = Path("."), out: Path | None = None) -> Pat
     png = out / f"{study.name}.png"
     figures.save({png: fig}, dpi=120)
     source = source_line(study, repo) if study.source else None
-    text = markdown(study, rows, missing, png.name, tracking.cpu_name(), source)
+    text = markdown(study, rows, missing, png.name, tracking.machine_name(), source)
     files_ = [png, out / "report.md"]
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(text)
@@ -503,8 +590,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("action", choices=["run", "report"], help="run (then report) | report only")
     ap.add_argument("study", type=Path, help="the study file, e.g. studies/lr.yaml")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="one more common override, e.g. --set data.source=/data/cifar-10-python.tar.gz",
+    )
     args = ap.parse_args(argv)
-    study = load(args.study)
+    study = with_common(load(args.study), args.set)
     failed = run(study) if args.action == "run" else []
     why = (
         f"study {study.name}: {len(failed)} run(s) failed: {', '.join(failed)}; see "

@@ -434,6 +434,18 @@ def read_run_ref(path: Path, hint: str = "run the train stage first (`dvc repro 
     return files.read_json(path, hint)
 
 
+def machine_name() -> str:
+    """The CPU, and the GPU where there is one: what a report's timings were measured on."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"{torch.cuda.get_device_name(0)} GPU; CPU {cpu_name()}"
+    except ImportError:
+        pass
+    return cpu_name()
+
+
 def cpu_name() -> str:
     """The CPU's model name and whether it has AVX2/AVX-512 (CPUs here differ by 3.5x)."""
     try:
@@ -451,6 +463,14 @@ def cpu_name() -> str:
     return f"{name}, {os.cpu_count()} cores, {'+'.join(simd) or 'no avx2'}"
 
 
+def _gpu_name(dev) -> str:
+    if dev.type != "cuda":
+        return "none"
+    import torch
+
+    return torch.cuda.get_device_name(dev.device)
+
+
 def context(dev, data) -> dict:
     """Where and on what a run trained: device, mixed precision, data, library versions."""
     from importlib.metadata import version
@@ -461,6 +481,7 @@ def context(dev, data) -> dict:
     return {
         "device": str(dev.device),
         "cpu": cpu_name(),
+        "gpu": _gpu_name(dev),
         "amp": str(dev.amp_dtype),
         "num_train": len(data.y_train),
         "num_test": len(data.y_test),

@@ -200,3 +200,29 @@ def test_a_report_reads_its_own_runs_from_a_real_store_and_nothing_else(tmp_path
     )
     assert {r.info.run_id for r in children} == {r["run_id"] for r in results}
     assert not (tmp_path / paths.MLFLOW_DB).with_suffix(".broken").exists()
+
+
+def test_a_setting_may_run_over_seeds_of_its_own_and_the_command_adds_overrides(tmp_path):
+    s = study.load(study.Path("studies/full.yaml"))
+    assert s.runs()[:5] == [("auto", seed) for seed in range(5)]
+    assert [seed for label, seed in s.runs() if label == "lr-0.4"] == [0, 1]
+    assert s.all_settings()["lr-0.4"] == {"train.max_lr": 0.4}  # seeds are not a param
+    local = study.with_common(s, ["data.source=/data/cifar-10-python.tar.gz", "train.epochs=2"])
+    assert local.common["data.source"] == "/data/cifar-10-python.tar.gz"
+    assert local.common["train.epochs"] == 2 and s.common == {"evaluate.register_as": None}
+    with pytest.raises(study.StudyError, match="KEY=VALUE"):
+        study.with_common(s, ["data.source"])
+    bad = _file(tmp_path, GOOD.replace("lr-0.1: {train.max_lr: 0.1}", "lr-0.1: {seeds: [-1]}"))
+    with pytest.raises(study.StudyError, match=r"settings \['lr-0.1'\]: seeds"):
+        study.load(bad)
+
+
+def test_the_report_gives_seconds_per_epoch_throughput_and_the_wall_time_split():
+    results = [
+        study.Result("auto", s, f"r{s}", 0.9, 0.3 + s, 20.0, [0.9], [2], None, 500.0, 50.0, 2)
+        for s in range(2)
+    ]
+    (row,) = study.summarize(results)
+    assert (row["epoch_seconds"], row["images_per_sec"], row["wall_seconds"]) == (10, 500, 50)
+    text = study.markdown(study.load_text(GOOD), [row], [], "x.png", "a GPU")
+    assert "| auto | 2 | 90.00 ± 0.00 % | 0.8; 0.3..1.3 | 20 | 10.00 | 500 | 50: 20 + 30 |" in text

@@ -1,7 +1,7 @@
 """A study through DVC's queue, for real (the file's checks and the report's numbers are
-tests/test_study.py's, in-process): one tiny study with a source run, whose checkpoint starts a
-frozen run; its report against the MLflow store; started again, it runs
-nothing."""
+tests/test_study.py's, in-process): one queue for a tiny studies/full.yaml (the range test's own
+max LR beside a fixed one) and a source run whose checkpoint starts a frozen run; the report
+against the MLflow store; started again, it runs nothing."""
 
 from __future__ import annotations
 
@@ -11,31 +11,42 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from .tiny_repo import TINY_PIPELINE, run, runs
+from .tiny_repo import ROOT, TINY_PIPELINE, run, runs
 
 pytestmark = [pytest.mark.slow, pytest.mark.long]
 
-TINY_STUDY = """
-name: tiny
-description: a source run, then its checkpoint frozen (the suite's study)
-source:  # the tiny run's training again (its range test from DVC's run cache)
-  checkpoint: weights/source.pt
-  overrides: {train.eval_every: 2}
-common: {train.epochs: 1}
-settings:
-  frozen:  # a frozen width-4 backbone's loss falls little in 40 steps: a short smoothing
-    model.pretrained: weights/source.pt
-    model.freeze: backbone
-    train.max_lr: 0.05
-    lr_find.smooth_beta: 0.8
-seeds: [0]
-figure: epochs
-"""
+
+def _tiny_full() -> str:
+    """studies/full.yaml at the tiny run's size (its settings auto and 0.2, one seed, one
+    epoch), plus a source run whose checkpoint starts a frozen run: one queue for both."""
+    full = yaml.safe_load((ROOT / "studies" / "full.yaml").read_text())
+    settings = {
+        k: {**v, "seeds": [0]} for k, v in full["settings"].items() if k in ("auto", "lr-0.2")
+    }
+    settings["frozen"] = {  # a frozen width-4 backbone's loss falls little in 40 steps
+        "model.pretrained": "weights/source.pt",
+        "model.freeze": "backbone",
+        "train.max_lr": 0.05,
+        "lr_find.smooth_beta": 0.8,
+    }
+    study = {
+        "name": "tiny",
+        "description": "the suite's study: a tiny studies/full.yaml, and a source run frozen",
+        # the tiny run's training again (its range test from DVC's run cache)
+        "source": {"checkpoint": "weights/source.pt", "overrides": {"train.eval_every": 2}},
+        "common": {**full["common"], "train.epochs": 1},
+        "settings": settings,
+        "seeds": [0],
+        "jobs": 2,
+        "figure": full["figure"],
+    }
+    return yaml.safe_dump(study, sort_keys=False)
 
 
 def _study(repo: Path) -> tuple[list[dict], str]:
-    (repo / "tiny.yaml").write_text(TINY_STUDY)
+    (repo / "tiny.yaml").write_text(_tiny_full())
     run(repo, "git", "add", "tiny.yaml")
     run(repo, "git", "commit", "-qm", "tiny study")
     run(repo, sys.executable, "-m", "onecycle.study", "run", "tiny.yaml")
@@ -47,10 +58,27 @@ def test_a_study_trains_its_source_then_its_settings_and_reports_what_the_store_
     import numpy as np
     import torch
 
-    from onecycle import checkpoint, study
+    from onecycle import checkpoint, paths, study
 
     results, report = _study(fork)
-    assert [(r["label"], r["seed"]) for r in results] == [("frozen", 0)]
+    assert [(r["label"], r["seed"]) for r in results] == [("auto", 0), ("lr-0.2", 0), ("frozen", 0)]
+    by_label = {r["label"]: r for r in results}
+    picked = json.loads((fork / paths.LR_FIND_METRICS).read_text())["max_lr"]
+    assert by_label["auto"]["max_lr"] == picked  # the range test's own pick: the tiny run's
+    assert by_label["lr-0.2"]["max_lr"] == 0.2
+
+    # the full study's report: per setting the accuracy, the picks, s/epoch, img/s and the
+    # experiment's wall time split into training and the rest
+    for r in results:
+        assert r["epochs"] == 1 and r["images_per_sec"] > 0
+        assert r["wall_seconds"] > r["seconds"] > 0
+        line = next(ln for ln in report.splitlines() if ln.startswith(f"| {r['label']} | 1 | "))
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert float(cells[5]) == pytest.approx(r["seconds"], abs=0.01)  # s/epoch, 1 epoch
+        assert cells[6] == f"{r['images_per_sec']:.0f}"
+        wall, _, parts = cells[7].partition(": ")
+        assert float(wall) == pytest.approx(r["wall_seconds"], abs=0.5)
+    assert "Wall s: from the run's range test" in report
 
     # the report: every number is the store's; one parent run holds the study's runs
     client, found = runs(fork)
@@ -59,7 +87,7 @@ def test_a_study_trains_its_source_then_its_settings_and_reports_what_the_store_
         mine = by_id[r["run_id"]]
         assert mine.data.metrics["eval/accuracy"] == r["accuracy"]
         assert mine.data.tags["dvc.exp_name"] == f"tiny-{r['label']}-s{r['seed']}"
-        assert float(mine.data.params["max_lr_used"]) == r["max_lr"] == 0.05
+        assert float(mine.data.params["max_lr_used"]) == r["max_lr"]
         history = client.get_metric_history(r["run_id"], "test/accuracy")
         assert [m.value for m in sorted(history, key=lambda m: m.step)] == r["test_acc"]
         assert f"| {r['label']} | 1 | {100 * np.mean(r['accuracy']):.2f} ± n/a % |" in report
