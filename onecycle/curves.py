@@ -161,11 +161,17 @@ def suggest_slide(lrs, losses, lr_diff: int = 15, thresh: float = 0.005) -> floa
 
 def suggest_blowup(lrs, losses, divisor: float = 10.0) -> float:
     """The LR where the loss, past its minimum, first climbs back above its starting level (the
-    divergence point), divided by ``divisor``; the last LR swept if it never does."""
+    divergence point), divided by ``divisor``. A sweep that never climbs back has no divergence
+    point to read (its last LR would be the sweep's range, not the model's): LRFindError."""
     lr, loss = _trim(lrs, losses)
     low = int(np.argmin(loss))
     above = np.flatnonzero(loss[low:] > loss[0])
-    return float(lr[low + above[0]] if len(above) else lr[-1]) / divisor
+    if not len(above):
+        raise LRFindError(
+            "the loss never climbed back above its start: no divergence point to read; "
+            "raise lr_find.end_lr or choose another lr_find.suggestion"
+        )
+    return float(lr[low + above[0]]) / divisor
 
 
 def centered(losses: Iterable[float], sigma: float) -> list[float]:

@@ -309,12 +309,12 @@ def picks(sweeps: list[dict], fn: Rule, num_iter: int, median_of: int = 1) -> li
     for s in chosen:
         try:
             lr = fn(s["lrs"], s["losses"], s["val_losses"])
-        except (ValueError, IndexError):
+        except (ValueError, IndexError, curves.LRFindError):
             lr = float("nan")
         out.append(lr if np.isfinite(lr) and lr > 0 else float("nan"))
     if median_of > 1:
         groups = [out[i : i + median_of] for i in range(0, len(out) - median_of + 1, median_of)]
-        out = [float(np.nanmedian(g)) for g in groups]
+        out = [float(np.nanmedian(g)) if np.isfinite(g).any() else float("nan") for g in groups]
     return out
 
 
@@ -338,16 +338,39 @@ def score_rule(curve: Curve, lrs: list[float]) -> dict:
     }
 
 
+# How a rule reads the stored sweeps: at the pipeline's sweep length or the scenario's longest,
+# one sweep per pick or the median of three (the pipeline's lr_find.seeds: 3).
+VARIANTS: dict[str, tuple[str, int]] = {
+    "": ("short", 1),
+    ", long sweep": ("long", 1),
+    ", median of 3": ("short", 3),
+    ", long sweep, median of 3": ("long", 3),
+}
+
+
 def score(scenarios: dict[str, tuple[Curve, list[dict], int]], rules: dict[str, Rule]) -> dict:
-    """Every rule on every scenario: {rule: {scenario: score_rule(...)}}; each scenario is
-    (its grid curve, its sweeps, the sweep length it is scored at)."""
-    return {
-        name: {
-            sc: score_rule(curve, picks(sweeps, fn, n))
-            for sc, (curve, sweeps, n) in scenarios.items()
-        }
-        for name, fn in rules.items()
-    }
+    """Every rule in every variant on every scenario: {name: {scenario: score_rule(...)}}; each
+    scenario is (its grid curve, its sweeps, the pipeline's sweep length). A variant's name is
+    the rule's with VARIANTS' suffix."""
+    out = {}
+    for name, fn in rules.items():
+        for suffix, (length, median_of) in VARIANTS.items():
+            per = {}
+            for sc, (curve, sweeps, n) in scenarios.items():
+                n = max(s["num_iter"] for s in sweeps) if length == "long" else n
+                per[sc] = score_rule(curve, picks(sweeps, fn, n, median_of)) | {"num_iter": n}
+            out[name + suffix] = per
+    return out
+
+
+def variant_picks(name: str, rules: dict[str, Rule], sweeps: list[dict], n: int) -> list[float]:
+    """The picks of a scored name (a rule and a VARIANTS suffix) on one scenario's sweeps."""
+    for suffix, (length, median_of) in sorted(VARIANTS.items(), key=lambda kv: -len(kv[0])):
+        base = name.removesuffix(suffix) if suffix else name
+        if base in rules and (not suffix or name.endswith(suffix)):
+            n = max(s["num_iter"] for s in sweeps) if length == "long" else n
+            return picks(sweeps, rules[base], n, median_of)
+    raise KeyError(name)
 
 
 def worst_case(scores: dict, leave_out: str | None = None) -> dict[str, float]:
@@ -388,15 +411,29 @@ def collect(scenarios: list[Scenario]) -> dict[str, tuple[Curve, list[dict], int
     return found
 
 
+SPREAD_LIMIT = 1.5  # the acceptance bound on a rule's pick spread over the sweeps
+
+
+def stable(scores: dict, leave_out: str | None = None) -> dict:
+    """The rules whose picks spread at most SPREAD_LIMIT in every scenario (``leave_out`` left
+    out); all of them when none does."""
+    ok = {
+        r: per for r, per in scores.items()
+        if all(v.get("spread", math.inf) <= SPREAD_LIMIT for sc, v in per.items() if sc != leave_out)
+    }  # fmt: skip
+    return ok or scores
+
+
 def choose_default(scores: dict) -> tuple[str, dict[str, str]]:
-    """The rule of lowest worst-case mean regret over all scenarios, and for each scenario left
-    out, the rule that the others would have chosen (leave-one-scenario-out)."""
-    worst = worst_case(scores)
+    """Among the stable rules, the one of lowest worst-case mean regret over all scenarios; and
+    for each scenario left out, the rule that the others would have chosen (leave one scenario
+    out: the choice made without it, then scored on it)."""
+    worst = worst_case(stable(scores))
     best = min(worst, key=lambda r: (worst[r], r))
     scenarios = list(next(iter(scores.values())))
     held_out = {}
     for sc in scenarios if len(scenarios) > 1 else []:
-        others = worst_case(scores, leave_out=sc)
+        others = worst_case(stable(scores, leave_out=sc), leave_out=sc)
         held_out[sc] = min(others, key=lambda r: (others[r], r))
     return best, held_out
 
@@ -405,7 +442,8 @@ def markdown(scores: dict, found: dict, best: str, held_out: dict, machine: str,
     names = list(found)
     worst = worst_case(scores)
     ranked = sorted(worst, key=lambda r: (worst[r], r))
-    shown = list(dict.fromkeys(ranked[:top] + list(SHOWN.values())))
+    steady = [r for r in ranked if r in stable(scores)]
+    shown = list(dict.fromkeys(steady[:top] + ranked[: top // 2] + list(SHOWN.values())))
     lines = [
         "# LR choice: which rule lands on the best max LR?",
         "",
@@ -413,6 +451,12 @@ def markdown(scores: dict, found: dict, best: str, held_out: dict, machine: str,
         "rule's pick (interpolated on log LR), in points, averaged over the stored sweeps; "
         "spread = largest pick / smallest. Chosen on validation accuracy; test accuracy is "
         f"reported in scores.json. Measured on {machine}.",
+        "",
+        "Each rule is read four ways: on one sweep of the pipeline's length, on the longest "
+        "stored sweep (`long sweep`), and as the median of three sweeps (`median of 3`, the "
+        "pipeline's `lr_find.seeds: 3`). The default is chosen among the rules whose picks "
+        f"spread at most {SPREAD_LIMIT}x in every scenario (marked stable), by the lowest "
+        "worst-case regret.",
         "",
         "| scenario | grid runs (seeds) | best max LR | best val. accuracy | tolerance |",
         "| --- | --- | --- | --- | --- |",
@@ -426,9 +470,10 @@ def markdown(scores: dict, found: dict, best: str, held_out: dict, machine: str,
         )
     lines += [
         "",
-        "| rule | worst | " + " | ".join(f"{sc}: regret, spread" for sc in names) + " |",
-        "| --- | --- | " + " | ".join("---" for _ in names) + " |",
+        "| rule | stable | worst | " + " | ".join(f"{sc}: regret, spread" for sc in names) + " |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in names) + " |",
     ]
+    steady_set = set(steady)
     for r in shown:
         cells = []
         for sc in names:
@@ -436,7 +481,8 @@ def markdown(scores: dict, found: dict, best: str, held_out: dict, machine: str,
             spread = f"{v['spread']:.1f}x" if "spread" in v else "n/a"
             cells.append(f"{v['regret_mean']:.2f}, {spread}")
         mark = "**" if r == best else ""
-        lines.append(f"| {mark}{r}{mark} | {worst[r]:.2f} | " + " | ".join(cells) + " |")
+        ok = "yes" if r in steady_set and len(steady_set) < len(scores) else ""
+        lines.append(f"| {mark}{r}{mark} | {ok} | {worst[r]:.2f} | " + " | ".join(cells) + " |")
     lines += [
         "",
         f"Lowest worst-case regret: **{best}** ({worst[best]:.2f} points).",
@@ -466,10 +512,10 @@ def report(scenarios: list[Scenario], out: Path = OUT) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     for sc, (curve, sweeps, n) in found.items():
         shown = {**SHOWN, "lowest worst-case regret": best}
-        drawn = {f"{label}: {r}": picks(sweeps, rules[r], n) for label, r in shown.items()}
+        drawn = {f"{label}: {r}": variant_picks(r, rules, sweeps, n) for label, r in shown.items()}
         fig = figures.lr_choice_figure(
             sc, curve.lrs, 100 * curve.val_mean, 100 * curve.val_std, 100 * curve.test_mean,
-            drawn, f"{len(picks(sweeps, rules[best], n))} sweeps of {n} steps",
+            drawn, f"sweeps of {n} steps (long: {max(s['num_iter'] for s in sweeps)})",
         )  # fmt: skip
         figures.save({out / f"{sc}.png": fig}, dpi=110)
     (out / "scores.json").write_text(

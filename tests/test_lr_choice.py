@@ -22,7 +22,8 @@ def test_blowup_is_where_the_loss_climbs_back_above_its_start():
     # Trimmed, the curve starts at index 10 (2.5 - 1.5e-8). Past the minimum (75) the loss is
     # 1.5 + 0.2 (i - 75) give or take the tanh's last 1e-4: 2.30 at 79, 2.50005 at 80.
     assert curves.suggest_blowup(LRS, _curve(), divisor=1) == LRS[80]
-    assert curves.suggest_blowup(LRS, list(np.linspace(3, 2, 101)), divisor=1) == LRS[95]
+    with pytest.raises(curves.LRFindError, match="never climbed back.*lr_find.end_lr"):
+        curves.suggest_blowup(LRS, list(np.linspace(3, 2, 101)), divisor=1)
 
 
 def test_slide_follows_fastai():
