@@ -1,6 +1,6 @@
 """A study through DVC's queue, for real (the file's checks and the report's numbers are
 tests/test_study.py's, in-process): one queue for a tiny studies/full.yaml (the range test's own
-max LR beside a fixed one) and a source run whose checkpoint starts a frozen run; the report
+max LR beside a fixed one) and a source run whose checkpoint starts the fixed one frozen; the report
 against the MLflow store; started again, it runs nothing."""
 
 from __future__ import annotations
@@ -20,20 +20,20 @@ pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 def _tiny_full() -> str:
     """studies/full.yaml at the tiny run's size (its settings auto and 0.2, one seed, one
-    epoch), plus a source run whose checkpoint starts a frozen run: one queue for both."""
+    epoch), plus a source run whose checkpoint starts the fixed-LR setting frozen: one queue,
+    one round of two settings after the source."""
     full = yaml.safe_load((ROOT / "studies" / "full.yaml").read_text())
     settings = {
         k: {**v, "seeds": [0]} for k, v in full["settings"].items() if k in ("auto", "lr-0.2")
     }
-    settings["frozen"] = {  # a frozen width-4 backbone's loss falls little in 40 steps
+    settings["lr-0.2"] |= {  # a frozen width-4 backbone's loss falls little in 40 steps
         "model.pretrained": "weights/source.pt",
         "model.freeze": "backbone",
-        "train.max_lr": 0.05,
         "lr_find.smooth_beta": 0.8,
     }
     study = {
         "name": "tiny",
-        "description": "the suite's study: a tiny studies/full.yaml, and a source run frozen",
+        "description": "the suite's study: a tiny studies/full.yaml, its fixed LR frozen on a source run",
         # the tiny run's training again (its range test from DVC's run cache)
         "source": {"checkpoint": "weights/source.pt", "overrides": {"train.eval_every": 2}},
         "common": {**full["common"], "train.epochs": 1},
@@ -61,7 +61,7 @@ def test_a_study_trains_its_source_then_its_settings_and_reports_what_the_store_
     from onecycle import checkpoint, paths, study
 
     results, report = _study(fork)
-    assert [(r["label"], r["seed"]) for r in results] == [("auto", 0), ("lr-0.2", 0), ("frozen", 0)]
+    assert [(r["label"], r["seed"]) for r in results] == [("auto", 0), ("lr-0.2", 0)]
     by_label = {r["label"]: r for r in results}
     picked = json.loads((fork / paths.LR_FIND_METRICS).read_text())["max_lr"]
     assert by_label["auto"]["max_lr"] == picked  # the range test's own pick: the tiny run's
@@ -96,16 +96,17 @@ def test_a_study_trains_its_source_then_its_settings_and_reports_what_the_store_
     assert client.get_run(parents.pop()).data.tags["study"] == "tiny" and not parents
 
     # the source: trained first, its checkpoint fetched from the DVC cache; the frozen run's own
-    # checkpoint has the source's backbone bit for bit (BatchNorm too) and a classifier of its own
+    # checkpoint (the fixed LR's) has the source's backbone bit for bit (BatchNorm too) and a
+    # classifier of its own
     source = checkpoint.read_weights(fork / "weights" / "source.pt")
     assert "Source model `tiny-source`" in report and "% on its own test split" in report
-    frozen = by_id[next(r["run_id"] for r in results if r["label"] == "frozen")]
+    frozen = by_id[by_label["lr-0.2"]["run_id"]]
     digest = hashlib.sha256((fork / "weights" / "source.pt").read_bytes()).hexdigest()
     assert frozen.data.params["start.weights_sha256"] == digest
     assert frozen.data.params["start.normalization"].startswith("checkpoint source.pt")
     width = 8 * TINY_PIPELINE["model"]["width"]  # the classifier's inputs
     assert int(frozen.data.params["trainable_parameters"]) == width * 10 + 10
-    rev = study.exp_commit("tiny-frozen-s0", fork)
+    rev = study.exp_commit("tiny-lr-0.2-s0", fork)
     run(fork, "dvc", "get", ".", "models/model.pt", "--rev", rev, "-o", str(fork / "frozen.pt"))
     trained = checkpoint.read_weights(fork / "frozen.pt")
     for k, v in source["model"].items():
