@@ -18,6 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from .errors import UserError
 
+# lr_find.suggestion's choices (curves.SUGGESTERS reads each); the first is the default, chosen
+# by make bench-lr (README: The LR range test)
+SUGGESTIONS = ("min", "min_div10", "valley", "steepest")
+
 
 class ConfigError(UserError):
     """params.yaml (or an override) holds a value the pipeline cannot use."""
@@ -115,10 +119,11 @@ class LRFindConfig(_Section):
     num_iter: int = Field(100, ge=5)
     mode: Literal["exp", "linear"] = "exp"
     momentum: float = Field(0.9, ge=0, lt=1)
-    smooth_beta: float = Field(0.98, ge=0, lt=1)
+    smooth: Literal["centered", "ema"] = "centered"
+    smooth_window: float = Field(0.2, gt=0, le=0.5)  # a fraction of the sweep's steps
     diverge_factor: float = Field(4.0, gt=1)
-    suggestion: Literal["valley", "steepest", "min_div10"] = "min_div10"  # make study-lr
-    seeds: int = Field(1, ge=1, le=20)
+    suggestion: Literal[SUGGESTIONS] = SUGGESTIONS[0]  # chosen by make bench-lr
+    seeds: int = Field(3, ge=1, le=20)
     val_images: int = Field(0, ge=0)
     momentum_grid: list[float] = Field(default_factory=list)
     weight_decay_grid: list[float] = Field(default_factory=list)
@@ -276,13 +281,24 @@ def _key(loc: tuple) -> tuple[str, type[BaseModel] | None]:
     return ".".join(parts), parent
 
 
+REPLACED = {  # keys of older params.yaml files: what took their place
+    "lr_find.smooth_beta": (
+        "the curve is now smoothed over a fraction of the sweep, lr_find.smooth_window (0.2: a "
+        "fifth of its steps), centered so its minimum does not lag (lr_find.smooth: centered); "
+        "delete smooth_beta (make bench-lr chose the new smoothing, README: The LR range test)"
+    ),
+}
+
+
 def _describe(err: dict[str, Any]) -> tuple[str, str, str]:
     """(key, message, shown input) for one pydantic error."""
     key, parent = _key(err["loc"])
     msg = err["msg"]
     if err["type"] == "value_error":
         msg = msg.removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
+    if err["type"] == "extra_forbidden" and key in REPLACED:
+        msg = f"no longer a key: {REPLACED[key]}"
+    elif err["type"] == "extra_forbidden":
         close = difflib.get_close_matches(
             str(err["loc"][-1]), list(parent.model_fields), n=1, cutoff=0.75
         )

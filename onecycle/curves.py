@@ -21,9 +21,28 @@ class LRFindError(UserError):
 class Sweep:
     lrs: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)  # raw mini-batch loss
-    smooth: list[float] = field(default_factory=list)  # bias-corrected EMA
+    smooth: list[float] = field(default_factory=list)  # the curve read: see reread()
     val_losses: list[float] = field(default_factory=list)  # held-out loss (empty when off)
     stop: str = "completed"  # completed | diverged | non-finite
+
+    def reread(self, how: str, fraction: float, diverge_factor: float) -> Sweep:
+        """The sweep as the suggestions read it: the raw losses smoothed over ``fraction`` of
+        its steps (:func:`smooth`; ``smooth`` during the sweep was the lagging EMA that only
+        decided where to stop), cut where that curve passes ``diverge_factor`` times its best."""
+        curve = smooth(self.losses, how, fraction)
+        n, best = len(curve), math.inf
+        for i, v in enumerate(curve):
+            best = min(best, v)
+            if v > diverge_factor * best:
+                n = i + 1
+                break
+        return Sweep(
+            self.lrs[:n],
+            self.losses[:n],
+            curve[:n],
+            self.val_losses[:n],
+            "diverged" if n < len(curve) else self.stop,
+        )
 
 
 class SmoothedLoss:
@@ -202,15 +221,16 @@ def smooth(losses: list[float], how: str, fraction: float) -> list[float]:
     raise ValueError(f"unknown smoothing {how!r}")
 
 
-SUGGESTERS = {
+SUGGESTERS = {  # config.SUGGESTIONS' readers, and the lower bound
+    "min": suggest_min,
+    "min_div10": suggest_min_div10,
     "valley": suggest_valley,
     "steepest": suggest_steepest,
-    "min_div10": suggest_min_div10,
     "lower_bound": suggest_lower_bound,  # a floor for train.base_lr, not a max_lr
 }
 
 
-def check_curve(sweep: Sweep, start_lr: float, num_iter: int, smooth_beta: float) -> None:
+def check_curve(sweep: Sweep, start_lr: float, num_iter: int) -> None:
     """Refuse curves no suggestion can be read from, saying what caused it and what to change."""
     n = len(sweep.smooth)
     if n < 10 and sweep.stop == "completed":
@@ -228,17 +248,9 @@ def check_curve(sweep: Sweep, start_lr: float, num_iter: int, smooth_beta: float
     first, low = loss[0], loss.min()
     if int(np.argmin(loss)) > 0 and low <= 0.98 * first:
         return
-    window = 1 / (1 - smooth_beta)  # steps the smoothed loss averages over
-    cause = (
-        f"lr_find.smooth_beta {smooth_beta:g} averages the loss over about {window:.0f} steps, "
-        f"too many for a {n}-step sweep to show a fall: lower it (e.g. "
-        f"{max(0.0, 1 - 5 / n):.2g}) or raise lr_find.num_iter. "
-        if window > n / 2
-        else ""
-    )
     raise LRFindError(
         f"the smoothed loss never fell clearly below its start ({first:.3f} -> min {low:.3f} in "
-        f"{n} steps, stop: {sweep.stop}); no usable descent. {cause}If the loss only rose, lower "
+        f"{n} steps, stop: {sweep.stop}); no usable descent. If the loss only rose, lower "
         "lr_find.start_lr; if it stayed flat, raise lr_find.end_lr or lr_find.num_iter."
     )
 
@@ -261,7 +273,7 @@ def choose(per_seed: list[dict[str, float]], method: str, lr_range: tuple[float,
     if not (math.isfinite(chosen) and lo <= chosen <= hi):
         raise LRFindError(
             f"suggestion {method!r} gave {chosen!r}, outside the swept range [{lo:g}, {hi:g}]; "
-            "try lr_find.suggestion: valley, or widen start_lr/end_lr"
+            "try another lr_find.suggestion, or widen start_lr/end_lr"
         )
     out["max_lr"] = chosen
     return out

@@ -16,6 +16,8 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from .config import SUGGESTIONS  # noqa: E402
+
 
 def lr_find_figure(
     lrs: Sequence[float],
@@ -31,7 +33,7 @@ def lr_find_figure(
     ax.plot(lrs, smooth, color="C0", lw=2, label="smoothed loss (EMA)")
     if val_losses:
         ax.plot(lrs, val_losses, color="C2", lw=1.5, label="held-out loss")
-    styles = {"valley": "C3", "steepest": "C1", "min_div10": "C4", "lower_bound": "C5"}
+    styles = {"min": "C2", "valley": "C3", "steepest": "C1", "min_div10": "C4", "lower_bound": "C5"}
     for name, lr in suggestions.items():
         if name not in styles or not np.isfinite(lr):
             continue
@@ -208,7 +210,7 @@ def lr_find_figure_from_rows(rows: Sequence[dict], lr_find: dict, log_x: bool = 
         _column(rows, "lr"),
         _column(rows, "loss"),
         _column(rows, "smooth_loss"),
-        {m: lr_find[m] for m in ("valley", "steepest", "min_div10", "lower_bound") if m in lr_find},
+        {m: lr_find[m] for m in (*SUGGESTIONS, "lower_bound") if m in lr_find},
         lr_find["method"],
         _column(rows, "val_loss") if rows and "val_loss" in rows[0] else None,
         log_x=log_x,
@@ -303,7 +305,7 @@ def study_lr_figure(results, name: str) -> Figure:
     means = [100 * np.mean(a) for a in by_lr]
     stds = [100 * np.std(a, ddof=1) if len(a) > 1 else 0.0 for a in by_lr]
     ax.errorbar(grid, means, yerr=stds, fmt="o-", color="0.3", capsize=3, label="fixed max LR")
-    markers = {"pick-valley": "v", "pick-steepest": "^", "pick-min_div10": "s"}
+    markers = {"pick-min": "D", "pick-valley": "v", "pick-steepest": "^", "pick-min_div10": "s"}
     for i, label in enumerate(m for m in markers if any(r.label == m for r in results)):
         mine = [r for r in results if r.label == label]
         ax.scatter(

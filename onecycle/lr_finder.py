@@ -14,7 +14,16 @@ import torch.nn.functional as F
 
 from . import progress, transfer
 from .config import Params
-from .curves import SUGGESTERS, LRFindError, Sweep, check_curve, choose, run_sweep, suggestions
+from .curves import (
+    SUGGESTERS,
+    LRFindError,
+    Sweep,
+    check_curve,
+    choose,
+    run_sweep,
+    suggestions,
+    window,
+)
 from .engine import Device, predict
 from .prepared import Prepared
 from .preprocess import normalize
@@ -52,7 +61,9 @@ def range_test(
     """Sweep the LR over ``lr_find.num_iter`` mini-batches of the training data, in the session
     that training builds (same model, start, optimizer, loss and augmentation as
     ``params.train``: the LR swept is the head's, the backbone's is ``model.backbone_lr_mult``
-    times it)."""
+    times it). The sweep stops on an EMA of the loss over ``lr_find.smooth_window`` of its steps
+    (all that is known while it runs); the curve returned is smoothed by ``lr_find.smooth``
+    over the same window, centered by default so its minimum does not lag."""
     lr_cfg = params.lr_find
     train_idx, val = _held_out(data, lr_cfg.val_images, seed)
     session = build_session(
@@ -84,9 +95,9 @@ def range_test(
             bar.set_postfix(lr=f"{lrs[i - 1]:.3g}", loss=f"{smoothed:.3f}", refresh=False)
             bar.update()
 
-        return run_sweep(
-            step, lrs, lr_cfg.smooth_beta, lr_cfg.diverge_factor, val_loss if val else None, show
-        )
+        beta = 1 - 1 / window(lr_cfg.num_iter, lr_cfg.smooth_window)
+        sweep = run_sweep(step, lrs, beta, lr_cfg.diverge_factor, val_loss if val else None, show)
+    return sweep.reread(lr_cfg.smooth, lr_cfg.smooth_window, lr_cfg.diverge_factor)
 
 
 def _curve_rows(sweep: Sweep, **keys) -> list[dict]:
@@ -156,9 +167,7 @@ def grid(
         sweep = range_test(
             varied, data, dev, params.base.seed, desc=f"lr_find {name} {value:g}", start=start
         )
-        check_curve(
-            sweep, params.lr_find.start_lr, params.lr_find.num_iter, params.lr_find.smooth_beta
-        )
+        check_curve(sweep, params.lr_find.start_lr, params.lr_find.num_iter)
         sweeps.append(sweep)
     return Grid(name, list(values), sweeps)
 
@@ -228,7 +237,7 @@ def find(
     for k, s in enumerate(seeds):
         desc = f"lr_find seed {k + 1}/{len(seeds)}"
         sweep = range_test(params, data, dev, s, desc=desc, start=start)
-        check_curve(sweep, lr_cfg.start_lr, lr_cfg.num_iter, lr_cfg.smooth_beta)
+        check_curve(sweep, lr_cfg.start_lr, lr_cfg.num_iter)
         sweeps.append(sweep)
     per_seed = [suggestions(sweep) for sweep in sweeps]
     swept = (lr_cfg.start_lr, min(sweep.lrs[-1] for sweep in sweeps))

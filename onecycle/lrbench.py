@@ -68,6 +68,22 @@ class Scenario:
             source=self.source,
         )
 
+    def confirm_study(self):
+        """The pipeline's own default (``train.max_lr: auto``: lr_find's defaults, median of
+        its seeds' picks) on the scenario's longest sweep, over 3 seeds: the scoring's
+        interpolation checked by training."""
+        from . import study
+
+        return study.Study(
+            f"lrc-{self.name}-auto",
+            f"{self.description} The default rule's own pick, trained.",
+            {**self.common, "lr_find.num_iter": max(self.sweep_lengths), "train.max_lr": "auto"},
+            {"auto": {}},
+            [0, 1, 2],
+            jobs=self.jobs,
+            source=self.source,
+        )
+
     @property
     def out(self) -> Path:
         return OUT / self.name
@@ -182,6 +198,18 @@ def run_sweeps(scenario: Scenario, repo: Path = Path(".")) -> list[dict]:
 # ---------------------------------------------------------------- the grid (through DVC)
 
 
+def run_confirm(scenario: Scenario, repo: Path = Path(".")) -> Path:
+    """The default's pick trained over 3 seeds (a study; resumes), reported into ``out/confirm``."""
+    from . import study
+
+    s = scenario.confirm_study()
+    failed = study.run(s, repo)
+    report = study.report(s, repo, out=repo / scenario.out / "confirm")
+    if failed:
+        raise BenchError(f"{scenario.name}: confirm runs failed: {', '.join(failed)}")
+    return report
+
+
 def run_grid(scenario: Scenario, repo: Path = Path(".")) -> Path:
     """The grid as a study (queued DVC experiments; resumes), reported into ``out/grid``."""
     from . import study
@@ -241,15 +269,7 @@ class Curve:
 Rule = Callable[[list[float], list[float], list[float]], float]  # (lrs, losses, val) -> lr
 
 
-def _stop(lrs, losses, smoothed, factor: float = 4.0):
-    """The sweep as the pipeline records it: cut where the smoothed loss passes ``factor``
-    times its best so far (the stored sweeps ran on to 10)."""
-    best = math.inf
-    for i, v in enumerate(smoothed):
-        best = min(best, v)
-        if v > factor * best:
-            return lrs[: i + 1], losses[: i + 1], smoothed[: i + 1]
-    return lrs, losses, smoothed
+STOP = 4.0  # lr_find.diverge_factor: the stored sweeps ran on to 10, cut here when read
 
 
 def rule(reader: Callable, how: str, fraction: float, on: str = "train", **kw) -> Rule:
@@ -258,20 +278,19 @@ def rule(reader: Callable, how: str, fraction: float, on: str = "train", **kw) -
 
     def pick(lrs, losses, val_losses):
         raw = val_losses if on == "val" else losses
-        smoothed = curves.smooth(raw, how, fraction)
-        lrs_, _, smoothed = _stop(lrs, raw, smoothed)
-        return reader(lrs_, smoothed, **kw)
+        read = curves.Sweep(lrs, raw).reread(how, fraction, STOP)  # as lr_finder.range_test
+        return reader(read.lrs, read.smooth, **kw)
 
     return pick
 
 
 def legacy(reader: Callable, beta: float = 0.98, **kw) -> Rule:
-    """Today's rules: the EMA at a fixed ``beta`` (lr_find.smooth_beta)."""
+    """The old rules: the EMA at a fixed ``beta`` (the former lr_find.smooth_beta, 0.98)."""
 
     def pick(lrs, losses, val_losses):
         smoothed = curves.ema(losses, beta)
-        lrs_, _, smoothed = _stop(lrs, losses, smoothed)
-        return reader(lrs_, smoothed, **kw)
+        n = next((i + 1 for i, v in enumerate(smoothed) if v > STOP * min(smoothed[: i + 1])), None)
+        return reader(lrs[:n], smoothed[:n], **kw)
 
     return pick
 
@@ -438,7 +457,38 @@ def choose_default(scores: dict) -> tuple[str, dict[str, str]]:
     return best, held_out
 
 
-def markdown(scores: dict, found: dict, best: str, held_out: dict, machine: str, top: int = 12):
+def confirmed(curve: Curve, results: list[dict]) -> dict:
+    """The default's own runs against the grid: its picks, measured validation and test
+    accuracy (mean, sample std), the grid's interpolation at those picks, and the regret."""
+    val = [100 * r["val_accuracy"] for r in results]
+    test = [100 * r["accuracy"] for r in results]
+    lrs = [float(r["max_lr"]) for r in results]
+    best = 100 * float(curve.val_mean[curve.best])
+    return {
+        "picks": lrs,
+        "val_mean": float(np.mean(val)),
+        "val_std": float(np.std(val, ddof=1)) if len(val) > 1 else 0.0,
+        "test_mean": float(np.mean(test)),
+        "test_std": float(np.std(test, ddof=1)) if len(test) > 1 else 0.0,
+        "interpolated": float(np.mean([100 * curve.at(lr) for lr in lrs])),
+        "regret": best - float(np.mean(val)),
+        "runs": len(results),
+    }
+
+
+def confirmations(scenarios: list[Scenario], found: dict) -> dict[str, dict]:
+    out = {}
+    for sc in scenarios:
+        path = sc.out / "confirm" / "results.json"
+        if sc.name in found and path.exists():
+            results = [r for r in json.loads(path.read_text()) if r.get("val_accuracy") is not None]
+            if results:
+                out[sc.name] = confirmed(found[sc.name][0], results)
+    return out
+
+
+def markdown(scores: dict, found: dict, best: str, held_out: dict, machine: str, top: int = 12,
+             confirm: dict | None = None):  # fmt: skip
     names = list(found)
     worst = worst_case(scores)
     ranked = sorted(worst, key=lambda r: (worst[r], r))
@@ -496,6 +546,22 @@ def markdown(scores: dict, found: dict, best: str, held_out: dict, machine: str,
             f"- without {sc}: {rule_}; on {sc} itself it scores {v['regret_mean']:.2f} points "
             f"(tolerance {tolerance(found[sc][0]):.2f})"
         )
+    if confirm:
+        lines += [
+            "",
+            "Confirmed by training (`python -m onecycle.lrbench confirm`): the pipeline's own "
+            "default (`train.max_lr: auto`) on the scenario's longest sweep, 3 seeds:",
+            "",
+            "| scenario | picks | val. accuracy | grid interpolated at the picks | regret | "
+            "test accuracy |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for sc, c in confirm.items():
+            lines.append(
+                f"| {sc} | {', '.join(f'{lr:.3g}' for lr in c['picks'])} | "
+                f"{c['val_mean']:.2f} ± {c['val_std']:.2f} % | {c['interpolated']:.2f} % | "
+                f"{c['regret']:.2f} | {c['test_mean']:.2f} ± {c['test_std']:.2f} % |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -518,10 +584,16 @@ def report(scenarios: list[Scenario], out: Path = OUT) -> Path:
             drawn, f"sweeps of {n} steps (long: {max(s['num_iter'] for s in sweeps)})",
         )  # fmt: skip
         figures.save({out / f"{sc}.png": fig}, dpi=110)
+    confirm = confirmations(scenarios, found)
     (out / "scores.json").write_text(
-        json.dumps({"default": best, "held_out": held_out, "scores": scores}, indent=1) + "\n"
+        json.dumps(
+            {"default": best, "held_out": held_out, "confirmed": confirm, "scores": scores},
+            indent=1,
+        )
+        + "\n"
     )
-    (out / "report.md").write_text(markdown(scores, found, best, held_out, tracking.cpu_name()))
+    text = markdown(scores, found, best, held_out, tracking.cpu_name(), confirm=confirm)
+    (out / "report.md").write_text(text)
     return out / "report.md"
 
 
@@ -531,8 +603,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument(
         "action",
-        choices=["sweeps", "grid", "run", "report"],
-        help="sweeps | grid | run (both) | report (score what is stored)",
+        choices=["sweeps", "grid", "run", "confirm", "report"],
+        help="sweeps | grid | run (both) | confirm (the default's own pick trained, 3 seeds) | "
+        "report (score what is stored)",
     )
     ap.add_argument("scenarios", nargs="+", type=Path, help="studies/lr-choice/<name>.yaml")
     args = ap.parse_args(argv)
@@ -541,7 +614,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     for path in args.scenarios:
         scenario = load(path)
-        if scenario.source:  # the settings (and sweeps) start from its checkpoint
+        if scenario.source and args.action != "confirm":  # settings and sweeps start from it
             from . import study
 
             study.train_source(scenario.study(), Path("."))
@@ -550,6 +623,8 @@ def main(argv: list[str] | None = None) -> None:
             progress.say(f"{scenario.name}: {len(found)} sweeps in {sweeps_path(scenario)}")
         if args.action in ("grid", "run"):
             progress.say(f"{scenario.name}: {run_grid(scenario)}")
+        if args.action == "confirm":
+            progress.say(f"{scenario.name}: {run_confirm(scenario)}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .config import SUGGESTIONS
+
 
 def _pct(v) -> str:
     return "n/a" if v is None else f"{100 * float(v):.2f}%"
@@ -29,11 +31,7 @@ def render(
         f"| max LR used | {train['max_lr']:.4g} (from {train['max_lr_source']}) |",
         f"| lr_find suggestion ({lr_find['method']}) | {lr_find['max_lr']:.4g} |",
         "| lr_find, every method | "
-        + ", ".join(
-            f"{m} {lr_find[m]:.3g}"
-            for m in ("valley", "steepest", "min_div10", "lower_bound")
-            if m in lr_find
-        )
+        + ", ".join(f"{m} {lr_find[m]:.3g}" for m in (*SUGGESTIONS, "lower_bound") if m in lr_find)
         + " |",
         f"| epochs | {train['epochs']} ({train['train_seconds']:.0f} s of training, {train['images_per_sec']:.0f} img/s) |",
         f"| final train accuracy | {_pct(train['train_acc'])} (on augmented images) |",

@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from . import progress
+from .config import SUGGESTIONS
 from .errors import UserError
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
@@ -121,10 +122,10 @@ def load_text(text: str, path: str = "<study>") -> Study:
     taken = [k for k in settings if str(k).startswith("pick-")]
     if picks and taken:
         raise StudyError(f"{path}: settings {taken}: labels pick-* are the picks' own")
-    bad = [p for p in picks if p not in ("valley", "steepest", "min_div10")]
+    bad = [p for p in picks if p not in SUGGESTIONS]
     if bad:
         raise StudyError(
-            f"{path}: picks {bad} are not suggestion methods (valley, steepest, min_div10)"
+            f"{path}: picks {bad} are not suggestion methods ({', '.join(SUGGESTIONS)})"
         )
     source = raw.get("source")
     if source is not None and (

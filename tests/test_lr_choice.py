@@ -83,6 +83,20 @@ def test_a_rule_is_scored_by_its_picks_spread_and_regret():
     assert failed["failed"] == 1 and failed["regret_mean"] == float("inf")
 
 
+def test_the_defaults_own_runs_are_set_against_the_grid():
+    runs = [
+        {"max_lr": 0.2, "val_accuracy": 0.78, "accuracy": 0.77},
+        {"max_lr": 0.4, "val_accuracy": 0.82, "accuracy": 0.80},
+        {"max_lr": 0.4, "val_accuracy": 0.80, "accuracy": 0.81},
+    ]
+    got = lrbench.confirmed(CURVE, runs)
+    assert got["picks"] == [0.2, 0.4, 0.4] and got["runs"] == 3
+    assert got["val_mean"] == pytest.approx(80.0) and got["val_std"] == pytest.approx(2.0)
+    assert got["test_mean"] == pytest.approx(79.333, abs=1e-3)
+    assert got["interpolated"] == pytest.approx((76.5 + 82 + 82) / 3)  # at 0.2: half-way
+    assert got["regret"] == pytest.approx(82.0 - 80.0)
+
+
 # Symmetric about its minimum at index 60 (LR 0.1), so centred smoothing keeps it there.
 PARABOLA = [1 + (i - 60) ** 2 / 1000 for i in range(101)]
 

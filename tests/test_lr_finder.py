@@ -99,9 +99,9 @@ def test_valley_ignores_a_noisy_early_dip():
 
 def test_choose_reports_median_min_and_max_over_seeds():
     per_seed = [
-        {"valley": 0.1, "steepest": 0.3, "min_div10": 0.05, "lower_bound": 0.01},
-        {"valley": 0.3, "steepest": 0.2, "min_div10": 0.06, "lower_bound": 0.02},
-        {"valley": 0.2, "steepest": 0.1, "min_div10": 0.07, "lower_bound": 0.03},
+        {"min": 0.5, "valley": 0.1, "steepest": 0.3, "min_div10": 0.05, "lower_bound": 0.01},
+        {"min": 0.6, "valley": 0.3, "steepest": 0.2, "min_div10": 0.06, "lower_bound": 0.02},
+        {"min": 0.7, "valley": 0.2, "steepest": 0.1, "min_div10": 0.07, "lower_bound": 0.03},
     ]
     out = curves.choose(per_seed, "valley", (1e-4, 10))
     assert out["max_lr"] == out["valley"] == pytest.approx(0.2)
@@ -112,13 +112,13 @@ def test_choose_reports_median_min_and_max_over_seeds():
 def test_choose_refuses_a_value_outside_the_swept_range():
     with pytest.raises(curves.LRFindError, match="outside the swept range"):
         curves.choose(
-            [{"valley": 50.0, "steepest": 1.0, "min_div10": 1.0, "lower_bound": 0.1}],
+            [{"min": 1.0, "valley": 50.0, "steepest": 1.0, "min_div10": 1.0, "lower_bound": 0.1}],
             "valley",
             (1e-4, 10),
         )
     with pytest.raises(curves.LRFindError):
         curves.choose(
-            [{"valley": float("nan"), "steepest": 1.0, "min_div10": 1.0, "lower_bound": 0.1}],
+            [{"min": 1, "valley": float("nan"), "steepest": 1, "min_div10": 1, "lower_bound": 0.1}],
             "valley",
             (1e-4, 10),
         )
@@ -127,19 +127,19 @@ def test_choose_refuses_a_value_outside_the_swept_range():
 def test_curve_diverging_from_the_start_is_refused_with_advice():
     sweep = curves.run_sweep(_stepper([2.0, 3.0, 50.0]), [1, 2, 3], 0.0, 4.0)
     with pytest.raises(curves.LRFindError, match="lr_find.start_lr"):
-        curves.check_curve(sweep, 1e-4, 100, 0.0)
+        curves.check_curve(sweep, 1e-4, 100)
 
 
 def test_flat_curve_is_refused_with_advice():
     sweep = curves.run_sweep(_stepper([2.3] * 50), LRS[:50], 0.9, 4.0)
     with pytest.raises(curves.LRFindError, match="end_lr"):
-        curves.check_curve(sweep, 1e-4, 50, 0.9)
+        curves.check_curve(sweep, 1e-4, 50)
 
 
 def test_rising_curve_is_refused():
     sweep = curves.run_sweep(_stepper(list(np.linspace(2.0, 3.0, 40))), LRS[:40], 0.0, 100.0)
     with pytest.raises(curves.LRFindError, match="no usable descent"):
-        curves.check_curve(sweep, 1e-4, 40, 0.0)
+        curves.check_curve(sweep, 1e-4, 40)
 
 
 # ------------------------------------------------------------------ the real range test
@@ -152,7 +152,7 @@ def test_range_test_on_real_cifar_gives_a_sane_suggestion(tiny_data, tiny_params
     sweep = lf.range_test(params, tiny_data, select_device("cpu", 0), seed=0)
     assert len(sweep.lrs) >= 20 and len(sweep.val_losses) == len(sweep.lrs)
     assert sweep.lrs[0] == pytest.approx(cfg.start_lr)
-    curves.check_curve(sweep, cfg.start_lr, cfg.num_iter, cfg.smooth_beta)
+    curves.check_curve(sweep, cfg.start_lr, cfg.num_iter)
     chosen = curves.choose([curves.suggestions(sweep)], "valley", (cfg.start_lr, sweep.lrs[-1]))[
         "max_lr"
     ]
@@ -163,7 +163,7 @@ def test_find_sweeps_every_seed_and_records_each_curve(tiny_data, tiny_params):
     params = tiny_params.model_copy(
         update={
             "lr_find": tiny_params.lr_find.model_copy(
-                update={"seeds": 2, "num_iter": 60, "smooth_beta": 0.9, "suggestion": "steepest"}
+                update={"seeds": 2, "num_iter": 60, "suggestion": "steepest"}
             )
         }
     )
@@ -180,23 +180,44 @@ def test_find_sweeps_every_seed_and_records_each_curve(tiny_data, tiny_params):
     assert "max_lr = " in found.describe("steepest") and "seeds: " in found.describe("steepest")
 
 
-def test_a_short_sweep_with_long_smoothing_names_smooth_beta():
-    # 30 steps with beta 0.98 (a 50-step average): the raw loss falls 9% over six steps before
-    # it rises, the smoothed one only 1%; a 5-step average shows the fall
+def test_a_short_sweep_is_smoothed_to_fit_not_refused():
+    # 30 steps: the raw loss falls 9% over six steps, then rises. The old fixed EMA (beta 0.98,
+    # a 50-step average) showed a 1% fall and refused the curve; a window of 0.2 of the sweep
+    # (6 steps, centered) shows the fall where it is, and the minimum's LR is read there.
     losses = [2.3] * 18 + list(np.linspace(2.3, 2.1, 6)) + [2.1, 2.4, 2.6, 3.2, 3.8, 4.4]
-    sweep = curves.run_sweep(_stepper(losses), LRS[:30], 0.98, 100.0)
-    with pytest.raises(
-        curves.LRFindError, match=r"lr_find.smooth_beta 0.98 averages .* about 50 steps"
-    ):
-        curves.check_curve(sweep, 1e-4, 30, 0.98)
-    smoothed = curves.run_sweep(_stepper(losses), LRS[:30], 0.8, 100.0)
-    curves.check_curve(smoothed, 1e-4, 30, 0.8)  # the advice works
+    old = curves.run_sweep(_stepper(losses), LRS[:30], 0.98, 100.0)
+    assert min(old.smooth[3:]) > 0.98 * old.smooth[3]  # the lagging average hid the fall
+    sweep = curves.run_sweep(_stepper(losses), LRS[:30], 1 - 1 / 6, 100.0).reread(
+        "centered", 0.2, 100.0
+    )
+    curves.check_curve(sweep, 1e-4, 30)
+    assert sweep.smooth == pytest.approx(curves.centered(losses, 3.0))
+    # the raw minimum is at steps 23-24, just before the steep rise; the smoothed one at 20
+    assert curves.suggest_min(sweep.lrs, sweep.smooth) == LRS[20]
+
+
+def test_reread_smooths_the_raw_losses_and_cuts_where_that_curve_diverges():
+    # window 0.2 of 10 steps = 2 steps: sigma 1; the EMA over 2 steps is beta 0.5
+    losses = [2.0, 1.8, 1.6, 1.4, 1.2, 1.0, 1.2, 3.0, 9.0, 20.0]
+    sweep = curves.Sweep(list(range(1, 11)), losses, [0.0] * 10, [], "completed")
+    centered = curves.centered(losses, 1.0)
+    cut = next(i + 1 for i, v in enumerate(centered) if v > 4.0 * min(centered[: i + 1]))
+    read = sweep.reread("centered", 0.2, 4.0)
+    assert read.smooth == pytest.approx(centered[:cut]) and read.lrs == list(range(1, cut + 1))
+    assert read.stop == "diverged" and read.losses == losses[:cut] and cut < 10
+    assert sweep.reread("ema", 0.2, 100.0).smooth == pytest.approx(curves.ema(losses, 0.5))
+    assert sweep.reread("ema", 0.2, 100.0).stop == "completed"
+
+
+def test_min_picks_the_minimum_itself():
+    assert curves.suggest_min(LRS, _curve()) == pytest.approx(LRS[75], rel=1e-12)
+    assert curves.suggest_min(LRS, _curve(), divisor=4) == pytest.approx(LRS[75] / 4, rel=1e-12)
 
 
 def test_a_sweep_too_short_to_read_says_so():
     sweep = curves.run_sweep(_stepper([2.3, 2.2, 2.1, 2.0, 1.9]), LRS[:5], 0.0, 4.0)
     with pytest.raises(curves.LRFindError, match="num_iter is 5: a curve needs at least 10 steps"):
-        curves.check_curve(sweep, 1e-4, 5, 0.0)
+        curves.check_curve(sweep, 1e-4, 5)
 
 
 def _with(params, section: str, **update):
@@ -204,7 +225,7 @@ def _with(params, section: str, **update):
 
 
 def test_a_grid_sweeps_once_per_value_and_chooses_the_lowest_loss(tiny_data, tiny_params):
-    params = _with(tiny_params, "lr_find", num_iter=60, smooth_beta=0.8, val_images=64)
+    params = _with(tiny_params, "lr_find", num_iter=60, val_images=64)
     grid = lf.grid(params, tiny_data, select_device("cpu", 0), "momentum", [0.8, 0.95])
     summary = grid.summary()
     assert summary["values"] == [0.8, 0.95] and len(grid.sweeps) == 2
@@ -219,9 +240,7 @@ def test_a_grid_sweeps_once_per_value_and_chooses_the_lowest_loss(tiny_data, tin
 
 def test_weight_decay_auto_runs_the_lr_sweep_with_the_grids_choice(tiny_data, tiny_params):
     dev = select_device("cpu", 0)
-    params = _with(
-        tiny_params, "lr_find", num_iter=40, smooth_beta=0.9, weight_decay_grid=[1e-4, 5e-3]
-    )
+    params = _with(tiny_params, "lr_find", num_iter=40, weight_decay_grid=[1e-4, 5e-3])
     params = _with(params, "train", weight_decay="auto")
     found = lf.find(params, tiny_data, dev)
     chosen = found.metrics("steepest")["weight_decay"]
@@ -231,3 +250,9 @@ def test_weight_decay_auto_runs_the_lr_sweep_with_the_grids_choice(tiny_data, ti
     )
     again = lf.range_test(_with(params, "train", weight_decay=chosen), tiny_data, dev, seed=0)
     assert again.losses == found.sweeps[0].losses  # the same sweep: the choice was used
+
+
+def test_every_suggestion_params_yaml_accepts_has_a_reader():
+    from onecycle.config import SUGGESTIONS
+
+    assert list(curves.SUGGESTERS) == [*SUGGESTIONS, "lower_bound"]

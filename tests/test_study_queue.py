@@ -29,7 +29,7 @@ def _tiny_full() -> str:
     settings["lr-0.2"] |= {  # a frozen width-4 backbone's loss falls little in 40 steps
         "model.pretrained": "weights/source.pt",
         "model.freeze": "backbone",
-        "lr_find.smooth_beta": 0.8,
+        "lr_find.smooth_window": 0.1,
     }
     study = {
         "name": "tiny",
