@@ -54,7 +54,7 @@ bench: $(STAMP)  ## training step vs a bare loop on this device: a table and met
 study-schedules: $(STAMP)  ## 1cycle vs constant, step and cyclic LR, 3 seeds each
 	python -m onecycle.study run studies/schedules.yaml
 
-# The full recipe over seeds, for one CUDA GPU (README: GPU). FULL_SET adds overrides, e.g.
+# The full recipe over seeds, for one CUDA GPU (README: Studies). FULL_SET adds overrides, e.g.
 # FULL_SET="--set data.source=/data/cifar-10-python.tar.gz" on a machine without a network.
 FULL_SET ?=
 study-full: $(STAMP)  ## the default recipe: max LR auto x 5 seeds beside 0.2 / 0.4 / 0.8 x 2 (GPU)

@@ -116,7 +116,7 @@ class ModelConfig(_Section):
 class LRFindConfig(_Section):
     start_lr: float = Field(1e-4, gt=0)
     end_lr: float = Field(10.0, gt=0, validate_default=True)  # checked against start_lr
-    num_iter: int = Field(100, ge=5)
+    num_iter: int = Field(200, ge=5)
     mode: Literal["exp", "linear"] = "exp"
     momentum: float = Field(0.9, ge=0, lt=1)
     smooth: Literal["centered", "ema"] = "centered"

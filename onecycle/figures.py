@@ -30,10 +30,10 @@ def lr_find_figure(
 ) -> Figure:
     fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
     ax.plot(lrs, losses, color="0.7", lw=1, label="mini-batch loss")
-    ax.plot(lrs, smooth, color="C0", lw=2, label="smoothed loss (EMA)")
+    ax.plot(lrs, smooth, color="C0", lw=2, label="smoothed loss (what the suggestions read)")
     if val_losses:
         ax.plot(lrs, val_losses, color="C2", lw=1.5, label="held-out loss")
-    styles = {"min": "C2", "valley": "C3", "steepest": "C1", "min_div10": "C4", "lower_bound": "C5"}
+    styles = {"min": "C6", "valley": "C3", "steepest": "C1", "min_div10": "C4", "lower_bound": "C5"}
     for name, lr in suggestions.items():
         if name not in styles or not np.isfinite(lr):
             continue
@@ -340,7 +340,7 @@ def lr_choice_figure(
     """One LR-choice scenario: validation accuracy (%) against max LR (log x) with its seed std
     band and the test accuracy beside it; each rule's picks (one per sweep) as a row of ticks
     under the curve, their median ringed."""
-    fig, ax = plt.subplots(figsize=(8.5, 5.2), layout="constrained")
+    fig, ax = plt.subplots(figsize=(8.5, 6.2), layout="constrained")
     lrs, mean, std = np.asarray(lrs), np.asarray(val_mean), np.asarray(val_std)
     ax.fill_between(lrs, mean - std, mean + std, color="C0", alpha=0.2, label="validation ± std")
     ax.plot(lrs, mean, "o-", color="C0", label="validation (mean over seeds)")
@@ -361,5 +361,6 @@ def lr_choice_figure(
         title=f"LR choice, {name}: accuracy against max LR" + (f"\n{subtitle}" if subtitle else ""),
     )
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left" if len(picks) < 4 else "best")
+    # under the axes: the rows of picks fill the bottom of the plot
+    fig.legend(fontsize=8, loc="outside lower center", ncols=2)
     return fig

@@ -409,7 +409,7 @@ def tolerance(curve: Curve) -> float:
 
 
 SHOWN = {  # the rules drawn on each scenario's figure
-    "today's default": "min_div10 (ema 0.98)",
+    "the old default": "min_div10 (ema 0.98)",
     "fastai valley": "valley (ema 0.98)",
 }
 
@@ -577,7 +577,7 @@ def report(scenarios: list[Scenario], out: Path = OUT) -> Path:
     best, held_out = choose_default(scores)
     out.mkdir(parents=True, exist_ok=True)
     for sc, (curve, sweeps, n) in found.items():
-        shown = {**SHOWN, "lowest worst-case regret": best}
+        shown = {**SHOWN, "the default (lowest worst-case regret)": best}
         drawn = {f"{label}: {r}": variant_picks(r, rules, sweeps, n) for label, r in shown.items()}
         fig = figures.lr_choice_figure(
             sc, curve.lrs, 100 * curve.val_mean, 100 * curve.val_std, 100 * curve.test_mean,

@@ -31,7 +31,7 @@ TINY_PIPELINE = {
     "base": {"device": "cpu"},
     "data": {"source": str(SHARED_CIFAR), "train_subset": 1000, "test_subset": 500},
     "model": {"width": 4},
-    "lr_find": {"num_iter": 40, "start_lr": 1e-3},
+    "lr_find": {"num_iter": 40, "start_lr": 1e-3, "seeds": 1},  # 3 seeds: test_lr_finder.py
     "train": {"epochs": 3, "batch_size": 64},  # 3: room for two interrupts
     "plots": {"gallery_size": 4, "dpi": 50},
 }
