@@ -12,7 +12,7 @@ QUICK := -S data.source=$(SHARED_CIFAR) -S model.width=16 -S train.batch_size=25
 
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: env repro quick test test-fast lint format mlflow-ui mlflow-server reset-params bench bench-lr study-full study-schedules \
+.PHONY: env repro quick test test-shuffled test-fast lint format mlflow-ui mlflow-server reset-params bench bench-lr study-full study-schedules \
 	study-lr study-transfer ci-pipeline ci-baseline clean
 
 $(STAMP): pyproject.toml
@@ -38,6 +38,13 @@ lint: $(STAMP)
 TEST_WORKERS ?= 2
 test: lint  ## lint, then every test (CI runs exactly this), the slowest listed
 	pytest -n $(TEST_WORKERS) --dist loadscope --durations=25
+
+# The same suite in a shuffled order (pytest-random-order; the seed is printed, RANDOM_SEED=N
+# repeats an order): no test may depend on another having run first.
+RANDOM_SEED ?= $(shell date +%s)
+test-shuffled: lint  ## every test, in a shuffled order
+	pytest -n $(TEST_WORKERS) --dist loadscope --random-order-bucket=global \
+		--random-order-seed=$(RANDOM_SEED) --durations=10
 
 test-fast: lint  ## the in-process tests only: no pipeline run, no server, no queue
 	pytest -m "not slow and not long"

@@ -211,15 +211,51 @@ def run_confirm(scenario: Scenario, repo: Path = Path(".")) -> Path:
 
 
 def run_grid(scenario: Scenario, repo: Path = Path(".")) -> Path:
-    """The grid as a study (queued DVC experiments; resumes), reported into ``out/grid``."""
+    """The grid as a study (queued DVC experiments), one max LR at a time, reported into
+    ``out/grid``. Resumes across clones and sessions: the runs already in the committed
+    ``results.json`` are kept, not queued again, and each LR's runs are added to it as they end
+    (the study's report then covers the runs of this clone's store)."""
+    from dataclasses import replace
+
     from . import study
 
     s = scenario.study()
-    failed = study.run(s, repo)
-    report = study.report(s, repo, out=repo / scenario.out / "grid")
+    path = repo / scenario.out / "grid" / "results.json"
+    stored = json.loads(path.read_text()) if path.exists() else []
+    failed = []
+    for label, overrides in s.settings.items():
+        have = {r["seed"] for r in stored if r["label"] == label}
+        seeds = [x for x in s.seeds if x not in have]
+        if not seeds:
+            continue
+        part = replace(s, settings={label: overrides}, seeds=seeds)
+        failed += study.run(part, repo)
+        found, _ = study.collect(part, repo)
+        stored += [r.__dict__ for r in found]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(stored, indent=2) + "\n")
     if failed:
         raise BenchError(f"{scenario.name}: grid runs failed: {', '.join(failed)}")
-    return report
+    return grid_report(scenario, s, [study.Result(**r) for r in stored], repo)
+
+
+def grid_report(scenario: Scenario, s, results: list, repo: Path) -> Path:
+    """The grid's report.md and figure from its stored results (whichever clone ran them)."""
+    from . import figures, study, tracking
+
+    out = repo / scenario.out / "grid"
+    order = s.runs()
+    results = sorted(results, key=lambda r: order.index((r.label, r.seed)))
+    done = {(r.label, r.seed) for r in results}
+    missing = [s.exp_name(label, seed) for label, seed in order if (label, seed) not in done]
+    png = out / f"{s.name}.png"
+    figures.save({png: figures.study_lr_figure(results, s.name)}, dpi=120)
+    source = study.source_line(s, repo) if s.source else None
+    text = study.markdown(
+        s, study.summarize(results), missing, png.name, tracking.machine_name(), source
+    )
+    (out / "report.md").write_text(text)
+    return out / "report.md"
 
 
 # ---------------------------------------------------------------- scoring (offline, pure)

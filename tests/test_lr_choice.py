@@ -159,3 +159,22 @@ def test_the_report_is_written_from_stored_grids_and_sweeps(tmp_path, monkeypatc
     assert smith["median_pick"] == pytest.approx(0.1) and smith["spread"] == 1.0
     assert smith["regret_mean"] == pytest.approx(100 * (0.7 - 0.65))  # 0.1: half-way 0.01..1
     assert (tmp_path / "out" / "made-up.png").exists()
+
+
+def test_a_grid_report_comes_from_stored_results_and_lists_what_is_missing(tmp_path, monkeypatch):
+    """A grid resumed in another clone or session: its report is written from the stored
+    results alone (no MLflow store), the runs not yet done named."""
+    from onecycle import study
+
+    monkeypatch.chdir(tmp_path)
+    scenario = lrbench.Scenario("made-up", "", {}, [0.1, 0.4], [0, 1])
+    (scenario.out / "grid").mkdir(parents=True)
+    stored = [
+        study.Result(f"lr-{lr:g}", seed, f"r{lr}{seed}", acc, lr, 10.0, [acc], [1], None, 100.0)
+        for lr, seed, acc in ((0.1, 0, 0.70), (0.1, 1, 0.72), (0.4, 1, 0.80))
+    ]
+    text = lrbench.grid_report(scenario, scenario.study(), stored[::-1], tmp_path).read_text()
+    assert "| lr-0.1 | 2 | 71.00 ± 1.41 % |" in text and "| lr-0.4 | 1 | 80.00 ± n/a % |" in text
+    assert text.index("| lr-0.1 |") < text.index("| lr-0.4 |")
+    assert "Not finished (left out): lrc-made-up-lr-0.4-s0" in text
+    assert (scenario.out / "grid" / "lrc-made-up.png").exists()
