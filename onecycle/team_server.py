@@ -185,6 +185,8 @@ def prepare(args: argparse.Namespace, env: dict, folder: Path) -> tuple[list[str
     auth = args.auth == "basic-auth"
     if auth:
         check_auth_settings(env)
+    else:
+        warn_unauthenticated(args.host, args.port)
     wait_for_db(uri, args.db_wait)
     env = dict(env)
     env.setdefault("MLFLOW_ARTIFACTS_DESTINATION", str(args.artifacts))
@@ -196,8 +198,6 @@ def prepare(args: argparse.Namespace, env: dict, folder: Path) -> tuple[list[str
             write_auth_config(folder, db_uri, args.default_permission)
         )
         check_admin(uri, env)
-    else:
-        warn_unauthenticated(args.host, args.port)
     return command(args, auth), env
 
 

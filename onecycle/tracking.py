@@ -19,6 +19,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -391,7 +392,7 @@ def stage_run(
     finally:
         report_unlogged(recorder, stage)
         try:
-            mlflow.end_run(status)
+            _end_run(status)
         except Exception as exc:  # noqa: BLE001 - the work is done; say what MLflow lacks
             fate = (
                 "the next stage that logs into it marks it FINISHED"
@@ -401,6 +402,20 @@ def stage_run(
             progress.say(
                 f"{stage}: could not mark run {recorder.run_id} {status} ({short_error(exc)}); {fate}"
             )
+
+
+def _end_run(status: str) -> None:
+    """``mlflow.end_run``, whose "View run ... at: <tracking URI>" lines are printed redacted."""
+    import io
+
+    import mlflow
+
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            mlflow.end_run(status)
+    finally:
+        sys.stdout.write(redact(printed.getvalue()))
 
 
 @contextlib.contextmanager

@@ -303,3 +303,15 @@ def test_the_server_command_holds_no_secret_and_auth_off_is_warned_about(tmp_pat
     assert f"database_uri = {db}" in ini and PASSWORD not in ini
     team_server.warn_unauthenticated("0.0.0.0", 5000)
     assert "WARNING: authentication is off (MLFLOW_SERVER_AUTH=off)" in capsys.readouterr().err
+
+
+def test_mlflows_view_run_lines_are_printed_redacted(monkeypatch, capsys):
+    def end_run(status):
+        print(f"🏃 View run x at: http://alice:{PASSWORD}@mlflow:5000/#/experiments/1/runs/2")
+
+    monkeypatch.setattr(mlflow, "end_run", end_run)
+    tracking._end_run("FINISHED")
+    assert (
+        capsys.readouterr().out
+        == "🏃 View run x at: http://alice:***@mlflow:5000/#/experiments/1/runs/2\n"
+    )
