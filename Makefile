@@ -92,18 +92,21 @@ mlflow-ui: $(STAMP)  ## browse the runs at http://127.0.0.1:5000 (it prints the 
 
 # A tracking server for a team (README: For teams): `mlflow server` on a PostgreSQL backend
 # store, artifacts proxied through it (--serve-artifacts) into MLFLOW_ARTIFACTS_DESTINATION (a
-# folder or an object store URI such as s3://bucket/mlflow). The pipeline logs to it with
-# MLFLOW_TRACKING_URI=http://<host>:<port>.
+# folder or an object store URI such as s3://bucket/mlflow), with MLflow's basic-auth app (users
+# and permissions in the same database). onecycle/team_server.py checks every setting first (one
+# line naming the variable) and keeps the database password off the command line. The pipeline
+# logs to it with MLFLOW_TRACKING_URI=http://<host>:<port> and MLFLOW_TRACKING_USERNAME/PASSWORD.
 MLFLOW_SERVER_HOST ?= 127.0.0.1
 MLFLOW_SERVER_PORT ?= 5000
 MLFLOW_SERVER_WORKERS ?= 2
+MLFLOW_SERVER_ALLOWED_HOSTS ?=# the names clients use; needed for a bind beyond loopback
+MLFLOW_SERVER_AUTH ?= basic-auth# `off`: no users at all (warned about at every start)
+MLFLOW_SERVER_DB_WAIT ?= 20# seconds to wait for PostgreSQL before giving up
 mlflow-server: $(STAMP)  ## MLflow server on PostgreSQL: set MLFLOW_BACKEND_STORE_URI=postgresql://...
-	@case "$${MLFLOW_BACKEND_STORE_URI:-}" in postgresql://*|postgresql+*) ;; \
-	  *) echo "mlflow-server: set MLFLOW_BACKEND_STORE_URI=postgresql+psycopg://<user>:<password>@<host>:5432/<db>" \
-	       "(now: '$${MLFLOW_BACKEND_STORE_URI:-}'); README: For teams" >&2; exit 2;; esac
-	mlflow server --backend-store-uri "$$MLFLOW_BACKEND_STORE_URI" --serve-artifacts \
-		--artifacts-destination "$${MLFLOW_ARTIFACTS_DESTINATION:-$(CURDIR)/mlartifacts-server}" \
-		--host $(MLFLOW_SERVER_HOST) --port $(MLFLOW_SERVER_PORT) --workers $(MLFLOW_SERVER_WORKERS)
+	python -m onecycle.team_server --host $(MLFLOW_SERVER_HOST) --port $(MLFLOW_SERVER_PORT) \
+		--workers $(MLFLOW_SERVER_WORKERS) --allowed-hosts "$(MLFLOW_SERVER_ALLOWED_HOSTS)" \
+		--auth "$(MLFLOW_SERVER_AUTH)" --db-wait $(MLFLOW_SERVER_DB_WAIT) \
+		--artifacts "$(CURDIR)/mlartifacts-server"
 
 # params.yaml back to the committed defaults. Not `git checkout params.yaml`: after a failed
 # `dvc exp run -S ...` git can show the file clean while it holds the refused value.

@@ -16,6 +16,7 @@ import yaml
 from . import files, paths
 from .config import read_yaml
 from .errors import UserError
+from .redact import redact
 
 DVC_YAML = Path("dvc.yaml")
 PARAMS = Path("params.yaml")
@@ -61,7 +62,7 @@ def run(main: Callable[[], None], stage: str) -> None:
         print(f"\n{stage}: interrupted", file=sys.stderr)
         sys.exit(130)
     except UserError as exc:
-        print(f"\n{stage}: error: {exc}", file=sys.stderr)
+        print(f"\n{stage}: error: {redact(str(exc))}", file=sys.stderr)
         sys.exit(1)
     finally:
         ddp = sys.modules.get("onecycle.distributed")  # imported by the stages that train

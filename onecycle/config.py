@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from .errors import UserError
+from .redact import has_credentials, redact
 
 # lr_find.suggestion's choices (curves.SUGGESTERS reads each); the first is the default, chosen
 # by make bench-lr (README: The LR range test)
@@ -58,6 +59,20 @@ class DataConfig(_Section):
     # make the stage allocate gigabytes (a 1 GiB zero file compresses to 1 MB).
     max_image_pixels: int = Field(40_000_000, ge=1)
     max_file_mb: float = Field(64.0, gt=0)
+
+    @field_validator("source")
+    @classmethod
+    def _no_credentials(cls, v):
+        # DVC records every param value in dvc.lock, so a password here would end up in git.
+        if isinstance(v, str) and has_credentials(v):
+            clean = re.sub(r"://[^/?#]*@", "://", v)
+            raise ValueError(
+                "a URL with credentials would be recorded in dvc.lock (and git): give "
+                f"{redact(clean)} and put them in ~/.netrc (machine <host> login <user> password "
+                "<password>) or in ONECYCLE_DATA_USERNAME and ONECYCLE_DATA_PASSWORD, which the "
+                "download reads"
+            )
+        return v
 
 
 class ModelConfig(_Section):
@@ -305,7 +320,7 @@ def _describe(err: dict[str, Any]) -> tuple[str, str, str]:
         hint = f"a typo of {close[0]!r}?" if close else "a typo?"
         msg = f"unknown key ({hint}); see params.yaml for the keys each section takes"
     got = err.get("input")
-    shown = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {got!r})"
+    shown = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {redact(repr(got))})"
     return key or "<top level>", msg, shown
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .errors import MissingInput
+from .redact import redact_values
 
 TMP_SUFFIX = ".tmp"  # temporary files are `.<name>.<random>.tmp` (.gitignore matches them)
 
@@ -60,7 +61,9 @@ def write_text(path: Path, text: str) -> None:
 
 
 def write_json(path: Path, obj) -> None:
-    write_text(path, json.dumps(obj, indent=2) + "\n")
+    """Every string in ``obj`` redacted: metrics/, runs/ and meta.json never hold a URL's
+    password or signed query."""
+    write_text(path, json.dumps(redact_values(obj), indent=2) + "\n")
 
 
 def write_csv(path: Path, rows: Sequence[dict], fields: Sequence[str] | None = None) -> None:

@@ -4,17 +4,35 @@ out, in the order of the class names the model carries (its metadata ``classes``
 Logged by the train stage with ``mlflow.pytorch`` in torch.export's pt2 format, so loading it runs
 no pickled code and needs nothing of this project: ``mlflow.pyfunc.load_model(uri).predict(images)``
 and ``mlflow models serve -m <uri>`` work from torch alone. Evaluate registers it.
+
+:func:`load` reads such a model back and nothing else: a model from a registry anyone with EDIT
+can write to may be a pickle that runs code when loaded, so its MLmodel file and data folder are
+checked first, and the program is read with torch's weights-only unpickler forced on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
+from .errors import UserError
+
 ARTIFACT = "model"  # the LoggedModel's name in the run
+PROGRAM = "model.pt2"  # what mlflow.pytorch saves a torch.export program as, in its data folder
+PICKLES = ("model.pth", "pickle_module_info.txt")  # mlflow.pytorch's pickle format (loaded first)
+
+
+class ModelFlavorError(UserError):
+    """An MLflow model that is not this pipeline's torch.export program; refused unloaded."""
+
+
 EXAMPLES = 2  # test images saved as the input example (also the batch size the export traces)
 
 
@@ -86,3 +104,64 @@ def _cpu_copy(net: nn.Module) -> nn.Module:
 
     net = getattr(net, "_orig_mod", net)  # a torch.compile wrapper
     return copy.deepcopy(net).to("cpu", memory_format=torch.contiguous_format).float().eval()
+
+
+def check_flavor(folder: Path, uri: str) -> tuple[Path, dict]:
+    """The torch.export program's path in a downloaded MLflow model, and the model's metadata;
+    a ModelFlavorError naming the flavor found for anything else (read as YAML, nothing run)."""
+    try:
+        spec = yaml.safe_load((folder / "MLmodel").read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ModelFlavorError(f"MLflow model {uri} has no readable MLmodel file ({exc})") from None
+    flavors = spec.get("flavors") or {}
+    pyfunc, torch_flavor = flavors.get("python_function") or {}, flavors.get("pytorch") or {}
+    loader = pyfunc.get("loader_module", "none")
+    found = ", ".join(flavors) or "none"
+    data = folder / str(torch_flavor.get("model_data", ""))
+    problem = None
+    if not torch_flavor or loader not in ("none", "mlflow.pytorch"):
+        problem = f"flavor {found} (python_function loader {loader})"
+    elif torch_flavor.get("code") or pyfunc.get("code"):
+        problem = "a pytorch model that ships code of its own"
+    elif not data.resolve().is_relative_to(folder.resolve()) or not (data / PROGRAM).is_file():
+        problem = f"a pytorch model without a torch.export program ({PROGRAM})"
+    elif any((data / name).exists() for name in PICKLES):
+        problem = "a pickled pytorch model"
+    if problem:
+        raise ModelFlavorError(
+            f"MLflow model {uri} is {problem}, not the torch.export program this pipeline logs; "
+            "refused without loading it (a pickle can run any code)"
+        )
+    return data / PROGRAM, dict(spec.get("metadata") or {})
+
+
+@contextlib.contextmanager
+def _weights_only() -> Iterator[None]:
+    """torch.export.load falls back to a full unpickle when weights-only loading fails; this
+    forbids the fallback."""
+    saved = {k: os.environ.pop(k, None) for k in ("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD",)}
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+        os.environ.update({k: v for k, v in saved.items() if v is not None})
+
+
+def load(folder: Path, uri: str) -> tuple[nn.Module, dict]:
+    """(the network, uint8 NHWC in, probabilities out; the model's metadata) of a downloaded
+    MLflow model that :func:`log` wrote, checked by :func:`check_flavor` before it is read."""
+    program, metadata = check_flavor(folder, uri)
+    with _weights_only():
+        try:
+            exported = torch.export.load(program)
+        except Exception as exc:  # noqa: BLE001 - a corrupt or tampered archive
+            raise ModelFlavorError(
+                f"MLflow model {uri}: its torch.export program cannot be read ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:200] if str(exc) else ''})"
+            ) from None
+    return exported.module(), metadata

@@ -21,6 +21,7 @@ import numpy as np
 
 from . import paths
 from .errors import UserError
+from .redact import redact
 
 
 class PredictError(UserError):
@@ -69,33 +70,43 @@ def load_checkpoint_model(path: Path) -> Model:
 
 def load_mlflow_model(uri: str) -> Model:
     """A model logged by the train stage (``models:/<name>/<version>``, ``runs:/<id>/model``,
-    ``models:/<model id>`` or a local MLflow model folder)."""
+    ``models:/<model id>`` or a local MLflow model folder).
+
+    Only the torch.export program that train logs is accepted, checked before anything in it is
+    read (:func:`mlmodel.load`): a registered model of another flavor may be a pickle that runs
+    code when loaded."""
+    import tempfile
+
     import mlflow
+    import torch
 
-    from . import tracking
+    from . import mlmodel, tracking
 
-    if not Path(uri).exists():
-        tracking.setup()
-    try:
-        model = mlflow.pyfunc.load_model(uri)
-    except Exception as exc:
-        raise PredictError(
-            f"cannot load MLflow model {uri} from {mlflow.get_tracking_uri()} "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); the registered ones are on "
-            "the UI's Models page (make mlflow-ui), or give the checkpoint path"
-        ) from None
-    meta = model.metadata.metadata or {}
+    with tempfile.TemporaryDirectory(prefix="onecycle-predict-") as tmp:
+        if Path(uri).exists():
+            folder = Path(uri)
+        else:
+            tracking.setup()
+            try:  # files only: nothing is loaded yet
+                folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+            except Exception as exc:
+                raise PredictError(
+                    f"cannot load MLflow model {uri} from {mlflow.get_tracking_uri()} "
+                    f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); the registered "
+                    "ones are on the UI's Models page (make mlflow-ui), or give the checkpoint path"
+                ) from None
+        net, meta = mlmodel.load(folder, uri)
     if "classes" not in meta or "image_size" not in meta:
         raise PredictError(
             f"MLflow model {uri} does not carry class names and image size in its metadata; it "
             "was not logged by this pipeline's train stage"
         )
-    return Model(
-        list(meta["classes"]),
-        int(meta["image_size"]),
-        lambda images: np.asarray(model.predict(images)),
-        uri,
-    )
+
+    def probabilities(images: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return net(torch.from_numpy(images)).numpy()
+
+    return Model(list(meta["classes"]), int(meta["image_size"]), probabilities, uri)
 
 
 def load_model(spec: str) -> Model:
@@ -169,7 +180,7 @@ def run(argv: list[str] | None = None) -> None:
     try:
         main(argv)
     except UserError as exc:
-        print(f"predict: error: {exc}", file=sys.stderr)
+        print(f"predict: error: {redact(str(exc))}", file=sys.stderr)
         sys.exit(1)
 
 

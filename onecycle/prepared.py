@@ -23,6 +23,7 @@ import numpy as np
 
 from .errors import DataError
 from .files import TMP_SUFFIX
+from .redact import redact
 
 
 @dataclass
@@ -167,7 +168,7 @@ def save_prepared(
             "val_per_class": np.bincount(val[1], minlength=len(ds.classes)).tolist(),
         }
     meta = {
-        "source": source,
+        "source": redact(source),  # a signed URL's query is a secret
         "classes": ds.classes,
         "image_size": int(ds.x_train.shape[1]),
         "num_train": int(len(ds.y_train)),

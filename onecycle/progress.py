@@ -6,6 +6,8 @@ import time
 
 from tqdm import tqdm
 
+from .redact import redact
+
 LONG_RUN_SECONDS = 3600  # a run projected past this is worth a word in its first minute
 HINT_AFTER_SECONDS = 20  # enough steps to project from
 QUIET = False  # set in data-parallel ranks other than 0: one bar and one set of lines on screen
@@ -24,9 +26,9 @@ def bar(total: int, desc: str, unit: str = "batch", initial: int = 0) -> tqdm:
 
 
 def say(message: str) -> None:
-    """Print a line without breaking an open bar."""
+    """Print a line without breaking an open bar; a URL's password or signed query hidden."""
     if not QUIET:
-        tqdm.write(message)
+        tqdm.write(redact(message))
 
 
 def duration(seconds: float) -> str:

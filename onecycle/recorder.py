@@ -3,13 +3,16 @@ about once, retried later (at most once a minute), and what could not be logged 
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from . import progress
+from .redact import redact, redact_values
 
 RETRY_SECONDS = 60  # after a failed call, how long logging waits before trying again
+TEXT_SUFFIXES = (".yaml", ".yml", ".json", ".csv", ".txt", ".md")  # logged redacted
 
 
 def short_error(exc: BaseException) -> str:
@@ -23,6 +26,7 @@ class Recorder:
 
     def __init__(self, run_id: str, experiment_id: str, uri: str):
         self.run_id, self.experiment_id, self.uri = run_id, experiment_id, uri
+        self.shown_uri = redact(uri)  # what messages name: no password, no signed query
         self._pending: list[tuple[str, Callable[[], None]]] = []
         self._retry_at = 0.0
         self._warned = False
@@ -44,7 +48,7 @@ class Recorder:
                 if not self._warned:
                     self._warned = True
                     progress.say(
-                        f"warning: MLflow at {self.uri} failed ({short_error(exc)}) while logging "
+                        f"warning: MLflow at {self.shown_uri} failed ({short_error(exc)}) while logging "
                         f"{what}; the work goes on and logging is retried"
                     )
                 return False
@@ -62,17 +66,18 @@ class Recorder:
         return self._mlflow_client
 
     def log_params(self, params: dict) -> None:
-        """Nested dicts become dotted keys: ``{"train": {"epochs": 24}}`` -> ``train.epochs``."""
+        """Nested dicts become dotted keys: ``{"train": {"epochs": 24}}`` -> ``train.epochs``.
+        Values are redacted (a URL's password, a signed query)."""
         from mlflow.entities import Param
 
-        flat = _flatten(params)
+        flat = redact_values(_flatten(params))
         batch = [Param(k, str(v)) for k, v in flat.items()]
         self._call("params", lambda: self._client().log_batch(self.run_id, params=batch))
 
     def set_tags(self, tags: dict) -> None:
         from mlflow.entities import RunTag
 
-        batch = [RunTag(k, str(v)) for k, v in tags.items()]
+        batch = [RunTag(k, redact(str(v))) for k, v in tags.items()]
         self._call("tags", lambda: self._client().log_batch(self.run_id, tags=batch))
 
     def log_metrics(
@@ -127,11 +132,23 @@ class Recorder:
         return box.get("value")
 
     def log_files(self, *local: str | Path, artifact_path: str | None = None) -> None:
+        """Text files (params.yaml, metrics) go up redacted: a copy when they hold a secret."""
         for path in local:
             what = f"file {path}"
-            self._call(
-                what, lambda p=str(path): self._client().log_artifact(self.run_id, p, artifact_path)
-            )
+            self._call(what, lambda p=Path(path): self._log_file(p, artifact_path))
+
+    def _log_file(self, path: Path, artifact_path: str | None) -> None:
+        try:
+            text = path.read_text() if path.suffix in TEXT_SUFFIXES else None
+        except (OSError, UnicodeDecodeError):
+            text = None
+        if text is None or redact(text) == text:
+            self._client().log_artifact(self.run_id, str(path), artifact_path)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            copy = Path(tmp) / path.name
+            copy.write_text(redact(text))
+            self._client().log_artifact(self.run_id, str(copy), artifact_path)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -150,6 +167,6 @@ def report_unlogged(recorder: Recorder, stage: str) -> None:
         return
     lines = "\n".join(f"  - {what}" for what in recorder.unlogged())
     progress.say(
-        f"{stage}: MLflow at {recorder.uri} is unreachable; run {recorder.run_id} is missing:\n"
+        f"{stage}: MLflow at {recorder.shown_uri} is unreachable; run {recorder.run_id} is missing:\n"
         f"{lines}\nThe stage's own outputs hold all of it (metrics/, plots/, models/)."
     )

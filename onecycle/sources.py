@@ -111,6 +111,47 @@ def md5sum(path: Path, chunk: int = 1 << 20) -> str:
 
 # ---------------------------------------------------------------- downloads
 
+CREDENTIAL_VARIABLES = ("ONECYCLE_DATA_USERNAME", "ONECYCLE_DATA_PASSWORD")
+ASKS_FOR_CREDENTIALS = (
+    "The server asks for credentials: put them in ~/.netrc (machine <host> login <user> password "
+    "<password>) or in ONECYCLE_DATA_USERNAME and ONECYCLE_DATA_PASSWORD, never in data.source."
+)
+
+
+def credentials(url: str) -> tuple[str, str] | None:
+    """(user, password) for downloading ``url``: ONECYCLE_DATA_USERNAME/PASSWORD, else the
+    ``machine`` entry of its host in ~/.netrc (or the file NETRC names); None without any.
+    Never data.source itself: DVC records params in dvc.lock."""
+    import netrc
+
+    user, password = (os.environ.get(v) for v in CREDENTIAL_VARIABLES)
+    if user and password:
+        return user, password
+    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    if not os.path.exists(path):
+        return None
+    try:
+        found = netrc.netrc(path).authenticators(urlparse(url).hostname or "")
+    except netrc.NetrcParseError as exc:  # its message may quote a password: the line only
+        raise DataError(f"{path}: line {exc.lineno} is not netrc syntax; fix it") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror})") from None
+    return (found[0], found[2]) if found else None
+
+
+def _fetch_with_credentials(url: str, dest: Path, user: str, password: str) -> None:
+    """``url`` into ``dest`` with HTTP basic auth, sent only to ``url``'s own host and path: a
+    redirect elsewhere gets no credentials (urllib keeps them in an unredirected header)."""
+    import shutil
+    import urllib.request
+
+    passwords = urllib.request.HTTPPasswordMgrWithPriorAuth()
+    passwords.add_password(None, url, user, password, is_authenticated=True)
+    opener = urllib.request.build_opener(urllib.request.HTTPBasicAuthHandler(passwords))
+    request = urllib.request.Request(url, headers={"User-Agent": "onecycle"})
+    with opener.open(request) as response, open(dest, "wb") as out:
+        shutil.copyfileobj(response, out, 1 << 20)
+
 
 def _download(
     url: str, raw_dir: Path, filename: str, timeout: float, hint: str, check: Callable[[Path], None]
@@ -122,6 +163,7 @@ def _download(
     """
     from torchvision.datasets.utils import download_url
 
+    login = credentials(url)
     raw_dir.mkdir(parents=True, exist_ok=True)
     old_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(timeout)
@@ -129,13 +171,25 @@ def _download(
         with tempfile.TemporaryDirectory(dir=raw_dir, prefix=".partial-", suffix=TMP_SUFFIX) as tmp:
             # No md5= here: download_url would raise a bare "File not found or corrupted."
             # RuntimeError; check says what failed.
-            download_url(url, tmp, filename=filename)
             got = Path(tmp) / filename
+            if login:
+                _fetch_with_credentials(url, got, *login)
+            else:
+                download_url(url, tmp, filename=filename)
             check(got)
             os.replace(got, raw_dir / filename)
     except DataError:
         raise
     except Exception as exc:  # urllib, socket and torchvision all raise their own kinds
+        if getattr(exc, "code", None) == 401:
+            hint = (
+                ASKS_FOR_CREDENTIALS
+                if login is None
+                else (
+                    "The server refused the credentials from ONECYCLE_DATA_USERNAME/PASSWORD or "
+                    "~/.netrc: check them."
+                )
+            )
         raise DataError(f"could not download {url} ({type(exc).__name__}: {exc}).\n{hint}") from exc
     finally:
         socket.setdefaulttimeout(old_timeout)

@@ -27,6 +27,7 @@ import yaml
 from . import progress
 from .config import SUGGESTIONS
 from .errors import UserError
+from .redact import redact, redact_values
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 LABEL = re.compile(r"^[a-z0-9]([a-z0-9_-]|\.(?!\.))*$")  # a Git ref part: no "..", e.g. lr-0.03
@@ -535,8 +536,10 @@ def report(study: Study, repo: Path = Path("."), out: Path | None = None) -> Pat
     text = markdown(study, rows, missing, png.name, tracking.machine_name(), source)
     files_ = [png, out / "report.md"]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.md").write_text(text)
-    (out / "results.json").write_text(json.dumps([r.__dict__ for r in results], indent=2) + "\n")
+    (out / "report.md").write_text(redact(text))
+    (out / "results.json").write_text(
+        json.dumps(redact_values([r.__dict__ for r in results]), indent=2) + "\n"
+    )
     _parent_run(study, results, files_ + [out / "results.json"], baseline_rev(repo))
     return out / "report.md"
 

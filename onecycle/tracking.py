@@ -19,15 +19,18 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from . import files, paths, progress
 from .config import repo_root
 from .errors import MissingInput, UserError
 from .recorder import Recorder, report_unlogged, short_error
+from .redact import redact, redact_values
 
 EXPERIMENT = os.environ.get("MLFLOW_EXPERIMENT_NAME", "cifar10-onecycle")
 # The experiment tag MLflow's UI reads to open an experiment on its runs table (the model-training
@@ -46,6 +49,11 @@ HTTP_DEFAULTS = {
 
 class TrackingError(UserError):
     """The MLflow store cannot be reached or used; the message names it and the way out."""
+
+
+class AccessError(TrackingError):
+    """The server refused the credentials (401) or this user may not do that (403): no retry
+    helps, so the stage stops at once, naming the variables to set."""
 
 
 def tracking_uri(root: Path | None = None) -> str:
@@ -67,6 +75,29 @@ def _way_out(uri: str) -> str:
     )
 
 
+def _access_error(exc: BaseException, uri: str, what: str) -> AccessError | None:
+    """The one line for a refusal by an authenticating server, or None for any other error."""
+    code = str(getattr(exc, "error_code", ""))
+    text = str(exc)
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    shown = redact(uri)
+    if code == "UNAUTHENTICATED" or "error code 401" in text:
+        given = f"as user {user}" if user else "no MLFLOW_TRACKING_USERNAME set"
+        return AccessError(
+            f"MLflow server {shown} refused the credentials ({given}; {what}): set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) to "
+            "a user of that server (README: For teams)"
+        )
+    if code == "PERMISSION_DENIED" or "error code 403" in text:
+        return AccessError(
+            f"MLflow server {shown} does not let user {user or '(none)'} write here ({what}: "
+            f"permission denied): an admin grants EDIT on experiment {EXPERIMENT} (README: For "
+            "teams), or set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user who "
+            "has it"
+        )
+    return None
+
+
 def _within(seconds: float, what: str, uri: str, fn: Callable):
     """``fn()``, or a TrackingError if it raises or has not returned after ``seconds``."""
     box: dict = {}
@@ -80,13 +111,15 @@ def _within(seconds: float, what: str, uri: str, fn: Callable):
     worker = threading.Thread(target=call, daemon=True)  # daemon: a hung call cannot block exit
     worker.start()
     worker.join(seconds)
+    shown = redact(uri)
     if worker.is_alive():
         raise TrackingError(
-            f"MLflow store {uri} did not answer within {seconds:.0f} s ({what}): {_way_out(uri)}"
+            f"MLflow store {shown} did not answer within {seconds:.0f} s ({what}): {_way_out(uri)}"
         )
     if "error" in box:
-        raise TrackingError(
-            f"MLflow store {uri} cannot be used ({what}: {short_error(box['error'])}): {_way_out(uri)}"
+        raise _access_error(box["error"], uri, what) or TrackingError(
+            f"MLflow store {shown} cannot be used ({what}: {redact(short_error(box['error']))}): "
+            f"{_way_out(uri)}"
         )
     return box.get("value")
 
@@ -243,11 +276,11 @@ def datasets(data) -> list[tuple[object, str]]:
     from .sources import OFFICIAL_FILES, OFFICIAL_URL
 
     # The prepared data's source is described as "<path or URL> (md5 <digest>)" for archives.
-    source = re.sub(r" \(md5 [0-9a-f]{32}\)$", "", str(data.meta["source"]))
+    source = redact(re.sub(r" \(md5 [0-9a-f]{32}\)$", "", str(data.meta["source"])))
     if source in OFFICIAL_FILES:
         origin, short = HTTPDatasetSource(OFFICIAL_URL + OFFICIAL_FILES[source][0]), source
     elif "://" in source:
-        origin, short = HTTPDatasetSource(source), Path(source.rstrip("/")).name
+        origin, short = HTTPDatasetSource(source), Path(urlsplit(source).path.rstrip("/")).name
     else:
         from mlflow.data.dataset_source_registry import resolve_dataset_source
 
@@ -330,19 +363,20 @@ def stage_run(
 
     exp_id = setup()
     uri = mlflow.get_tracking_uri()
-    run_tags = {**dvc_tags(stage), **(tags or {})}
+    run_tags = redact_values({**dvc_tags(stage), **(tags or {})})
 
     _within(CHECK_SECONDS, "looking for stale runs", uri, lambda: close_stale_runs(stage, run_id))
     try:  # in this thread: MLflow keeps the active run per thread
         run = mlflow.start_run(
             run_id=run_id,
-            run_name=None if run_id else run_name(stage),
+            run_name=None if run_id else redact(run_name(stage)),
             tags=run_tags,
             log_system_metrics=True,  # CPU, memory, GPU: the run page's System tab
         )
     except Exception as exc:
-        raise TrackingError(
-            f"MLflow store {uri} cannot be used (starting a run: {short_error(exc)}): {_way_out(uri)}"
+        raise _access_error(exc, uri, "starting a run") or TrackingError(
+            f"MLflow store {redact(uri)} cannot be used (starting a run: "
+            f"{redact(short_error(exc))}): {_way_out(uri)}"
         ) from None
     recorder = Recorder(run.info.run_id, exp_id, uri)
     status = "FINISHED"
@@ -358,7 +392,7 @@ def stage_run(
     finally:
         report_unlogged(recorder, stage)
         try:
-            mlflow.end_run(status)
+            _end_run(status)
         except Exception as exc:  # noqa: BLE001 - the work is done; say what MLflow lacks
             fate = (
                 "the next stage that logs into it marks it FINISHED"
@@ -368,6 +402,20 @@ def stage_run(
             progress.say(
                 f"{stage}: could not mark run {recorder.run_id} {status} ({short_error(exc)}); {fate}"
             )
+
+
+def _end_run(status: str) -> None:
+    """``mlflow.end_run``, whose "View run ... at: <tracking URI>" lines are printed redacted."""
+    import io
+
+    import mlflow
+
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            mlflow.end_run(status)
+    finally:
+        sys.stdout.write(redact(printed.getvalue()))
 
 
 @contextlib.contextmanager
@@ -386,9 +434,11 @@ def add_to_run(ref_path: Path, stage: str) -> Iterator[Recorder]:
             uri,
             lambda: mlflow.MlflowClient().get_run(ref["run_id"]),
         )
+    except AccessError:
+        raise
     except TrackingError as exc:
         raise MissingInput(
-            f"{ref_path} names MLflow run {ref['run_id']}, which {uri} cannot give ({exc}); "
+            f"{ref_path} names MLflow run {ref['run_id']}, which {redact(uri)} cannot give ({exc}); "
             f"rerun the stage that wrote it (`dvc repro -f {ref_path.stem}`)"
         ) from None
     recorder = Recorder(ref["run_id"], exp_id, uri)
@@ -424,7 +474,7 @@ def write_run_ref(path: Path, recorder: Recorder, **extra) -> None:
     ref = {
         "run_id": recorder.run_id,
         "experiment_id": recorder.experiment_id,
-        "tracking_uri": recorder.uri,
+        "tracking_uri": redact(recorder.uri),
         **extra,
     }
     files.write_json(path, ref)
@@ -485,6 +535,6 @@ def context(dev, data) -> dict:
         "amp": str(dev.amp_dtype),
         "num_train": len(data.y_train),
         "num_test": len(data.y_test),
-        "data_source": data.meta["source"],
+        "data_source": redact(str(data.meta["source"])),
         "versions": f"python {platform.python_version()}, {versions}",
     }

@@ -16,7 +16,7 @@ def main() -> None:
     val_part = f" + {meta['num_val']:,} validation" if val is not None else ""
     print(
         f"prepared {meta['num_train']:,} train{val_part} + {meta['num_test']:,} test images, "
-        f"{len(ds.classes)} classes, from {source} -> {paths.PREPARED_DIR}"
+        f"{len(ds.classes)} classes, from {meta['source']} -> {paths.PREPARED_DIR}"
     )
 
 

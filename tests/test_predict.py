@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -124,3 +125,48 @@ def test_the_command_prints_top_classes_and_fails_in_one_line(model_file, images
     assert lines[0].count("%") == 2
     bad = subprocess.run([*cmd, "missing.jpg"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 1 and bad.stderr.strip() == "predict: error: missing.jpg: no such file"
+
+
+class _Trap:
+    """A stand-in for a malicious model: unpickling it creates ``marker`` (a real attack would run
+    anything else)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_a_registered_model_of_another_flavor_is_refused_and_its_pickle_never_runs(
+    tmp_path, monkeypatch
+):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("trap")
+    marker = tmp_path / "pwned"
+
+    class Trap(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input):
+            return model_input
+
+        def __reduce__(self):  # what cloudpickle stores: "call Path.touch(marker)" on load
+            return _Trap(marker).__reduce__()
+
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=Trap(), pip_requirements=["mlflow"]
+        )
+    mlflow.register_model(info.model_uri, "cifar10-resnet9")
+    with pytest.raises(mlmodel.ModelFlavorError) as err:
+        predict.load_model("models:/cifar10-resnet9/1")
+    msg = str(err.value)
+    assert msg.startswith("MLflow model models:/cifar10-resnet9/1 is flavor python_function")
+    assert "mlflow.pyfunc.model" in msg and "\n" not in msg
+    assert not marker.exists(), "the model's pickle ran"
+    with pytest.raises(AttributeError):  # the trap is real: MLflow runs it, then fails
+        mlflow.pyfunc.load_model("models:/cifar10-resnet9/1")
+    assert marker.exists()

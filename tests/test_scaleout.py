@@ -1,30 +1,46 @@
-"""The team set-up for real (README: For teams): a PostgreSQL server started from Debian's binaries,
-the real `make mlflow-server` on it, an experiment of the tiny pipeline logging through it, and a
-shared DVC remote that a second clone pulls from. It builds on a fork of the suite's tiny run.
-`pytest -m scaleout` (with tests/test_ddp.py)."""
+"""The team set-up for real (README: For teams): a PostgreSQL server started from Debian's binaries
+(with a password), the real `make mlflow-server` on it with MLflow's basic-auth app, users made
+and granted permissions through its REST API, an experiment of the tiny pipeline logging through
+it as a user with EDIT (its data.source a signed URL served on 127.0.0.1), and a shared DVC remote
+that a second clone pulls from. No password and no signature may show anywhere: files, MLflow,
+output, `ps`. It builds on a fork of the suite's tiny run. `pytest -m scaleout` (with
+tests/test_ddp.py)."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
+import http.client
+import http.server
 import json
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from onecycle import paths
+from onecycle import paths, tracking
 
-from .tiny_repo import ROOT, TINY_PIPELINE, env, fork, free_port, run
+from .tiny_repo import ROOT, SHARED_CIFAR, TINY_PIPELINE, env, fork, free_port, run, set_params
 
 pytestmark = [pytest.mark.scaleout, pytest.mark.slow, pytest.mark.long]
+
+DB_PASSWORD = f"db-{secrets.token_hex(8)}"
+ADMIN_PASSWORD, ROTATED = f"admin-{secrets.token_hex(8)}", f"rotated-{secrets.token_hex(8)}"
+ALICE, BOB = ("alice", f"alice-{secrets.token_hex(8)}"), ("bob", f"bob-{secrets.token_hex(8)}")
+SIGNATURE = f"SIG{secrets.token_hex(8)}"
+SECRETS = (DB_PASSWORD, ADMIN_PASSWORD, ROTATED, ALICE[1], BOB[1], SIGNATURE)
+ALLOWED_HOST = "mlflow.test"
 
 
 def _pg_bin() -> Path:
@@ -52,20 +68,24 @@ def _as_user(user: str | None, cmd: list[str], **kw) -> subprocess.CompletedProc
 
 @pytest.fixture(scope="module")
 def postgres():
-    """A PostgreSQL server of its own: initdb in a temporary folder, trust auth, listening on
-    127.0.0.1 and a free port; a database `mlflow`. Stopped after."""
+    """A PostgreSQL server of its own: initdb in a temporary folder, a password for TCP (trust on
+    its own socket, to create the database), listening on 127.0.0.1 and a free port; a database
+    `mlflow`. Stopped after."""
     bindir = _pg_bin()
     user = None
     folder = Path(tempfile.mkdtemp(prefix="onecycle-pg-"))
+    (folder / "pw").write_text(DB_PASSWORD)
     if os.geteuid() == 0:  # initdb and postgres refuse root: run them as the postgres user
         try:
             pw = pwd.getpwnam("postgres")
         except KeyError:
             pytest.skip("running as root and there is no `postgres` user to run PostgreSQL as")
-        os.chown(folder, pw.pw_uid, pw.pw_gid)
+        for path in (folder, folder / "pw"):
+            os.chown(path, pw.pw_uid, pw.pw_gid)
         user = "postgres"
     data, port = folder / "data", free_port()
-    _as_user(user, [str(bindir / "initdb"), "-D", str(data), "-U", "mlflow", "-A", "trust"])
+    _as_user(user, [str(bindir / "initdb"), "-D", str(data), "-U", "mlflow", "--auth-local=trust",
+                    "--auth-host=scram-sha-256", f"--pwfile={folder / 'pw'}"])  # fmt: skip
     _as_user(
         user,
         [
@@ -81,27 +101,62 @@ def postgres():
         ],
     )
     try:
-        _as_user(user, [str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port),
+        _as_user(user, [str(bindir / "createdb"), "-h", str(folder), "-p", str(port),
                         "-U", "mlflow", "mlflow"])  # fmt: skip
-        yield f"postgresql+psycopg://mlflow@127.0.0.1:{port}/mlflow"
+        yield f"postgresql+psycopg://mlflow:{DB_PASSWORD}@127.0.0.1:{port}/mlflow"
     finally:
         _as_user(user, [str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"])
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def _server_env(**extra: str) -> dict:
+    out = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PG"))}
+    return out | {"MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)} | extra
+
+
+class _PsWatch:
+    """Every command line on the machine, sampled once a second while the module runs."""
+
+    def __init__(self):
+        self.seen: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self):
+        while not self._stop.wait(1.0):
+            out = subprocess.run(["ps", "-eo", "args="], capture_output=True, text=True).stdout
+            self.seen.update(out.splitlines())
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(5)
+
+
 @pytest.fixture(scope="module")
-def server(postgres, tmp_path_factory):
-    """The real `make mlflow-server` on that database, artifacts proxied into a folder."""
+def ps_watch():
+    watch = _PsWatch()
+    yield watch
+    watch.stop()
+
+
+@pytest.fixture(scope="module")
+def server(postgres, ps_watch, tmp_path_factory):
+    """The real `make mlflow-server` on that database: basic-auth, the admin's password from
+    MLFLOW_AUTH_ADMIN_PASSWORD, allowed hosts given, artifacts proxied into a folder."""
     artifacts = tmp_path_factory.mktemp("server-artifacts")
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env |= {"MLFLOW_BACKEND_STORE_URI": postgres, "MLFLOW_ARTIFACTS_DESTINATION": str(artifacts)}
+    server_env = _server_env(
+        MLFLOW_BACKEND_STORE_URI=postgres,
+        MLFLOW_ARTIFACTS_DESTINATION=str(artifacts),
+        MLFLOW_AUTH_ADMIN_PASSWORD=ADMIN_PASSWORD,
+    )
     log = tmp_path_factory.mktemp("server-log") / "mlflow-server.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
             ["make", "-s", "-C", str(ROOT), "mlflow-server", f"MLFLOW_SERVER_PORT={port}",
-             "MLFLOW_SERVER_WORKERS=1"],
-            env=env,
+             "MLFLOW_SERVER_WORKERS=1", f"MLFLOW_SERVER_ALLOWED_HOSTS={ALLOWED_HOST}"],
+            env=server_env,
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -118,34 +173,175 @@ def server(postgres, tmp_path_factory):
                     log_tail = log.read_text()[-3000:]
                     raise AssertionError(f"mlflow server did not start:\n{log_tail}") from None
                 time.sleep(1)
-        yield url, artifacts
+        yield SimpleServer(url, artifacts, log)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=30)
 
 
-def _team_env(repo: Path, url: str) -> dict:
-    return env(repo, MLFLOW_TRACKING_URI=url)
+class SimpleServer:
+    def __init__(self, url: str, artifacts: Path, log: Path):
+        self.url, self.artifacts, self.log = url, artifacts, log
+
+
+@contextlib.contextmanager
+def _as(user: str, password: str):
+    """MLflow's client calls in this process as ``user`` (MLFLOW_TRACKING_USERNAME/PASSWORD)."""
+    keys = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update(dict(zip(keys, (user, password), strict=True)))
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 @pytest.fixture(scope="module")
-def team_repo(server, pipeline, tmp_path_factory):
-    """Clone A: a fork of the tiny run whose experiment (every training stage: its range test
-    changed) logs to the server; committed. (Queued experiments: tests/test_study_queue.py.)"""
-    url, _ = server
+def users(server):
+    """What the README's "For teams" shows an admin doing, run as written: create users, grant one
+    EDIT on the pipeline's experiment (the other keeps the default, READ), rotate the admin's
+    password. Returns the experiment id."""
+    import mlflow
+    from mlflow.server import get_app_client
+
+    with _as("admin", ADMIN_PASSWORD):
+        auth = get_app_client("basic-auth", tracking_uri=server.url)
+        auth.create_user("alice", ALICE[1])
+        auth.create_user("bob", BOB[1])
+        client = mlflow.MlflowClient(tracking_uri=server.url)
+        exp_id = client.create_experiment("cifar10-onecycle", tags=tracking.EXPERIMENT_KIND)
+        auth.grant_user_permission("alice", "experiment", exp_id, "EDIT")
+        auth.update_user_password("admin", ROTATED, current_password=ADMIN_PASSWORD)
+    return exp_id
+
+
+def _status(url: str, path: str, method: str = "GET", auth: tuple | None = None, host=None):
+    conn = http.client.HTTPConnection(*url.removeprefix("http://").split(":"), timeout=30)
+    headers = {"Content-Type": "application/json"}
+    if host:
+        headers["Host"] = host
+    if auth:
+        import base64
+
+        headers["Authorization"] = "Basic " + base64.b64encode(":".join(auth).encode()).decode()
+    conn.request(method, path, body="{}" if method == "POST" else None, headers=headers)
+    response = conn.getresponse()
+    return response.status, response.read().decode(errors="replace")
+
+
+def test_without_credentials_the_rest_api_answers_401(server, users):
+    for method, path in (
+        ("GET", f"/api/2.0/mlflow/experiments/get?experiment_id={users}"),
+        ("POST", "/api/2.0/mlflow/runs/search"),
+        ("POST", "/api/2.0/mlflow/runs/log-metric"),
+        ("POST", "/api/2.0/mlflow/registered-models/create"),
+    ):
+        assert _status(server.url, path, method)[0] == 401, path
+    get = f"/api/2.0/mlflow/experiments/get?experiment_id={users}"
+    assert _status(server.url, get, auth=("admin", ADMIN_PASSWORD))[0] == 401  # rotated
+    assert _status(server.url, get, auth=("admin", ROTATED))[0] == 200
+    assert _status(server.url, get, auth=BOB)[0] == 200  # READ: may look
+
+
+def test_a_host_header_not_in_the_allowed_list_is_refused(server, users):
+    get = f"/api/2.0/mlflow/experiments/get?experiment_id={users}"
+    status, body = _status(server.url, get, auth=ALICE, host="evil.example")
+    assert status == 403 and "Invalid Host header" in body
+    assert _status(server.url, get, auth=ALICE, host=ALLOWED_HOST)[0] == 200
+
+
+def test_the_server_refuses_bad_settings_each_in_one_line_naming_the_variable(postgres):
+    closed = f"postgresql+psycopg://mlflow:{DB_PASSWORD}@127.0.0.1:{free_port()}/mlflow"
+    cases = {  # started at once: each refusal comes before the server would start
+        "MLFLOW_AUTH_ADMIN_PASSWORD": ({"MLFLOW_AUTH_ADMIN_PASSWORD": "password1234"}, []),
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": ({"MLFLOW_FLASK_SERVER_SECRET_KEY": ""}, []),
+        "MLFLOW_SERVER_ALLOWED_HOSTS": ({}, ["MLFLOW_SERVER_HOST=0.0.0.0"]),
+        "within 2 s": ({"MLFLOW_BACKEND_STORE_URI": closed}, ["MLFLOW_SERVER_DB_WAIT=2"]),
+        "WARNING: authentication is off": (
+            {"MLFLOW_BACKEND_STORE_URI": closed},
+            ["MLFLOW_SERVER_DB_WAIT=2", "MLFLOW_SERVER_AUTH=off"],
+        ),
+    }
+    started = time.monotonic()
+    procs = {
+        needle: subprocess.Popen(
+            ["make", "-s", "-C", str(ROOT), "mlflow-server", *make_vars],
+            env=_server_env(MLFLOW_BACKEND_STORE_URI=postgres, MLFLOW_AUTH_ADMIN_PASSWORD=ROTATED)
+            | env_,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for needle, (env_, make_vars) in cases.items()
+    }
+    for needle, proc in procs.items():
+        out, err = proc.communicate(timeout=60)
+        ours = [ln for ln in err.splitlines() if not ln.startswith("make")]
+        assert proc.returncode != 0 and not out, (needle, out, err)
+        assert needle in "\n".join(ours) and len(ours) <= 2, (needle, err)  # auth off: 2
+        assert all(ln.startswith("mlflow-server: ") for ln in ours), err
+        assert DB_PASSWORD not in err, err
+        if "within" in needle:
+            assert "PostgreSQL at postgresql+psycopg://mlflow:***@127.0.0.1" in err, err
+    assert time.monotonic() - started < 30
+
+
+def _team_env(repo: Path, url: str, user: tuple[str, str] = ALICE) -> dict:
+    """As ``user``, through MLflow's own variables."""
+    return env(
+        repo,
+        MLFLOW_TRACKING_URI=url,
+        MLFLOW_TRACKING_USERNAME=user[0],
+        MLFLOW_TRACKING_PASSWORD=user[1],
+    )
+
+
+@pytest.fixture(scope="module")
+def signed_source():
+    """data.source as a presigned object-store URL would be: the shared archive served on
+    127.0.0.1, a signature and a credential in its query string."""
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(SHARED_CIFAR.parent))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield (
+        f"http://127.0.0.1:{httpd.server_address[1]}/{SHARED_CIFAR.name}"
+        f"?X-Amz-Credential=AKIA{SIGNATURE[:6]}&X-Amz-Signature={SIGNATURE}"
+    )
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def team_repo(server, users, signed_source, pipeline, tmp_path_factory):
+    """Clone A: a fork of the tiny run whose experiment logs to the server as alice (EDIT), her
+    password also in MLFLOW_TRACKING_URI, data.source a signed URL (every stage reruns); committed.
+    Returns the repository and the experiment's output. (Queued experiments:
+    tests/test_study_queue.py.)"""
     repo = fork(pipeline, tmp_path_factory.mktemp("clone-a") / "repo")
-    team = _team_env(repo, url)
-    run(repo, "dvc", "exp", "run", "-n", "team-a", "-S", "lr_find.num_iter=41", env_=team)
+    set_params(repo, {"data": {"source": signed_source}})
+    host = server.url.removeprefix("http://")
+    team = _team_env(repo, f"http://{ALICE[0]}:{ALICE[1]}@{host}")
+    out = run(repo, "dvc", "exp", "run", "-n", "team-a", "-S", "lr_find.num_iter=41", env_=team)
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-qm", "team-a")
-    return repo
+    return repo, out.stdout + out.stderr
 
 
-def test_the_server_on_postgresql_holds_every_run_metric_figure_and_model(server, team_repo):
+def test_an_edit_user_runs_the_pipeline_and_the_server_holds_every_run_metric_figure_and_model(
+    server, team_repo, monkeypatch
+):
     import mlflow
 
-    url, artifacts = server
+    url, artifacts, (team_repo, _) = server.url, server.artifacts, team_repo
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ALICE[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ALICE[1])
     client = mlflow.MlflowClient(tracking_uri=url)  # the REST API, as the UI and a team use it
     exp = client.get_experiment_by_name("cifar10-onecycle")
     found = client.search_runs([exp.experiment_id])
@@ -170,14 +366,16 @@ def test_the_server_on_postgresql_holds_every_run_metric_figure_and_model(server
 
 
 def test_a_second_clone_pulls_the_results_from_the_shared_remote_and_reruns_nothing(
-    server, team_repo, tmp_path
+    server, team_repo, tmp_path, monkeypatch
 ):
     """Clone A pushes to a shared remote (a local folder standing in for an object store); a fresh
     clone B pulls, `dvc repro` runs nothing and ends with A's metrics, and B's evaluate logs into
     A's run on the shared server."""
     import mlflow
 
-    url, _ = server
+    url, (team_repo, _) = server.url, team_repo
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ALICE[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ALICE[1])
     remote = tmp_path / "remote"
     env_a = _team_env(team_repo, url)
     run(team_repo, "dvc", "remote", "add", "-d", "team", str(remote), env_=env_a)
@@ -202,3 +400,68 @@ def test_a_second_clone_pulls_the_results_from_the_shared_remote_and_reruns_noth
     run(clone, "dvc", "repro", "-s", "-f", "evaluate", env_=env_b)  # B logs into A's run
     after = client.get_metric_history(run_id, "eval/accuracy")
     assert max(m.timestamp for m in after) >= started and after[-1].value == pytest.approx(before)
+
+
+def _stage_alone(repo: Path, url: str, user: tuple[str, str]):
+    started = time.monotonic()
+    proc = run(repo, "python", "-m", "stages.lr_find", ok=False, env_=_team_env(repo, url, user))
+    return proc, time.monotonic() - started
+
+
+def test_a_wrong_password_stops_a_stage_before_any_work_in_one_line(server, users, fork):
+    before = (fork / paths.LR_FIND_METRICS).read_bytes()
+    proc, seconds = _stage_alone(fork, server.url, (ALICE[0], "not-her-password"))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(
+        f"lr_find: error: MLflow server {server.url} refused the credentials"
+    )
+    assert "MLFLOW_TRACKING_PASSWORD" in lines[0] and "Traceback" not in proc.stderr
+    assert seconds < 30 and (fork / paths.LR_FIND_METRICS).read_bytes() == before
+
+
+def test_a_read_only_user_is_refused_at_the_first_write_in_one_line(server, users, fork):
+    proc, seconds = _stage_alone(fork, server.url, BOB)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"lr_find: error: MLflow server {server.url} does not let user bob")
+    assert "grants EDIT on experiment cifar10-onecycle" in lines[0] and seconds < 30
+
+
+def test_no_password_or_signature_lands_in_files_mlflow_or_output(server, team_repo):
+    """Everything the team run wrote or printed, and everything MLflow holds of it, is free of
+    secrets. params.yaml and dvc.lock hold the signed URL: the user put it there (a password
+    is refused, tests/test_secrets.py)."""
+    import mlflow
+
+    repo, output = team_repo
+    assert "***" in (repo / "data" / "prepared" / "meta.json").read_text()
+    found = [output]
+    skip = {".git", "raw", "cache", "tmp"}
+    for path in repo.rglob("*"):
+        if path.is_file() and not skip & set(path.relative_to(repo).parts):
+            if path.name not in ("params.yaml", "dvc.lock") and path.stat().st_size < 2**20:
+                found.append(f"{path}: " + path.read_bytes().decode(errors="replace"))
+    with _as(*ALICE):
+        client = mlflow.MlflowClient(tracking_uri=server.url)
+        exp = client.get_experiment_by_name("cifar10-onecycle")
+        for r in client.search_runs([exp.experiment_id]):
+            found += [r.info.run_name, json.dumps(r.data.params), json.dumps(r.data.tags)]
+            found += [d.dataset.name + d.dataset.source for d in r.inputs.dataset_inputs]
+            local = client.download_artifacts(r.info.run_id, "params.yaml")
+            found.append(Path(local).read_text())
+        for model in client.search_logged_models([exp.experiment_id]):
+            found.append(json.dumps(model.params))
+    found.append(server.log.read_text())
+    text = "\n".join(found)
+    leaks = [s for s in SECRETS if s in text]
+    assert not leaks, [ln for ln in text.splitlines() if any(s in ln for s in leaks)][:5]
+    assert "X-Amz-Signature=***" in text and f"{ALICE[0]}:***@" in text
+
+
+def test_ps_never_showed_a_password(ps_watch, team_repo):
+    """Sampled every second from the server's start through the team run and the tests above."""
+    assert len(ps_watch.seen) > 10
+    leaks = [line for line in ps_watch.seen if any(s in line for s in SECRETS)]
+    assert not leaks, leaks[:3]
+    assert any("mlflow server" in line or "mlflow.server" in line for line in ps_watch.seen)
