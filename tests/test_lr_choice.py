@@ -89,12 +89,15 @@ def test_the_defaults_own_runs_are_set_against_the_grid():
         {"max_lr": 0.4, "val_accuracy": 0.82, "accuracy": 0.80},
         {"max_lr": 0.4, "val_accuracy": 0.80, "accuracy": 0.81},
     ]
-    got = lrbench.confirmed(CURVE, runs)
+    grid = _results({0.1: [0.70, 0.72], 0.4: [0.80, 0.84], 1.6: [0.60, 0.60]})
+    got = lrbench.confirmed(CURVE, [r | {"seed": s} for s, r in enumerate(runs)], grid)
     assert got["picks"] == [0.2, 0.4, 0.4] and got["runs"] == 3
     assert got["val_mean"] == pytest.approx(80.0) and got["val_std"] == pytest.approx(2.0)
     assert got["test_mean"] == pytest.approx(79.333, abs=1e-3)
     assert got["interpolated"] == pytest.approx((76.5 + 82 + 82) / 3)  # at 0.2: half-way
     assert got["regret"] == pytest.approx(82.0 - 80.0)
+    # seeds 0 and 1 ran in the grid too: 0.80 - 0.78 and 0.84 - 0.82 at its best LR, 0.4
+    assert got["paired_regret"] == pytest.approx(2.0) and got["paired_seeds"] == 2
 
 
 # Symmetric about its minimum at index 60 (LR 0.1), so centred smoothing keeps it there.
