@@ -31,7 +31,11 @@ TINY_PIPELINE = {
     "base": {"device": "cpu"},
     "data": {"source": str(SHARED_CIFAR), "train_subset": 1000, "test_subset": 500},
     "model": {"width": 4},
-    "lr_find": {"num_iter": 40, "start_lr": 1e-3, "seeds": 1},  # 3 seeds: test_lr_finder.py
+    # One sweep (3: test_lr_finder.py). min_div10: 48 training steps on 1,000 images at width 4
+    # are a mechanics check, and at the sweep's minimum itself (1.5) they train at the edge of
+    # stability, where one process and two (tests/test_ddp.py) differ by chance; the default
+    # rule was chosen at real training lengths (make bench-lr).
+    "lr_find": {"num_iter": 40, "start_lr": 1e-3, "seeds": 1, "suggestion": "min_div10"},
     "train": {"epochs": 3, "batch_size": 64},  # 3: room for two interrupts
     "plots": {"gallery_size": 4, "dpi": 50},
 }
