@@ -10,14 +10,16 @@ import pytest
 from onecycle import cli, files
 from onecycle.errors import UserError
 
+from . import tiny_repo
 from .conftest import ROOT
 
 
 @pytest.fixture
 def workspace(tmp_path, monkeypatch):
-    """A folder with the project's dvc.yaml and params.yaml, as a stage's working directory."""
-    for name in ("dvc.yaml", "params.yaml"):
-        shutil.copy(ROOT / name, tmp_path / name)
+    """A folder with the project's dvc.yaml and committed params.yaml, as a stage's working
+    directory."""
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    (tmp_path / "params.yaml").write_text(tiny_repo.committed_params())
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

@@ -87,19 +87,33 @@ def set_params(repo: Path, overrides: dict) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+# What a pipeline run in the checkout leaves behind (`make quick`, CI's runs): never copied, so
+# the suite builds its own run whatever was run here before.
+RUN_LEFTOVERS = ("dvc.lock", "metrics/", "plots/", "runs/", "models/", "data/")
+
+
+def committed_params() -> str:
+    """params.yaml as committed: `dvc exp run -S ...` leaves its overrides in the working copy."""
+    return run(ROOT, "git", "show", "HEAD:params.yaml", env_=dict(os.environ)).stdout
+
+
 def copy_worktree(dest: Path) -> Path:
-    """The working tree as git sees it (tracked + untracked-not-ignored), committed in a new repo."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard", "-z"],
-        cwd=ROOT,
-        capture_output=True,
-        check=True,
-    ).stdout.decode()
-    for rel in filter(None, listed.split("\0")):
+    """The working tree as git sees it (tracked + untracked-not-ignored, but no leftovers of a
+    pipeline run and the committed params.yaml), committed in a new repo."""
+
+    def listed(*flags: str) -> list[str]:
+        out = subprocess.run(
+            ["git", "ls-files", *flags, "-z"], cwd=ROOT, capture_output=True, check=True
+        ).stdout.decode()
+        return list(filter(None, out.split("\0")))
+
+    untracked = [r for r in listed("-o", "--exclude-standard") if not r.startswith(RUN_LEFTOVERS)]
+    for rel in listed("-c") + untracked:
         src = ROOT / rel
         if src.is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
+    (dest / "params.yaml").write_text(committed_params())
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
         run(dest, *cmd)
     return dest
