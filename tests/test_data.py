@@ -1003,6 +1003,22 @@ def test_url_of_an_image_folder_archive_is_downloaded_and_read(name, folder, tmp
     assert (tmp_path / "raw" / name).read_bytes() == (served / name).read_bytes()
 
 
+def test_a_signed_url_is_downloaded_and_its_signature_is_written_nowhere(
+    folder, tmp_path, http_dir
+):
+    """A presigned object-store URL (credential and signature in its query): the archive is read,
+    saved under its own name, and the prepared data's meta.json shows the query redacted."""
+    served, base = http_dir
+    make_tar(folder.root, served / "imgs.tar.gz")
+    url = f"{base}/imgs.tar.gz?X-Amz-Credential=AKIAEXAMPLE&X-Amz-Signature=SIGdeadbeef"
+    ds, desc = fetch(url, tmp_path)
+    assert_dataset(ds, folder.expected)
+    assert [p.name for p in (tmp_path / "raw").iterdir()] == ["imgs.tar.gz"]
+    prepared.save_prepared(ds, tmp_path / "prepared", desc)
+    meta = (tmp_path / "prepared" / "meta.json").read_text()
+    assert "X-Amz-Signature=***" in meta and "SIGdeadbeef" not in meta and "AKIAEXAMPLE" not in meta
+
+
 def test_url_archive_is_downloaded_again_not_reused(folder, tmp_path, http_dir):
     # No checksum says whether an earlier copy is still what the URL serves.
     served, base = http_dir

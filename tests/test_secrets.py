@@ -250,7 +250,8 @@ def test_environment_credentials_download_and_wrong_ones_are_named(
 
 def _args(**kw) -> argparse.Namespace:
     base = dict(host="127.0.0.1", port=5000, workers=1, allowed_hosts="", auth="basic-auth",
-                default_permission="READ", artifacts=Path("a"), db_wait=1.0)  # fmt: skip
+                default_permission="READ", artifacts=Path("a"), db_wait=1.0,
+                auth_cache="60")  # fmt: skip
     return argparse.Namespace(**base | kw)
 
 
@@ -269,6 +270,8 @@ GOOD_ENV = {
         ({}, {"MLFLOW_FLASK_SERVER_SECRET_KEY": ""}, "MLFLOW_FLASK_SERVER_SECRET_KEY"),
         ({}, {"MLFLOW_AUTH_ADMIN_PASSWORD": "password1234"}, "MLFLOW_AUTH_ADMIN_PASSWORD"),
         ({"auth": "none"}, {}, "MLFLOW_SERVER_AUTH"),
+        ({"auth_cache": "a minute"}, {}, "MLFLOW_SERVER_AUTH_CACHE"),
+        ({"auth_cache": "-1"}, {}, "MLFLOW_SERVER_AUTH_CACHE"),
         ({}, {}, "MLFLOW_BACKEND_STORE_URI"),  # port 9: PostgreSQL never answers
     ],
 )
@@ -299,8 +302,9 @@ def test_the_server_command_holds_no_secret_and_auth_off_is_warned_about(tmp_pat
     assert "mlflow.example.org,localhost" in cmd[cmd.index("--allowed-hosts") + 1]
     db, password = team_server.without_password(GOOD_ENV["MLFLOW_BACKEND_STORE_URI"])
     assert password == PASSWORD and PASSWORD not in db
-    ini = team_server.write_auth_config(tmp_path, db, "READ").read_text()
+    ini = team_server.write_auth_config(tmp_path, db, "READ", 60).read_text()
     assert f"database_uri = {db}" in ini and PASSWORD not in ini
+    assert "auth_cache_ttl_seconds = 60" in ini  # MLflow's own credential cache
     team_server.warn_unauthenticated("0.0.0.0", 5000)
     assert "WARNING: authentication is off (MLFLOW_SERVER_AUTH=off)" in capsys.readouterr().err
 

@@ -33,7 +33,7 @@ def ui(pipeline):
         ["mlflow", "ui", "--backend-store-uri", f"sqlite:///{pipeline / paths.MLFLOW_DB}",
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         cwd=pipeline,
-        env=env(pipeline),
+        env=env(pipeline, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),  # as make mlflow-ui
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
