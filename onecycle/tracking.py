@@ -81,6 +81,14 @@ def _access_error(exc: BaseException, uri: str, what: str) -> AccessError | None
     text = str(exc)
     user = os.environ.get("MLFLOW_TRACKING_USERNAME")
     shown = redact(uri)
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        cert = os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH")
+        trusted = f"MLFLOW_TRACKING_SERVER_CERT_PATH={cert} does" if cert else "this machine does"
+        return AccessError(
+            f"MLflow server {shown} presented a TLS certificate that {trusted} not trust "
+            f"({what}): set MLFLOW_TRACKING_SERVER_CERT_PATH to the PEM file of the CA that signed "
+            "it, or of the certificate itself (README: For teams)"
+        )
     if code == "UNAUTHENTICATED" or "error code 401" in text:
         given = f"as user {user}" if user else "no MLFLOW_TRACKING_USERNAME set"
         return AccessError(

@@ -155,6 +155,102 @@ def test_a_refusal_by_the_server_is_one_line_naming_the_variables(code, needle, 
     assert tracking._access_error(ValueError("boom"), "http://mlflow:5000", what) is None
 
 
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 signed by its own key (cryptography, an MLflow dependency)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem, key_pem = folder / "cert.pem", folder / "key.pem"
+    cert_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_pem.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_pem, key_pem
+
+
+@pytest.fixture
+def tls_server(tmp_path, monkeypatch):
+    """HTTPS on 127.0.0.1 with a self-signed certificate, as a TLS proxy in front of a team
+    server would present it. Behind the handshake it answers the two calls a stage makes first
+    (the experiment by name and by id) as MLflow's REST API does; the TLS handshake is real."""
+    import ssl
+
+    cert, key = _self_signed(tmp_path)
+    experiment = {"experiment_id": "7", "name": tracking.EXPERIMENT, "lifecycle_stage": "active",
+                  "artifact_location": "mlflow-artifacts:/7",
+                  "tags": [{"key": k, "value": v} for k, v in tracking.EXPERIMENT_KIND.items()]}  # fmt: skip
+
+    class Api(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            body = json.dumps({"experiment": experiment}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Api)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"https://127.0.0.1:{httpd.server_address[1]}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    # setup() makes experiment 7 the active one: restored for the tests after this one
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    yield cert
+    httpd.shutdown()
+    httpd.server_close()
+    mlflow.set_tracking_uri(None)
+
+
+def test_a_self_signed_server_is_refused_in_one_line_naming_the_cert_variable(tls_server, tmp_path):
+    with pytest.raises(tracking.AccessError) as err:
+        tracking.setup(tmp_path)
+    msg = str(err.value)
+    assert "presented a TLS certificate that this machine does not trust (opening it)" in msg
+    assert "set MLFLOW_TRACKING_SERVER_CERT_PATH" in msg and "\n" not in msg
+
+
+def test_with_its_certificate_named_the_stage_talks_to_the_server_over_tls(
+    tls_server, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("MLFLOW_TRACKING_SERVER_CERT_PATH", str(tls_server))
+    assert tracking.setup(tmp_path) == "7"
+
+
 # ---------------------------------------------------------------- data.source credentials
 
 
