@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from .errors import DataError
@@ -105,6 +105,8 @@ def _decode(data: bytes, name: str, image_size: int, max_pixels: int) -> np.ndar
             return np.asarray(img, dtype=np.uint8)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         raise _too_large(name, data, max_pixels, exc) from None
+    except UnidentifiedImageError:  # its text names the in-memory buffer, not the file
+        raise DataError(f"{name}: unreadable image (not a format PIL can identify)") from None
     except Exception as exc:
         raise DataError(f"{name}: unreadable image ({type(exc).__name__}: {exc})") from None
 
@@ -240,16 +242,24 @@ def _check_dir_file(path: Path, limits: Limits) -> None:
         st = os.stat(path)  # follows a symlink, as reading it does
     except OSError as exc:
         raise _unreadable(path, exc) from None
-    mode = st.st_mode
-    if not stat.S_ISREG(mode):
-        kind = (
-            "a FIFO" if stat.S_ISFIFO(mode)
-            else "a socket" if stat.S_ISSOCK(mode)
-            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-            else "of another kind"
-        )  # fmt: skip
+    kind = not_regular(st.st_mode)
+    if kind:
         raise DataError(f"{path} is not a regular file ({kind}); remove it from data.source")
     limits.check_size(str(path), st.st_size)
+
+
+def not_regular(mode: int) -> str | None:
+    """What a file of ``os.stat`` mode ``mode`` is when it is no regular file (None when it is):
+    opening a FIFO blocks forever, reading a device never ends."""
+    if stat.S_ISREG(mode):
+        return None
+    return (
+        "a FIFO" if stat.S_ISFIFO(mode)
+        else "a socket" if stat.S_ISSOCK(mode)
+        else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+        else "a folder" if stat.S_ISDIR(mode)
+        else "of another kind"
+    )  # fmt: skip
 
 
 def read_image_folder_dir(

@@ -12,6 +12,7 @@ resized to the model's image size). MLflow URIs resolve against the project's st
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -119,13 +120,16 @@ def load_model(spec: str) -> Model:
 
 def read_images(files: list[Path], image_size: int) -> np.ndarray:
     from .config import DataConfig
-    from .imagefolder import decode_image
+    from .imagefolder import decode_image, not_regular
 
     max_pixels = DataConfig.model_fields["max_image_pixels"].default  # as the data stage's
 
     images = []
     for f in files:
         try:
+            kind = not_regular(os.stat(f).st_mode)  # never open a FIFO: it blocks forever
+            if kind:
+                raise PredictError(f"{f}: not a regular file ({kind}); give image files")
             data = f.read_bytes()
         except FileNotFoundError:
             raise PredictError(f"{f}: no such file") from None
@@ -134,7 +138,7 @@ def read_images(files: list[Path], image_size: int) -> np.ndarray:
         try:
             images.append(decode_image(data, str(f), image_size, max_pixels))
         except UserError as exc:
-            raise PredictError(f"{exc} (is it an image file?)") from None
+            raise PredictError(f"{exc}; is it an image file?") from None
     return np.stack(images)
 
 

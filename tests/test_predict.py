@@ -93,8 +93,12 @@ def test_a_missing_or_non_image_file_is_named(model_file, tmp_path):
     with pytest.raises(predict.PredictError, match="nope.png: no such file"):
         predict.predict(model, [tmp_path / "nope.png"], 3)
     (tmp_path / "notes.txt").write_text("not an image")
-    with pytest.raises(predict.PredictError, match=r"notes.txt: unreadable image.*an image file"):
+    with pytest.raises(predict.PredictError) as err:
         predict.predict(model, [tmp_path / "notes.txt"], 3)
+    assert str(err.value) == (  # named by its path, not PIL's in-memory buffer
+        f"{tmp_path / 'notes.txt'}: unreadable image (not a format PIL can identify); "
+        "is it an image file?"
+    )
 
 
 def test_a_model_that_names_other_classes_than_it_was_trained_on_is_refused(model_file, images):
@@ -170,3 +174,25 @@ def test_a_registered_model_of_another_flavor_is_refused_and_its_pickle_never_ru
     with pytest.raises(AttributeError):  # the trap is real: MLflow runs it, then fails
         mlflow.pyfunc.load_model("models:/cifar10-resnet9/1")
     assert marker.exists()
+
+
+def test_a_fifo_is_named_in_one_line_and_nothing_hangs(tmp_path):
+    """`mkfifo x.jpg; predict x.jpg` used to block forever on the open."""
+    import os
+    import threading
+
+    fifo = tmp_path / "x.jpg"
+    os.mkfifo(fifo)
+    errors = []
+
+    def read():
+        try:
+            predict.read_images([fifo], 32)
+        except predict.PredictError as exc:
+            errors.append(str(exc))
+
+    worker = threading.Thread(target=read, daemon=True)
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive(), "reading a FIFO blocked"
+    assert errors == [f"{fifo}: not a regular file (a FIFO); give image files"]
