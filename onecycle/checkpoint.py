@@ -4,6 +4,7 @@ can never run code)."""
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,38 @@ def save(obj: dict, path: Path) -> None:
 
 def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+_TORCH_ADVICE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
+def why_unloadable(path: Path, exc: BaseException) -> str:
+    """Why :func:`load` refused ``path``, in words a user can act on. Never torch's advice to
+    load with ``weights_only=False``: a weights file that needs it can run code."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as err:
+        return f"unreadable: {err.strerror or err}"
+    if not head:
+        return "empty: 0 bytes"
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError) and "GLOBAL" in text:
+        detail = " ".join(
+            ln.strip().removeprefix("WeightsUnpickler error:").strip()
+            for ln in text.splitlines()
+            if ln.strip() and not ln.strip().startswith(_TORCH_ADVICE)
+        )
+        return (
+            f"it holds more than tensors and plain containers: {detail.rstrip('.')}. A "
+            "weights-only load refuses that (a whole pickled model, or code) and this pipeline "
+            "loads no other way: save the model's state_dict() instead"
+        )
+    if head.startswith(b"PK"):
+        return f"a zip archive, but not one torch.save wrote ({type(exc).__name__})"
+    if head.startswith(b"\x80"):
+        return "a pickle, but not one torch.save wrote"
+    return "not a torch.save file: neither torch's zip format nor a pickle"
 
 
 # ---------------------------------------------------------------- resume state
@@ -74,7 +107,8 @@ class ResumeFile:
             state = load(self.path)
         except Exception as exc:
             raise ResumeMismatch(
-                f"{self.path} is unreadable ({exc}); delete it to start over: rm {self.path}"
+                f"{self.path} is unreadable ({why_unloadable(self.path, exc)}); delete it to "
+                f"start over: rm {self.path}"
             ) from None
         if not isinstance(state, dict) or not isinstance(state.get("key"), dict):
             raise ResumeMismatch(
@@ -140,7 +174,8 @@ def read_weights(path: Path) -> dict:
         ckpt = load(path)
     except Exception as exc:
         raise CheckpointError(
-            f"{path} is not a loadable weights-only checkpoint ({exc}); rerun `dvc repro train`"
+            f"{path} is not a loadable weights-only checkpoint ({why_unloadable(path, exc)}); "
+            "rerun `dvc repro train`"
         ) from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise CheckpointError(

@@ -152,7 +152,8 @@ def _from_file(path: Path, cfg: ModelConfig) -> Start:
         obj = checkpoint.load(path)  # weights only: a weights file can never run code
     except Exception as exc:
         raise PretrainedError(
-            f"model.pretrained: {path} is not a loadable weights-only file ({exc})"
+            f"model.pretrained: {path} is not a loadable weights-only file "
+            f"({checkpoint.why_unloadable(path, exc)})"
         ) from None
     digest = _sha256(path)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "config" in obj:

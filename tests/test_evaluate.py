@@ -77,10 +77,54 @@ def test_checkpoint_of_another_width_or_class_count_is_refused(tmp_path):
         load_checkpoint(tmp_path / "model.pt", ModelConfig(width=2), CLASSES + ["fish"], CPU)
 
 
-def test_a_file_that_is_not_a_weights_only_checkpoint_is_refused(tmp_path):
-    (tmp_path / "model.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="weights-only"):
+class _Code:
+    """What a pickled object that runs code looks like to the unpickler."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.getcwd, ())
+
+
+def _write(kind: str, path):
+    import pickle
+    import zipfile
+
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "text":
+        path.write_bytes(b"not a checkpoint")
+    elif kind == "pickle":
+        path.write_bytes(pickle.dumps({"model": {}}, protocol=4))
+    elif kind == "code":
+        torch.save({"model": _Code()}, path)
+    else:
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("a", "b")
+
+
+@pytest.mark.parametrize(
+    "kind, reason",
+    [
+        ("empty", "(empty: 0 bytes)"),
+        ("text", "(not a torch.save file: neither torch's zip format nor a pickle)"),
+        ("pickle", "(a pickle, but not one torch.save wrote)"),
+        ("code", "it holds more than tensors and plain containers: Trying to load unsupported "
+                 "GLOBAL posix.getcwd"),
+        ("zip", "(a zip archive, but not one torch.save wrote (RuntimeError))"),
+    ],
+)  # fmt: skip
+def test_a_file_that_is_not_a_weights_only_checkpoint_is_refused_saying_what_it_is(
+    kind, reason, tmp_path
+):
+    """Never torch's own reasons (`(544502645)`, `()`) nor its advice to load with
+    weights_only=False, which would run the code a weights file may carry."""
+    _write(kind, tmp_path / "model.pt")
+    with pytest.raises(CheckpointError) as err:
         load_checkpoint(tmp_path / "model.pt", ModelConfig(width=2), CLASSES, CPU)
+    msg = str(err.value)
+    assert msg.startswith(f"{tmp_path / 'model.pt'} is not a loadable weights-only checkpoint")
+    assert reason in msg and "\n" not in msg and "weights_only" not in msg, msg
 
 
 def test_report_names_the_right_accuracy():
