@@ -151,6 +151,15 @@ def check(params: Params) -> None:
             raise ConfigError(
                 f"params.yaml: base.devices={devices} but this machine has {have} CUDA device(s)"
             )
+    elif params.base.device in ("auto", "cpu"):
+        # each rank is a process of its own: more than the cores only thrash (64 ranks on a
+        # 2-core machine reached 8.5 GB in 13 s)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        if devices > (cores or 1):
+            raise ConfigError(
+                f"params.yaml: base.devices={devices} ranks on the CPU, but this machine gives "
+                f"this process {cores} core(s): set base.devices to {cores or 1} or less"
+            )
 
 
 def init(dev):

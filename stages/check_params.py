@@ -11,7 +11,11 @@ from onecycle.config import load_params
 
 
 def main() -> None:
-    load_params()
+    params = load_params()
+    if params.base.devices > 1:  # what the ranks need, known before DVC removes any output
+        from onecycle import distributed
+
+        distributed.check(params)
     files.write_text(paths.PARAMS_CHECKED, "params.yaml: every section, key and value is valid\n")
 
 

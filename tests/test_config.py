@@ -9,6 +9,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from onecycle import paths
 from onecycle.config import (
     ConfigError,
     Params,
@@ -306,6 +307,37 @@ def test_data_parallel_settings_that_cannot_work_name_the_key(raw, names):
     with pytest.raises(ConfigError) as err:
         distributed.check(parse_params(raw))
     assert all(n in str(err.value) for n in names), err.value
+
+
+def test_more_ranks_than_cpu_cores_are_refused_naming_the_key(monkeypatch):
+    from onecycle import distributed
+
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(distributed.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    params = parse_params({"base": {"devices": 64}, "train": {"batch_size": 512}})
+    with pytest.raises(ConfigError) as err:
+        distributed.check(params)
+    assert str(err.value) == (
+        "params.yaml: base.devices=64 ranks on the CPU, but this machine gives this process 2 "
+        "core(s): set base.devices to 2 or less"
+    )
+    distributed.check(parse_params({"base": {"devices": 2}, "train": {"batch_size": 512}}))
+
+
+def test_check_params_refuses_what_the_ranks_would_refuse_before_any_stage_runs(
+    tmp_path, monkeypatch
+):
+    """DVC removes a stage's outputs before running it: a batch that does not split over the
+    devices must stop check_params, not train after lr_find's outputs are gone."""
+    from stages import check_params
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("base:\n  devices: 2\ntrain:\n  batch_size: 63\n")
+    with pytest.raises(
+        ConfigError, match=r"train.batch_size=63 must split evenly over base.devices=2"
+    ):
+        check_params.main()
+    assert not (tmp_path / paths.PARAMS_CHECKED).exists()
 
 
 def test_zero_devices_is_refused():
