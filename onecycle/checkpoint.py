@@ -35,6 +35,20 @@ def load(path: Path) -> dict:
 _TORCH_ADVICE = ("Weights only load failed", "Please file an issue", "Check the documentation")
 
 
+def nonfinite(state: dict) -> str | None:
+    """Which floating tensors of a state dict hold NaN or infinity ("3 of 62 tensors, e.g.
+    conv1.weight"), or None when every value is finite."""
+    bad = [
+        k
+        for k, v in state.items()
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()
+    ]
+    if not bad:
+        return None
+    total = sum(isinstance(v, torch.Tensor) and v.is_floating_point() for v in state.values())
+    return f"{len(bad)} of {total} tensors, e.g. {bad[0]}"
+
+
 def why_unloadable(path: Path, exc: BaseException) -> str:
     """Why :func:`load` refused ``path``, in words a user can act on. Never torch's advice to
     load with ``weights_only=False``: a weights file that needs it can run code."""
@@ -181,6 +195,12 @@ def read_weights(path: Path) -> dict:
         raise CheckpointError(
             f"{path} is not a checkpoint of this pipeline (a {type(ckpt).__name__}, not a dict "
             "holding 'model', 'config' and 'classes'); rerun `dvc repro train`"
+        )
+    bad = nonfinite(ckpt["model"])
+    if bad:
+        raise CheckpointError(
+            f"{path} holds weights that are NaN or infinite ({bad}): the file is damaged or the "
+            "model it holds had diverged; rerun `dvc repro train`"
         )
     return ckpt
 

@@ -165,6 +165,12 @@ def _from_file(path: Path, cfg: ModelConfig) -> Start:
             f"model.pretrained: {path} holds a {type(obj).__name__}, not a state dict (name -> "
             "tensor) nor a checkpoint of this pipeline"
         )
+    bad = checkpoint.nonfinite(obj)
+    if bad:  # training from them would fail with a NaN loss, blamed on train.max_lr
+        raise PretrainedError(
+            f"model.pretrained: {path} holds weights that are NaN or infinite ({bad}); give "
+            "a file of weights that trained"
+        )
     state = {k.removeprefix("module."): v for k, v in obj.items()}  # saved from DDP
     state = {k: v for k, v in state.items() if not k.startswith(AUX_PREFIXES)}
     mean, std = (HALF, HALF) if cfg.arch in TRANSFORM_INPUT else (IMAGENET_MEAN, IMAGENET_STD)
@@ -174,6 +180,12 @@ def _from_file(path: Path, cfg: ModelConfig) -> Start:
 
 def _from_checkpoint(path: Path, ckpt: dict, cfg: ModelConfig, digest: str) -> Start:
     """A models/model.pt of this pipeline: same architecture, its own inputs."""
+    bad = checkpoint.nonfinite(ckpt["model"])
+    if bad:
+        raise PretrainedError(
+            f"model.pretrained: {path} holds weights that are NaN or infinite ({bad}); give "
+            "a file of weights that trained"
+        )
     diff = architecture_diff(ckpt["config"], cfg.architecture())
     if diff:
         what = ", ".join(

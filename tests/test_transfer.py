@@ -10,9 +10,9 @@ import torch
 import torchvision
 
 from onecycle import checkpoint, transfer
-from onecycle.config import ConfigError, parse_params
+from onecycle.config import ConfigError, ModelConfig, parse_params
 from onecycle.engine import select_device
-from onecycle.model import build, head_keys
+from onecycle.model import ResNet9, ResNetConfig, build, head_keys
 from onecycle.session import build_session
 
 from .conftest import TINY
@@ -177,6 +177,29 @@ def test_a_missing_or_foreign_weights_file_is_refused_by_name(tmp_path):
     torch.save([1, 2, 3], junk)
     with pytest.raises(transfer.PretrainedError, match="junk.pt holds a list"):
         transfer.load(params_with({"arch": "resnet18", "pretrained": str(junk)}).model)
+
+
+def test_weights_holding_nan_are_refused_at_load_not_blamed_on_the_max_lr(tmp_path):
+    """An all-NaN weights file used to train into a NaN loss that named train.max_lr."""
+    state = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+             for k, v in ResNet9(ResNetConfig(width=4)).state_dict().items()}  # fmt: skip
+    floats = sum(v.is_floating_point() for v in state.values())
+    bare, ours = tmp_path / "nan.pth", tmp_path / "model.pt"
+    torch.save(state, bare)
+    with pytest.raises(transfer.PretrainedError) as err:
+        transfer.load(params_with({"pretrained": str(bare)}).model)
+    assert f"holds weights that are NaN or infinite ({floats} of {floats} tensors, e.g." in str(
+        err.value
+    )
+    classes = [f"c{i}" for i in range(10)]
+    checkpoint.save_weights(ResNet9(ResNetConfig(width=4)), ModelConfig(width=4), classes, ours)
+    ckpt = torch.load(ours, weights_only=True)
+    ckpt["model"]["fc.bias"][0] = float("inf")
+    torch.save(ckpt, ours)
+    with pytest.raises(checkpoint.CheckpointError, match=r"\(1 of \d+ tensors, e.g. fc.bias\)"):
+        checkpoint.read_weights(ours)
+    with pytest.raises(transfer.PretrainedError, match="e.g. fc.bias"):
+        transfer.load(params_with({"pretrained": str(ours)}).model)
 
 
 def test_default_weights_offline_name_the_file_to_put_in_torch_home(tmp_path, monkeypatch):
