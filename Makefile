@@ -35,7 +35,7 @@ lint: $(STAMP)
 
 # Three workers (pytest-xdist), each test module on one: on the 2-core dev machine two were 1.4x
 # faster than one process, and three 270 s -> 243 s faster than two (the three long modules run
-# side by side instead of queueing behind each other; README: Tests). TEST_WORKERS=0: one process.
+# side by side instead of queueing behind each other; docs/development.md). TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 3
 test: lint  ## lint, then every test (CI runs exactly this), the slowest listed
 	pytest -n $(TEST_WORKERS) --dist loadscope --durations=25
@@ -57,12 +57,12 @@ format: $(STAMP)
 bench: $(STAMP)  ## training step vs a bare loop on this device: a table and metrics/bench.json
 	python -m onecycle.bench
 
-# Studies (README: Studies): queued DVC experiments, reported from MLflow into reports/<study>/.
+# Studies (docs/studies.md): queued DVC experiments, reported from MLflow into reports/<study>/.
 # Started again, a study runs only what has not finished on this commit.
 study-schedules: $(STAMP)  ## 1cycle vs constant, step and cyclic LR, 3 seeds each
 	python -m onecycle.study run studies/schedules.yaml
 
-# The full recipe over seeds, for one CUDA GPU (README: Studies). FULL_SET adds overrides, e.g.
+# The full recipe over seeds, for one CUDA GPU (docs/studies.md). FULL_SET adds overrides, e.g.
 # FULL_SET="--set data.source=/data/cifar-10-python.tar.gz" on a machine without a network.
 FULL_SET ?=
 study-full: $(STAMP)  ## the default recipe: max LR auto x 5 seeds beside 0.2 / 0.4 / 0.8 x 2 (GPU)
@@ -71,7 +71,7 @@ study-full: $(STAMP)  ## the default recipe: max LR auto x 5 seeds beside 0.2 / 
 study-lr: $(STAMP)  ## fixed max LRs 0.01..1.0 vs each suggestion method's pick, 3 seeds each
 	python -m onecycle.study run studies/lr.yaml
 
-# The LR-choice benchmark (README: The LR range test): per scenario of studies/lr-choice/, range-test
+# The LR-choice benchmark (docs/method.md): per scenario of studies/lr-choice/, range-test
 # sweeps stored as data and a grid of fixed max LRs through the pipeline (hours of CPU; resumes),
 # then every suggestion rule scored offline into reports/lr-choice/. Never run by CI.
 LR_CHOICE := quick small finetune mobilenet width64
@@ -93,7 +93,7 @@ mlflow-ui: $(STAMP)  ## browse the runs at http://127.0.0.1:5000 (it prints the 
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=$${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false} \
 		mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
-# A tracking server for a team (README: For teams): `mlflow server` on a PostgreSQL backend
+# A tracking server for a team (docs/teams.md): `mlflow server` on a PostgreSQL backend
 # store, artifacts proxied through it (--serve-artifacts) into MLFLOW_ARTIFACTS_DESTINATION (a
 # folder or an object store URI such as s3://bucket/mlflow), with MLflow's basic-auth app (users
 # and permissions in the same database). onecycle/team_server.py checks every setting first (one

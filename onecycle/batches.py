@@ -8,7 +8,7 @@ exactly. ``train.augment.backend``:
 * ``albumentations``: per image on the CPU, in DataLoader workers (what the first seeds used);
 * ``torch``: the whole uint8 training set as one tensor on the device (on a GPU, CIFAR-10's
   150 MB stay there), each batch gathered and augmented there at once, no workers;
-* ``auto``: ``torch``, which ``make bench`` measured faster on the CPU as well (README).
+* ``auto``: ``torch``, which ``make bench`` measured faster on the CPU as well (docs/speed.md).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from .errors import UserError
 from .redact import has_credentials, redact
 
 # lr_find.suggestion's choices (curves.SUGGESTERS reads each); the first is the default, chosen
-# by make bench-lr (README: The LR range test)
+# by make bench-lr (docs/method.md)
 SUGGESTIONS = ("min", "min_div10", "valley", "steepest")
 
 
@@ -300,7 +300,7 @@ REPLACED = {  # keys of older params.yaml files: what took their place
     "lr_find.smooth_beta": (
         "the curve is now smoothed over a fraction of the sweep, lr_find.smooth_window (0.2: a "
         "fifth of its steps), centered so its minimum does not lag (lr_find.smooth: centered); "
-        "delete smooth_beta (make bench-lr chose the new smoothing, README: The LR range test)"
+        "delete smooth_beta (make bench-lr chose the new smoothing, docs/method.md)"
     ),
 }
 

@@ -36,7 +36,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 OLD_DEFAULT_PASSWORD = "password1234"  # what MLflow's basic_auth.ini shipped before 3.x
 ADMIN = "admin"
 DB_WAIT_SECONDS = 20.0  # how long to wait for PostgreSQL (each try's own timeout: 5 s)
-HINT = "README: For teams"
+HINT = "see docs/teams.md"
 # MLflow's basic-auth checks each request's password against a scrypt hash: measured 205 ms of
 # server CPU per authenticated request on the 2-core AMD EPYC. Its credential cache (off by
 # default in MLflow) skips that for a password checked in the last minute; a password changed

@@ -87,20 +87,20 @@ def _access_error(exc: BaseException, uri: str, what: str) -> AccessError | None
         return AccessError(
             f"MLflow server {shown} presented a TLS certificate that {trusted} not trust "
             f"({what}): set MLFLOW_TRACKING_SERVER_CERT_PATH to the PEM file of the CA that signed "
-            "it, or of the certificate itself (README: For teams)"
+            "it, or of the certificate itself (docs/teams.md)"
         )
     if code == "UNAUTHENTICATED" or "error code 401" in text:
         given = f"as user {user}" if user else "no MLFLOW_TRACKING_USERNAME set"
         return AccessError(
             f"MLflow server {shown} refused the credentials ({given}; {what}): set "
             "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) to "
-            "a user of that server (README: For teams)"
+            "a user of that server (docs/teams.md)"
         )
     if code == "PERMISSION_DENIED" or "error code 403" in text:
         return AccessError(
             f"MLflow server {shown} does not let user {user or '(none)'} write here ({what}: "
-            f"permission denied): an admin grants EDIT on experiment {EXPERIMENT} (README: For "
-            "teams), or set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user who "
+            f"permission denied): an admin grants EDIT on experiment {EXPERIMENT} (docs/teams.md), "
+            "or set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user who "
             "has it"
         )
     return None

@@ -1,4 +1,4 @@
-"""make bench, shrunk: every figure the README quotes comes out, and the table names them."""
+"""make bench, shrunk: every figure docs/speed.md quotes comes out, and the table names them."""
 
 from onecycle import bench
 

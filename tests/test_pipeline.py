@@ -180,7 +180,7 @@ def test_second_repro_runs_nothing(fork):
 
 
 def _reset_params(repo: Path) -> None:
-    """The README's way back to the committed params (works where `git checkout` does not)."""
+    """The documented way back to the committed params (works where `git checkout` does not)."""
     run(repo, "make", "reset-params")
     head = run(repo, "git", "show", "HEAD:params.yaml").stdout
     assert (repo / "params.yaml").read_text() == head

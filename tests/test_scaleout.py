@@ -1,4 +1,4 @@
-"""The team set-up for real (README: For teams): a PostgreSQL server started from Debian's binaries
+"""The team set-up for real (docs/teams.md): a PostgreSQL server started from Debian's binaries
 (with a password), the real `make mlflow-server` on it with MLflow's basic-auth app, users made
 and granted permissions through its REST API, an experiment of the tiny pipeline logging through
 it as a user with EDIT, and a shared DVC remote that a second clone pulls from. No password may
@@ -196,7 +196,7 @@ def _as(user: str, password: str):
 
 @pytest.fixture(scope="module")
 def users(server):
-    """What the README's "For teams" shows an admin doing, run as written: create users, grant one
+    """What docs/teams.md shows an admin doing, run as written: create users, grant one
     EDIT on the pipeline's experiment (the other keeps the default, READ), rotate the admin's
     password. Returns the experiment id."""
     import mlflow

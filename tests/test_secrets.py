@@ -1,4 +1,4 @@
-"""No secret lands anywhere it can be read (README: For teams): a URL's password and a signed
+"""No secret lands anywhere it can be read (docs/teams.md): a URL's password and a signed
 query string are redacted in log lines, error messages, MLflow params, tags, run names, datasets
 and logged files, and the JSON files the stages write; a data.source with credentials is refused
 before DVC records it, and the download reads them from ~/.netrc or the environment instead; a
