@@ -181,3 +181,15 @@ def test_a_grid_report_comes_from_stored_results_and_lists_what_is_missing(tmp_p
     assert text.index("| lr-0.1 |") < text.index("| lr-0.4 |")
     assert "Not finished (left out): lrc-made-up-lr-0.4-s0" in text
     assert (scenario.out / "grid" / "lrc-made-up.png").exists()
+
+
+def test_the_rule_the_report_calls_the_default_is_params_yamls():
+    """The report marks PIPELINE_DEFAULT as the pipeline's default: it must read lr_find's
+    defaults (suggestion, smoothing, window, seeds), whatever the scores rank first."""
+    from onecycle.config import LRFindConfig
+
+    d = LRFindConfig()
+    seeds = "median of 3" if d.seeds == 3 else f"{d.seeds} seeds"
+    want = f"{d.suggestion}/1 ({d.smooth} {d.smooth_window:g}), long sweep, {seeds}"
+    assert lrbench.PIPELINE_DEFAULT == want
+    assert want.rsplit(", ", 2)[0] in lrbench.candidates()
