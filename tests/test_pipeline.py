@@ -18,7 +18,7 @@ import yaml
 
 from onecycle import checkpoint, paths
 
-from .tiny_repo import TINY_PIPELINE, env, run, runs, set_params
+from .tiny_repo import ROOT, TINY_PIPELINE, env, run, runs, set_params
 
 pytestmark = pytest.mark.slow
 
@@ -211,11 +211,24 @@ def _stages_to_rerun(repo: Path) -> set[str]:
 
 
 def test_a_max_lr_override_reruns_train_not_lr_find_nor_download(fork):
-    # The value itself reaching the run: training.resolve_max_lr's tests and CI's override run.
+    """`dvc exp run -S train.max_lr=...`, the README's example (CI ran it at the quick run's size
+    until the suite's tiny run took it over): lr_find and download are not rerun, train uses
+    exactly that LR, and the gate's override check passes; an lr_find key reruns lr_find."""
+    from onecycle.gate import run_checks
+
+    set_params(fork, {"lr_find": {"num_iter": 41}})  # (train follows from lr_find's new output)
+    assert _stages_to_rerun(fork) == {"check_params", "lr_find"}
+    set_params(fork, {"lr_find": {"num_iter": TINY_PIPELINE["lr_find"]["num_iter"]}})
     set_params(fork, {"train": {"max_lr": 0.05}})
     assert _stages_to_rerun(fork) == {"check_params", "train"}
-    set_params(fork, {"lr_find": {"num_iter": 41}})
-    assert _stages_to_rerun(fork) == {"check_params", "lr_find", "train"}
+    out = run(fork, "dvc", "exp", "run", "-S", "train.max_lr=0.05", "-S", "train.epochs=1").stdout
+    assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out, out
+    assert "Running stage 'lr_find'" not in out and "Running stage 'download'" not in out, out
+    train = json.loads((fork / paths.TRAIN_METRICS).read_text())
+    assert train["max_lr"] == 0.05 and train["max_lr_source"] == "params"
+    baseline = json.loads((ROOT / "ci" / "baseline.json").read_text())
+    checks = run_checks(fork, baseline, expect_max_lr=0.05)
+    assert all(c.ok for c in checks), [c.message for c in checks if not c.ok]
 
 
 def test_a_typo_given_to_exp_run_fails_loudly(fork):
