@@ -147,11 +147,18 @@ def channel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
-def fingerprint(ds: Dataset, val: tuple | None = None) -> str:
+STATS = ("mean", "std")  # what later stages read from meta.json beside the arrays and classes
+
+
+def fingerprint(ds: Dataset, val: tuple | None = None, stats: dict | None = None) -> str:
+    """A SHA-256 of the arrays and class names, and of ``stats`` (meta.json's mean and std):
+    everything the later stages read, so an edited normalization is caught like a changed pixel."""
     h = hashlib.sha256()
     for arr in (ds.x_train, ds.y_train, ds.x_test, ds.y_test, *(val or ())):
         h.update(np.ascontiguousarray(arr).data)
     h.update("\n".join(ds.classes).encode())
+    if stats is not None:
+        h.update(json.dumps({k: list(stats[k]) for k in STATS}).encode())
     return h.hexdigest()[:16]
 
 
@@ -178,7 +185,7 @@ def save_prepared(
         **val_meta,
         "mean": list(mean),
         "std": list(std),
-        "fingerprint": fingerprint(ds, val),
+        "fingerprint": fingerprint(ds, val, {"mean": mean, "std": std}),
     }
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Not tempfile.mkdtemp: its folder is mode 0700, and the rename would keep that mode.
@@ -320,9 +327,12 @@ def load_prepared(path: Path) -> Prepared:
         x_test, y_test = _read_split(path, "test", meta)
         val = _read_split(path, "val", meta) if "num_val" in meta else None
         ds = Dataset(x_train, y_train, x_test, y_test, list(meta["classes"]))
-        if fingerprint(ds, val) != meta["fingerprint"]:
-            names = "train.npz, test.npz or val.npz" if val else "train.npz or test.npz"
-            raise _Corrupt(names, "arrays differ from meta.json's fingerprint")
+        if fingerprint(ds, val, meta) != meta["fingerprint"]:
+            arrays = "train.npz, test.npz, val.npz" if val else "train.npz, test.npz"
+            raise _Corrupt(
+                f"{arrays} or meta.json",
+                "the arrays or meta.json's mean/std differ from meta.json's fingerprint",
+            )
     except FileNotFoundError as exc:
         raise DataError(
             f"{path}: prepared data missing ({exc.filename}); run `dvc repro download`"

@@ -1183,7 +1183,7 @@ def test_save_and_load_prepared_round_trip(tmp_path):
     assert meta["source"] == "made-up source"
     assert (meta["num_train"], meta["num_test"], meta["image_size"]) == (4, 3, 2)
     assert meta["train_per_class"] == [2, 2] and meta["test_per_class"] == [1, 2]
-    assert meta["fingerprint"] == prepared.fingerprint(ds)
+    assert meta["fingerprint"] == prepared.fingerprint(ds, stats=meta)
 
 
 def test_mean_and_std_come_from_the_training_split_only(tmp_path):

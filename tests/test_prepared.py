@@ -72,7 +72,7 @@ def assert_corrupt(out: Path, name: str, *needles: str) -> str:
 def test_valid_folder_loads(out):
     loaded = prepared.load_prepared(out)
     assert loaded.x_train.shape == (4, 2, 2, 3) and loaded.y_test.tolist() == [1, 1, 0]
-    assert loaded.meta["fingerprint"] == prepared.fingerprint(tiny_dataset())
+    assert loaded.meta["fingerprint"] == prepared.fingerprint(tiny_dataset(), stats=loaded.meta)
 
 
 @pytest.mark.parametrize("name", ["meta.json", "train.npz", "test.npz"])
@@ -168,7 +168,17 @@ def test_changed_pixels_fail_the_fingerprint(out):
     x = load_arrays(out, "train")["x"]
     x[0, 0, 0, 0] ^= 1
     resave(out, "train", x=x)
-    assert_corrupt(out, "train.npz or test.npz", "fingerprint")
+    assert_corrupt(out, "train.npz, test.npz or meta.json", "fingerprint")
+
+
+@pytest.mark.parametrize("key", ["mean", "std"])
+def test_an_edited_normalization_in_meta_json_fails_the_fingerprint(out, key):
+    """Train and evaluate normalize with meta.json's mean and std: an edit there is caught at
+    load like a changed pixel, not trained on silently (issue 26, item 7)."""
+    meta = json.loads((out / "meta.json").read_text())
+    meta[key] = [v + 0.01 for v in meta[key]]
+    (out / "meta.json").write_text(json.dumps(meta))
+    assert_corrupt(out, "train.npz, test.npz or meta.json", "mean/std", "fingerprint")
 
 
 # ---------------------------------------------------------------- meta.json
@@ -253,4 +263,4 @@ def test_a_changed_validation_file_is_caught_by_the_fingerprint(tmp_path):
     out = tmp_path / "p"
     prepared.save_prepared(ds, out, "src", val)
     resave(out, "val", x=load_arrays(out, "val")["x"][::-1].copy())
-    assert_corrupt(out, "train.npz, test.npz or val.npz", "fingerprint")
+    assert_corrupt(out, "train.npz, test.npz, val.npz or meta.json", "fingerprint")
