@@ -176,6 +176,7 @@ def read_image_folder_tar(
     blobs: dict[str, bytes] = {}  # by member name; a hardlink shares its target's bytes
     seen: set[str] = set()
     files: dict[str, tarfile.TarInfo] = {}  # file members so far, for the hardlinks that follow
+    total = 0  # bytes read into blobs
     try:
         with tarfile.open(path, "r:*") as tar:
             for member in tar_members(tar, path):
@@ -196,6 +197,8 @@ def read_image_folder_tar(
                     # A target read before is reused: reading it again would seek back
                     # through a compressed stream from its start.
                     if target.name not in blobs:
+                        total += target.size
+                        limits.check_total(path, total)
                         blobs[target.name] = tar.extractfile(target).read()
                     blobs[member.name] = blobs[target.name]
                     layout.add(*placed, (member.name, None))
@@ -219,6 +222,7 @@ def read_image_folder_zip(
 ) -> Dataset:
     layout = Layout(str(path))
     seen: set[str] = set()
+    total = 0
     try:
         with zipfile.ZipFile(path) as zf:
 
@@ -249,6 +253,8 @@ def read_image_folder_zip(
                 placed = layout.place(info.filename, is_dir=kind == "dir")
                 if placed:
                     limits.check_size(f"{path}:{info.filename}", info.file_size)
+                    total += info.file_size  # the central directory: all known before reading
+                    limits.check_total(path, total)
                     layout.add(*placed, (info.filename, info))
             return assemble(
                 layout, lambda m: (f"{path}:{m[0]}", read(m[1])), image_size, limits, pick

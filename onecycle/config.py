@@ -59,6 +59,7 @@ class DataConfig(_Section):
     # make the stage allocate gigabytes (a 1 GiB zero file compresses to 1 MB).
     max_image_pixels: int = Field(40_000_000, ge=1)
     max_file_mb: float = Field(64.0, gt=0)
+    max_total_mb: float = Field(2048.0, gt=0)  # an archive's image files, held in memory
 
     @field_validator("source")
     @classmethod

@@ -34,14 +34,16 @@ MB = 1 << 20  # data.max_file_mb counts MiB
 
 @dataclass(frozen=True)
 class Limits:
-    """``data.max_image_pixels`` and ``data.max_file_mb``: what one image or file may cost.
+    """``data.max_image_pixels``, ``data.max_file_mb`` and ``data.max_total_mb``: what one image,
+    one file and a whole archive's files may cost.
 
-    Both are checked on what a header declares, before anything is read or decoded, so a tiny
+    All are checked on what headers declare, before anything is read or decoded, so a tiny
     archive cannot make the stage allocate gigabytes.
     """
 
     max_image_pixels: int
     max_file_mb: float
+    max_total_mb: float = float("inf")
 
     @property
     def max_file_bytes(self) -> int:
@@ -53,6 +55,17 @@ class Limits:
                 f"{name}: {size:,} bytes, over data.max_file_mb={self.max_file_mb:g} "
                 f"({self.max_file_bytes:,} bytes); refused before reading it. If files this "
                 "large are expected, raise it: dvc exp run -S data.max_file_mb=<MiB>"
+            )
+
+    def check_total(self, archive: object, total: int) -> None:
+        """``total``: the bytes the archive's image files declare so far (read into memory)."""
+        if total > self.max_total_mb * MB:
+            raise DataError(
+                f"{archive}: its image files declare over {total:,} bytes in all, over "
+                f"data.max_total_mb={self.max_total_mb:g} ({int(self.max_total_mb * MB):,} "
+                "bytes); refused before reading past the limit (an archive is held in memory "
+                "while it is decoded). If the dataset is this large, raise it: dvc exp run -S "
+                "data.max_total_mb=<MiB>"
             )
 
 

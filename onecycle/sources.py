@@ -307,7 +307,7 @@ def fetch(cfg: DataConfig, root: Path, raw_dir: Path, seed: int = 0) -> tuple[Da
     only the images they keep).
     """
     source, image_size = cfg.source, cfg.image_size
-    limits = Limits(cfg.max_image_pixels, cfg.max_file_mb)
+    limits = Limits(cfg.max_image_pixels, cfg.max_file_mb, cfg.max_total_mb)
     pick = picker(cfg.train_subset, cfg.test_subset, seed)
     if source in OFFICIAL_FILES:
         spec = official_specs()[source]

@@ -879,6 +879,40 @@ def test_file_over_the_size_limit_is_refused_before_reading(kind, folder, tmp_pa
     assert not [r for r in read if r.endswith("big.png")]
 
 
+def test_an_archive_over_its_total_limit_is_refused_before_reading_past_it(tmp_path, monkeypatch):
+    """Many members each under data.max_file_mb: 40 of 63 MiB of zeros (2.9 MB as tar.gz) once
+    peaked at 3.5 GB. data.max_total_mb bounds what the image files may declare together: the
+    tar.gz stops at the member that crosses it, unread; the zip before reading any."""
+    big = [(f"train/a/{i}.png", bytes(8192)) for i in range(1, 5)]
+    tgz = tar_of(tmp_path / "set.tar.gz", big)
+    zpath = tmp_path / "set.zip"
+    with tarfile.open(tgz) as tar, zipfile.ZipFile(zpath, "w", zipfile.ZIP_DEFLATED) as zf:
+        for m in tar.getmembers():
+            zf.writestr(m.name, tar.extractfile(m).read())
+    read = []
+    real_tar, real_zip = tarfile.TarFile.extractfile, zipfile.ZipFile.open
+    monkeypatch.setattr(
+        tarfile.TarFile, "extractfile", lambda self, m: read.append(m.name) or real_tar(self, m)
+    )
+    monkeypatch.setattr(
+        zipfile.ZipFile,
+        "open",
+        lambda self, i, *a, **k: read.append(i) or real_zip(self, i, *a, **k),
+    )
+    for source in (tgz, zpath):
+        read.clear()
+        with pytest.raises(DataError) as err:
+            fetch(source, tmp_path, max_file_mb=0.01, max_total_mb=0.02)  # 10,485 / 20,971 bytes
+        msg = str(err.value)
+        assert msg.startswith(f"{source}: its image files declare over ") and "in all" in msg
+        assert "over data.max_total_mb=0.02 (20,971 bytes)" in msg
+        assert msg.endswith("dvc exp run -S data.max_total_mb=<MiB>")
+        assert len([r for r in read if "/a/" in str(r) and str(r)[-5] in "1234"]) <= 2, read
+        if source == zpath:
+            assert read == [], read  # the central directory told the total: nothing was read
+    assert DataConfig().max_total_mb == 2048
+
+
 def test_size_limit_holds_for_a_hardlink_target(tmp_path):
     link = _info("train/b/1.png", tarfile.LNKTYPE, "originals/x.bin")
     path = tar_of(tmp_path / "set.tar.gz", [("originals/x.bin", bytes(8192)), link])
