@@ -6,12 +6,13 @@ before any output is removed; a new section that no stage reads (``-S +trian.x=1
 Its output never changes, so it makes nothing else rerun.
 """
 
-from onecycle import cli, files, paths
-from onecycle.config import load_params
+from onecycle import cli, files, paths, precheck
+from onecycle.config import load_params, repo_root
 
 
 def main() -> None:
     params = load_params()
+    precheck.check_counts(params.data, repo_root())  # the subsets against the classes
     if params.base.devices > 1:  # what the ranks need, known before DVC removes any output
         from onecycle import distributed
 

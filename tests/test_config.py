@@ -342,3 +342,45 @@ def test_check_params_refuses_what_the_ranks_would_refuse_before_any_stage_runs(
 
 def test_zero_devices_is_refused():
     assert "base.devices" in error({"base": {"devices": 0}})
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            {"source": "cifar10", "train_subset": 5},
+            "params.yaml: data.train_subset=5 is smaller than the 10 classes of data.source; "
+            "raise it or set null",
+        ),
+        (
+            {"source": "folder", "test_subset": 2},
+            "params.yaml: data.test_subset=2 is smaller than the 3 classes of data.source; "
+            "raise it or set null",
+        ),
+        (
+            {"source": "cifar10", "train_subset": 100, "val_images": 60},
+            "params.yaml: data.val_images=60 would leave 40 of data.train_subset=100 images to "
+            "train on; keep it at most half (50), or raise data.train_subset",
+        ),
+    ],
+)
+def test_check_params_refuses_subsets_that_download_would_refuse(
+    tmp_path, monkeypatch, data, message
+):
+    """A subset smaller than the classes (or a validation split over half of it) stops
+    check_params, before DVC removes data/prepared (issue 26, item 1)."""
+    from onecycle.errors import DataError
+    from stages import check_params
+
+    for cls in ("a", "b", "c", ".hidden"):
+        (tmp_path / "folder" / "train" / cls).mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"data": data}))
+    with pytest.raises(DataError) as err:
+        check_params.main()
+    assert str(err.value) == message
+    assert not (tmp_path / paths.PARAMS_CHECKED).exists()
+    (tmp_path / "params.yaml").write_text(
+        yaml.safe_dump({"data": {**data, "train_subset": 30, "test_subset": 30, "val_images": 10}})
+    )
+    check_params.main()  # 30 images of 10 classes, 10 held out: accepted
