@@ -38,7 +38,7 @@ lint: $(STAMP)
 # side by side instead of queueing behind each other; docs/development.md). TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 3
 test: lint  ## lint, then every test (CI runs exactly this), the slowest listed
-	pytest -n $(TEST_WORKERS) --dist loadscope --durations=25
+	pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder --durations=25
 
 # The same suite in a shuffled order (pytest-random-order; the seed is printed, RANDOM_SEED=N
 # repeats an order): no test may depend on another having run first.

@@ -13,6 +13,10 @@ from onecycle.config import load_params, repo_root
 def main() -> None:
     params = load_params()
     precheck.check_counts(params.data, repo_root())  # the subsets against the classes
+    if params.model.pretrained not in ("none", "default"):  # a weights file: there, loadable,
+        from onecycle import transfer  # this network's (torchvision's default: lr_find gets it)
+
+        transfer.load(params.model)
     if params.base.devices > 1:  # what the ranks need, known before DVC removes any output
         from onecycle import distributed
 

@@ -384,3 +384,38 @@ def test_check_params_refuses_subsets_that_download_would_refuse(
         yaml.safe_dump({"data": {**data, "train_subset": 30, "test_subset": 30, "val_images": 10}})
     )
     check_params.main()  # 30 images of 10 classes, 10 held out: accepted
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (None, "not found"),
+        (b"not weights\n", "is not a loadable weights-only file"),
+        ("nan", "holds weights that are NaN or infinite"),
+    ],
+)
+def test_check_params_refuses_a_weights_file_that_lr_find_would_refuse(
+    tmp_path, monkeypatch, content, reason
+):
+    """model.pretrained naming a missing file, or one that is not a weights file, stops
+    check_params, before DVC removes lr_find's outputs (which have no cache to restore them
+    from; issue 26, item 1). A weights file that loads passes."""
+    import torch
+
+    from onecycle.errors import UserError
+    from stages import check_params
+
+    weights = tmp_path / "w.pt"
+    if content == "nan":
+        torch.save({"fc.weight": torch.full((2, 2), float("nan"))}, weights)
+    elif content is not None:
+        weights.write_bytes(content)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"model": {"pretrained": str(weights)}}))
+    with pytest.raises(UserError) as err:
+        check_params.main()
+    assert str(err.value).startswith(f"model.pretrained: {weights}") and reason in str(err.value)
+    assert not (tmp_path / paths.PARAMS_CHECKED).exists()
+    torch.save({"fc.weight": torch.zeros(2, 2)}, weights)
+    check_params.main()
+    assert (tmp_path / paths.PARAMS_CHECKED).exists()

@@ -227,7 +227,8 @@ def http_dir(tmp_path, monkeypatch):
     server = http.server.ThreadingHTTPServer(
         ("127.0.0.1", 0), functools.partial(Quiet, directory=str(served))
     )
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # polled every 50 ms, not 500: shutdown() waits for the next poll, 0.5 s per test at 0.5
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield served, f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()

@@ -222,7 +222,7 @@ def tls_server(tmp_path, monkeypatch):
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
     httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
     for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"https://127.0.0.1:{httpd.server_address[1]}")
@@ -299,7 +299,7 @@ def basic_auth_http(tmp_path, monkeypatch):
     server = http.server.ThreadingHTTPServer(
         ("127.0.0.1", 0), functools.partial(Guarded, directory=str(served))
     )
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}/imgs.tar.gz", expected
     server.shutdown()
     server.server_close()
