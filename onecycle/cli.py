@@ -1,12 +1,16 @@
 """The stage runner: a user error prints one clear message and exits 1, without a traceback.
 
-It also refuses to let DVC record a lie: if params.yaml changed under a running stage (a second
-``dvc exp run -S ...`` rewrites it even when DVC's lock then refuses to run), the stage's results
-were made with the old values while DVC would lock the new ones, so the stage fails instead.
+It also refuses to let DVC record a lie. A second ``dvc exp run -S ...`` rewrites params.yaml even
+when DVC's lock then refuses to run it, so the pipeline run already going would go on with values
+check_params never checked, and lock them as if it had. Run by DVC, a stage therefore refuses to
+start when params.yaml is no longer what check_params checked at this pipeline run's start (its
+entry in dvc.lock), and fails when its own params changed while it ran; either way naming the
+changed keys.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +23,7 @@ from .errors import UserError
 from .redact import redact
 
 DVC_YAML = Path("dvc.yaml")
+DVC_LOCK = Path("dvc.lock")
 PARAMS = Path("params.yaml")
 
 
@@ -36,20 +41,72 @@ def stage_params(stage: str) -> dict[str, object]:
         value: object = raw
         for part in filter(None, key.split(".")):
             value = value.get(part) if isinstance(value, dict) else None
-        values[key or "<all of params.yaml>"] = value
+        values[key] = value  # "" for the whole file
     return values
 
 
+def _leaves(values: dict, prefix: str = "") -> dict[str, object]:
+    """``{"train": {"epochs": 24}}`` -> ``{"train.epochs": 24}`` (a listed key's value may be a
+    section, or, under the key "", the whole file)."""
+    out: dict[str, object] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_leaves(value, f"{name}." if name else ""))
+        else:
+            out[name] = value
+    return out
+
+
+_ABSENT = object()
+
+
 def _changed(before: dict, after: dict) -> list[str]:
+    """One line per changed key, ``  train.epochs: 24 -> 2``."""
+    old, new = _leaves(before), _leaves(after)
+    show = lambda v: "(absent)" if v is _ABSENT else repr(v)  # noqa: E731
     return [
-        f"  {k}: {before[k]!r} -> {after.get(k)!r}" for k in before if before[k] != after.get(k)
+        f"  {k}: {show(old.get(k, _ABSENT))} -> {show(new.get(k, _ABSENT))}"
+        for k in sorted(old.keys() | new.keys())
+        if old.get(k, _ABSENT) != new.get(k, _ABSENT)
     ]
+
+
+def checked_params() -> dict | None:
+    """params.yaml as check_params last checked it, from its entry in dvc.lock (DVC writes it once
+    check_params ran or was found up to date in this pipeline run); None where there is none."""
+    try:
+        lock = read_yaml(DVC_LOCK) or {}
+        return lock["stages"]["check_params"]["params"]["params.yaml"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return None
+
+
+def _check_unchanged_since_check_params(stage: str) -> None:
+    """Run by DVC (``DVC_STAGE`` set), a stage refuses to start on params that check_params did
+    not check at this pipeline run's start."""
+    if not os.environ.get("DVC_STAGE") or stage == "check_params":
+        return
+    checked = checked_params()
+    try:
+        now = read_yaml(PARAMS) or {}
+    except (OSError, yaml.YAMLError):
+        return  # the stage's own loading says what is wrong with it
+    changed = _changed(checked, now) if isinstance(checked, dict) else []
+    if changed:
+        raise UserError(
+            "params.yaml is not what check_params checked when this pipeline run started:\n"
+            + "\n".join(changed)
+            + "\nAnother `dvc exp run -S ...` (or an edit) changed it meanwhile; nothing was "
+            "written. Run one pipeline at a time: `dvc repro` (or your `dvc exp run`) again."
+        )
 
 
 def run(main: Callable[[], None], stage: str) -> None:
     files.remove_stale_temps({p.parent for p in paths.outputs()} | {paths.RAW_DIR})
     before = stage_params(stage)
     try:
+        _check_unchanged_since_check_params(stage)
         main()
         changed = _changed(before, stage_params(stage))
         if changed:

@@ -293,15 +293,17 @@ def wait(names: list[str], repo: Path, jobs: int) -> list[str]:
     with progress.bar(len(names), "study runs", unit="run") as bar:
         while True:
             ok = finished(repo) & set(names)
-            done, failed = ok, []
+            done, failed, looked = ok, [], False
             if len(ok) < len(names) and time.monotonic() >= next_look:
+                looked = True
                 states = queue_states(repo)
                 done = ok | {n for n in names if states.get(n) not in ("Queued", "Running")}
                 failed = [n for n in names if n not in ok and states.get(n) == "Failed"]
                 waited = time.monotonic() - started
                 next_look = time.monotonic() + min(POLL_SECONDS, max(2.0, waited / 10))
-            bar.n = len(done)
-            bar.refresh()
+            if looked or len(done) != bar.n:  # the bar's elapsed time as often as DVC is asked
+                bar.n = len(done)
+                bar.refresh()
             if len(done) == len(names):
                 return failed
             time.sleep(0.5)

@@ -59,7 +59,48 @@ def test_params_changed_under_a_running_stage_fail_it_naming_the_key(workspace, 
 
     assert _exit_code(main, "train") == 1
     err = capsys.readouterr().err
-    assert "params.yaml changed while the stage ran" in err and "'epochs': 24" in err
+    assert "params.yaml changed while the stage ran" in err
+    assert (
+        "\n  train.epochs: 24 -> 2\n" in err and "momentum" not in err
+    )  # the key, not the section
+
+
+def _lock_check_params(workspace) -> None:
+    """dvc.lock as DVC leaves it once check_params checked the workspace's params.yaml."""
+    import yaml
+
+    from onecycle.config import read_yaml
+
+    checked = read_yaml(workspace / "params.yaml")
+    lock = {"schema": "2.0", "stages": {"check_params": {"params": {"params.yaml": checked}}}}
+    (workspace / "dvc.lock").write_text(yaml.safe_dump(lock))
+
+
+def test_params_changed_since_check_params_stop_a_stage_before_it_writes_anything(
+    workspace, capsys, monkeypatch
+):
+    """A second `dvc exp run -S train.epochs=2`, refused by DVC's lock, still rewrote params.yaml
+    under the pipeline run already going (checked at 24 epochs): its train refuses to start,
+    naming the key, instead of training 2 epochs that DVC would lock (issue 26, item 2)."""
+    _lock_check_params(workspace)
+    _edit(workspace / "params.yaml", "epochs: 24", "epochs: 2")
+    _edit(workspace / "params.yaml", "dpi: 120", "dpi: 150")
+    ran = []
+    monkeypatch.setenv("DVC_STAGE", "train")  # as DVC runs it
+
+    assert _exit_code(lambda: ran.append(1), "train") == 1
+    err = capsys.readouterr().err
+    assert not ran, "the stage ran"
+    assert "is not what check_params checked when this pipeline run started" in err
+    assert "\n  plots.dpi: 120 -> 150\n  train.epochs: 24 -> 2\n" in err
+    assert len(err.strip().splitlines()) == 4, err  # the keys, not the file
+
+    _lock_check_params(workspace)  # check_params ran again on today's params: accepted
+    cli.run(lambda: ran.append(1), "train")
+    monkeypatch.delenv("DVC_STAGE")  # by hand, nothing to compare with: not the runner's business
+    _edit(workspace / "params.yaml", "epochs: 2", "epochs: 3")
+    cli.run(lambda: ran.append(1), "train")
+    assert ran == [1, 1]
 
 
 def test_a_change_to_params_the_stage_does_not_read_is_not_its_business(workspace):
