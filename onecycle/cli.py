@@ -45,6 +45,41 @@ def stage_params(stage: str) -> dict[str, object]:
     return values
 
 
+def restore_hint(stage: str) -> str:
+    """How to get back what DVC removed before running ``stage``, which then failed: its cached
+    outputs as dvc.lock still records them, the others as last committed ("" where dvc.yaml
+    does not list the stage)."""
+    try:
+        spec = yaml.safe_load(DVC_YAML.read_text())["stages"][stage]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return ""
+    cached, plain = [], []
+    for kind in ("outs", "metrics", "plots"):
+        for entry in spec.get(kind) or []:
+            path, opts = (entry, {}) if isinstance(entry, str) else next(iter(entry.items()))
+            (plain if (opts or {}).get("cache") is False else cached).append(path)
+    plain = _committed(plain)  # `git checkout` of a path git never had stops on it
+    ways = [f"`dvc checkout {stage}` restores {', '.join(cached)}"] if cached else []
+    if plain:
+        which = "the others" if cached else "them"
+        ways.append(f"`git checkout -- {' '.join(plain)}` restores {which} as last committed")
+    return f"DVC removed {stage}'s outputs before running it: {'; '.join(ways)}." if ways else ""
+
+
+def _committed(paths_: list[str]) -> list[str]:
+    """Those of ``paths_`` that git tracks (all of them where git cannot say)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "ls-files", "--", *paths_], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return paths_
+    tracked = set(out.stdout.split()) if out.returncode == 0 else set(paths_)
+    return [p for p in paths_ if p in tracked]
+
+
 def _leaves(values: dict, prefix: str = "") -> dict[str, object]:
     """``{"train": {"epochs": 24}}`` -> ``{"train.epochs": 24}`` (a listed key's value may be a
     section, or, under the key "", the whole file)."""
@@ -120,6 +155,9 @@ def run(main: Callable[[], None], stage: str) -> None:
         sys.exit(130)
     except UserError as exc:
         print(f"\n{stage}: error: {redact(str(exc))}", file=sys.stderr)
+        if os.environ.get("DVC_STAGE") and stage != "check_params":  # (its output: a stamp)
+            if hint := restore_hint(stage):
+                print(hint, file=sys.stderr)
         sys.exit(1)
     finally:
         ddp = sys.modules.get("onecycle.distributed")  # imported by the stages that train

@@ -45,3 +45,31 @@ def check_counts(cfg: DataConfig, root: Path) -> None:
             f"images to train on; keep it at most half ({cfg.train_subset // 2}), or raise "
             "data.train_subset"
         )
+
+
+def other_pipeline_runs(root: Path) -> list[str]:
+    """The other DVC processes that hold locks on this workspace's stages now, as ``PID <n>:
+    <command>``: DVC's own per-output locks (``.dvc/tmp/rwlock``), less those of this process's
+    own ancestors (the ``dvc repro`` running it) and of processes that are gone.
+
+    DVC locks a stage's outputs only while the stage runs, so a second ``dvc exp run -S ...``
+    started beside a first rewrites params.yaml and runs check_params before its lock refuses
+    a later stage; DVC then records that check in dvc.lock, and the first run's next stage would
+    train on values nobody meant for it (issue 26, item 2)."""
+    import json
+
+    import psutil
+
+    try:
+        lock = json.loads((root / ".dvc" / "tmp" / "rwlock").read_text())
+    except (OSError, ValueError):
+        return []
+    holders = list((lock.get("write") or {}).values())
+    holders += [info for infos in (lock.get("read") or {}).values() for info in infos]
+    mine = {p.pid for p in psutil.Process().parents()}
+    found = {}
+    for info in holders:
+        pid = info.get("pid") if isinstance(info, dict) else None
+        if isinstance(pid, int) and pid not in mine and psutil.pid_exists(pid):
+            found[pid] = f"PID {pid}: {info.get('cmd', '?')}"
+    return list(found.values())

@@ -6,11 +6,22 @@ before any output is removed; a new section that no stage reads (``-S +trian.x=1
 Its output never changes, so it makes nothing else rerun.
 """
 
+from pathlib import Path
+
 from onecycle import cli, files, paths, precheck
 from onecycle.config import load_params, repo_root
+from onecycle.errors import UserError
 
 
 def main() -> None:
+    others = precheck.other_pipeline_runs(Path("."))  # this workspace (a queued run: its copy)
+    if others:
+        raise UserError(
+            "another pipeline run is going on in this workspace (" + "; ".join(others) + "); "
+            "params.yaml already holds this run's values, and that run's next stage refuses "
+            "them. Run one at a time (`dvc exp run --queue ...` queues one), then set "
+            "params.yaml back (`make reset-params`, or the values you meant) and rerun"
+        )
     params = load_params()
     precheck.check_counts(params.data, repo_root())  # the subsets against the classes
     if params.model.pretrained not in ("none", "default"):  # a weights file: there, loadable,

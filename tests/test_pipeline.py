@@ -199,6 +199,26 @@ def test_a_refused_param_value_loses_no_result(fork):
     assert out.count("Running stage") == 1, out  # the kept results are still the current ones
 
 
+def test_a_stage_that_fails_late_says_how_to_get_back_what_dvc_removed(fork):
+    """`train.max_lr=1e6` passes check_params; the loss turns NaN in train, after DVC removed
+    train's outputs. The error's next line says how to restore them, and doing what it says
+    brings back the previous model and metrics byte for byte (issue 26, item 1)."""
+    kept = (paths.MODEL, paths.TRAIN_METRICS, paths.TRAIN_RUN, paths.TRAIN_HISTORY)
+    before = {p: (fork / p).read_bytes() for p in kept}
+    set_params(fork, {"train": {"max_lr": 1e6}})
+    proc = run(fork, "dvc", "repro", ok=False)
+    out = proc.stderr + proc.stdout
+    assert proc.returncode != 0 and "train: error: loss became nan" in out, out
+    assert not (fork / paths.MODEL).exists()  # what DVC does before a stage runs
+    lines = out.splitlines()
+    hint = lines[lines.index(next(ln for ln in lines if ln.startswith("train: error:"))) + 1]
+    commands = re.findall(r"`([^`]+)`", hint)
+    assert [c.split()[:2] for c in commands] == [["dvc", "checkout"], ["git", "checkout"]], hint
+    for command in commands:
+        run(fork, *command.split())
+    assert {p: (fork / p).read_bytes() for p in kept} == before
+
+
 def _stages_to_rerun(repo: Path) -> set[str]:
     """The stages `dvc repro` would run for a change of params.yaml's values."""
     status = json.loads(run(repo, "dvc", "status", "--json").stdout)

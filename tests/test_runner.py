@@ -93,7 +93,11 @@ def test_params_changed_since_check_params_stop_a_stage_before_it_writes_anythin
     assert not ran, "the stage ran"
     assert "is not what check_params checked when this pipeline run started" in err
     assert "\n  plots.dpi: 120 -> 150\n  train.epochs: 24 -> 2\n" in err
-    assert len(err.strip().splitlines()) == 4, err  # the keys, not the file
+    lines = err.strip().splitlines()
+    assert len(lines) == 5, err  # the keys, not the file; then how to restore what DVC removed
+    assert lines[-1].startswith(
+        "DVC removed train's outputs before running it: `dvc checkout train`"
+    )
 
     _lock_check_params(workspace)  # check_params ran again on today's params: accepted
     cli.run(lambda: ran.append(1), "train")
@@ -166,3 +170,36 @@ def test_temporary_names_are_ignored_by_git(name):
     import subprocess
 
     assert subprocess.run(["git", "check-ignore", "-q", name], cwd=ROOT).returncode == 0
+
+
+def test_check_params_refuses_while_another_pipeline_holds_this_workspace(workspace):
+    """A second `dvc exp run -S ...` beside a running one: its check_params sees the first's
+    locks in DVC's rwlock and stops before DVC records its check (issue 26, item 2); locks of
+    its own dvc process and of processes that are gone are not in the way."""
+    import json
+    import subprocess
+    import sys
+
+    from stages import check_params
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True).stdout.strip()  # fmt: skip
+        rwlock = workspace / ".dvc" / "tmp" / "rwlock"
+        rwlock.parent.mkdir(parents=True)
+        mine = {"pid": os.getppid(), "cmd": "dvc repro"}  # as if it ran this one
+        locks = {
+            "write": {"runs/params_checked.txt": mine},
+            "read": {"data/prepared": [{"pid": int(dead), "cmd": "dvc repro (killed)"}]},
+        }
+        rwlock.write_text(json.dumps(locks))
+        check_params.main()  # its own and a dead one's: accepted
+        locks["read"]["data/prepared"].append({"pid": other.pid, "cmd": "dvc exp run -S x=1"})
+        rwlock.write_text(json.dumps(locks))
+        with pytest.raises(UserError, match=rf"another pipeline run is going on in this "
+                           rf"workspace \(PID {other.pid}: dvc exp run -S x=1\)"):  # fmt: skip
+            check_params.main()
+    finally:
+        other.kill()
+        other.wait()
