@@ -90,6 +90,19 @@ def _pixel_limit(max_pixels: int) -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = old
 
 
+class ImageTooLarge(DataError):
+    """An image whose header declares more pixels than the limit; ``size`` is what it declares
+    (predict names its own option instead of the data stage's key)."""
+
+    def __init__(self, name: str, size: str, max_pixels: int):
+        super().__init__(
+            f"{name}: image too large ({size}), over data.max_image_pixels={max_pixels:,}; "
+            "refused before decoding it. If images this large are expected, raise it: "
+            "dvc exp run -S data.max_image_pixels=<pixels>"
+        )
+        self.name, self.size, self.max_pixels = name, size, max_pixels
+
+
 def _too_large(name: str, data: bytes, max_pixels: int, exc: Exception) -> DataError:
     """Name the image, the size its header declares and the key (PIL names neither file nor key)."""
     old, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
@@ -101,11 +114,7 @@ def _too_large(name: str, data: bytes, max_pixels: int, exc: Exception) -> DataE
         size = str(exc)
     finally:
         Image.MAX_IMAGE_PIXELS = old
-    return DataError(
-        f"{name}: image too large ({size}), over data.max_image_pixels={max_pixels:,}; refused "
-        "before decoding it. If images this large are expected, raise it: "
-        "dvc exp run -S data.max_image_pixels=<pixels>"
-    )
+    return ImageTooLarge(name, size, max_pixels)
 
 
 def _decode(data: bytes, name: str, image_size: int, max_pixels: int) -> np.ndarray:

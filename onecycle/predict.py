@@ -21,8 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from . import paths
+from .config import DataConfig
 from .errors import UserError
 from .redact import redact
+
+MAX_PIXELS = DataConfig.model_fields["max_image_pixels"].default  # the data stage's default
 
 
 class PredictError(UserError):
@@ -118,11 +121,8 @@ def load_model(spec: str) -> Model:
     return load_mlflow_model(spec)
 
 
-def read_images(files: list[Path], image_size: int) -> np.ndarray:
-    from .config import DataConfig
-    from .imagefolder import decode_image, not_regular
-
-    max_pixels = DataConfig.model_fields["max_image_pixels"].default  # as the data stage's
+def read_images(files: list[Path], image_size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    from .imagefolder import ImageTooLarge, decode_image, not_regular
 
     images = []
     for f in files:
@@ -137,14 +137,22 @@ def read_images(files: list[Path], image_size: int) -> np.ndarray:
             raise PredictError(f"{f}: cannot read it ({exc.strerror or exc})") from None
         try:
             images.append(decode_image(data, str(f), image_size, max_pixels))
+        except ImageTooLarge as exc:  # its advice is the data stage's key: not predict's
+            raise PredictError(
+                f"{f}: image too large ({exc.size}), over --max-pixels={max_pixels:,}; refused "
+                "before decoding it. If images this large are expected, raise it: "
+                "--max-pixels <pixels>"
+            ) from None
         except UserError as exc:
             raise PredictError(f"{exc}; is it an image file?") from None
     return np.stack(images)
 
 
-def predict(model: Model, files: list[Path], top: int) -> list[list[tuple[str, float]]]:
+def predict(
+    model: Model, files: list[Path], top: int, max_pixels: int = MAX_PIXELS
+) -> list[list[tuple[str, float]]]:
     """For each file, its ``top`` classes with their probabilities, most likely first."""
-    probs = model.probabilities(read_images(files, model.image_size))
+    probs = model.probabilities(read_images(files, model.image_size, max_pixels))
     if probs.ndim != 2 or probs.shape[1] != len(model.classes):
         raise PredictError(
             f"model {model.origin} gives {probs.shape[-1]} outputs per image but names "
@@ -171,10 +179,17 @@ def main(argv: list[str] | None = None) -> None:
         help=f"checkpoint path or MLflow model URI (default: {paths.MODEL})",
     )
     ap.add_argument("--top", type=int, default=3, help="classes shown per image (default: 3)")
+    ap.add_argument(
+        "--max-pixels",
+        type=int,
+        default=MAX_PIXELS,
+        help=f"larger images are refused before decoding (default: {MAX_PIXELS:,}, as the "
+        "data stage's data.max_image_pixels)",
+    )
     args = ap.parse_args(argv)
     model = load_model(args.model)
     top = max(1, min(args.top, len(model.classes)))
-    for f, best in zip(args.images, predict(model, args.images, top), strict=True):
+    for f, best in zip(args.images, predict(model, args.images, top, args.max_pixels), strict=True):
         ranked = ", ".join(f"{c} {100 * p:.1f}%" for c, p in best)
         print(f"{f}: {ranked}")
 

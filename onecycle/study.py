@@ -341,9 +341,57 @@ def train_source(study: Study, repo: Path) -> Path:
     return out
 
 
+def check_overrides(study: Study, repo: Path) -> None:
+    """Every run's overrides (the source's, then each setting's with the common ones and its
+    seed) applied to the repository's params.yaml and checked as check_params would, before
+    anything is queued: a typo in the last setting used to leave the earlier ones queued, with
+    DVC's advice to add the misspelt key (``+trian.max_lr``)."""
+    import copy
+    import difflib
+
+    from .config import ConfigError, parse_params, read_yaml
+
+    base = read_yaml(repo / "params.yaml") or {}
+    known = sorted(_dotted(base))
+    runs = [("source", study.source["overrides"])] if study.source else []
+    runs += [
+        (f"setting {label}", {**study.common, **settings, "base.seed": 0})
+        for label, settings in study.all_settings().items()
+    ]
+    for what, overrides in runs:
+        raw = copy.deepcopy(base)
+        for key, value in overrides.items():
+            *sections, last = key.split(".")
+            node = raw
+            for part in sections:
+                node = node.get(part) if isinstance(node, dict) else None
+            if not isinstance(node, dict) or last not in node:
+                close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+                hint = f"; did you mean {close[0]}?" if close else ""
+                raise StudyError(
+                    f"study {study.name}, {what}: {key} is not a key of params.yaml{hint} "
+                    "(nothing was queued)"
+                )
+            node[last] = value
+        try:
+            parse_params(raw, f"study {study.name}, {what}")
+        except ConfigError as exc:
+            raise StudyError(f"{exc}\n(nothing was queued)") from None
+
+
+def _dotted(tree: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for key, value in tree.items():
+        keys.add(f"{prefix}{key}")
+        if isinstance(value, dict):
+            keys |= _dotted(value, f"{prefix}{key}.")
+    return keys
+
+
 def run(study: Study, repo: Path = Path(".")) -> list[str]:
     """Queue and run what is missing (the source first, when there is one); returns the names
-    that failed."""
+    that failed. Every run's overrides are checked first, so a bad one queues nothing."""
+    check_overrides(study, repo)
     if study.source:
         path = train_source(study, repo)
         progress.say(f"study {study.name}: source model {study.source_name} -> {path}")

@@ -196,3 +196,21 @@ def test_a_fifo_is_named_in_one_line_and_nothing_hangs(tmp_path):
     worker.join(10)
     assert not worker.is_alive(), "reading a FIFO blocked"
     assert errors == [f"{fifo}: not a regular file (a FIFO); give image files"]
+
+
+def test_an_image_over_the_pixel_limit_names_predicts_own_option(tmp_path):
+    """predict used to advise `dvc exp run -S data.max_image_pixels=...`, which does nothing for
+    predict (issue 26, item 8): its own --max-pixels is named, and raising it lets the image in."""
+    from PIL import Image
+
+    big = tmp_path / "big.png"
+    Image.new("RGB", (100, 80)).save(big)
+    with pytest.raises(predict.PredictError) as err:
+        predict.read_images([big], 32, max_pixels=5000)
+    assert str(err.value) == (
+        f"{big}: image too large (100x80 = 8,000 pixels), over --max-pixels=5,000; refused "
+        "before decoding it. If images this large are expected, raise it: --max-pixels <pixels>"
+    )
+    assert predict.read_images([big], 32, max_pixels=8000).shape == (1, 32, 32, 3)
+    with pytest.raises(SystemExit):  # the option is there (argparse exits on --help)
+        predict.main(["--help"])

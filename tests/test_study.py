@@ -227,3 +227,31 @@ def test_the_report_gives_seconds_per_epoch_throughput_and_the_wall_time_split()
     assert (row["epoch_seconds"], row["images_per_sec"], row["wall_seconds"]) == (10, 500, 50)
     text = study.markdown(study.load_text(GOOD), [row], [], "x.png", "a GPU")
     assert "| auto | 2 | 90.00 ± 0.00 % | 0.8; 0.3..1.3 | 20 | 10.00 | 500 | 50: 20 + 30 |" in text
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"trian.max_lr": 0.1}, "setting zz: trian.max_lr is not a key of params.yaml; did you mean train.max_lr?"),
+        ({"train.epochs": 0}, "train.epochs: Input should be greater than or equal to 1 (got 0)"),
+    ],
+)  # fmt: skip
+def test_a_bad_setting_queues_nothing_and_names_itself(tmp_path, monkeypatch, bad, message):
+    """A typo in the last setting used to leave the earlier ones queued, with DVC's advice to add
+    the misspelt key (issue 26, item 8): every run is checked against params.yaml first."""
+    from .tiny_repo import committed_params
+
+    (tmp_path / "params.yaml").write_text(committed_params())
+    s = study.load_text(
+        "name: t\nseeds: [0]\nsettings:\n  ok: {train.max_lr: 0.1}\n  zz: {}\n"
+        "common: {train.epochs: 2}\n"
+    )
+    s.settings["zz"].update(bad)
+    called = []
+    monkeypatch.setattr(study, "_dvc", lambda *a, **k: called.append(a))
+    with pytest.raises(study.StudyError) as err:
+        study.run(s, tmp_path)
+    assert message in str(err.value) and "nothing was queued" in str(err.value)
+    assert not called
+    s.settings["zz"].clear()
+    study.check_overrides(s, tmp_path)  # the same study without it: accepted
