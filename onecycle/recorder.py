@@ -3,6 +3,7 @@ about once, retried later (at most once a minute), and what could not be logged 
 
 from __future__ import annotations
 
+import errno
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ class Recorder:
         self._retry_at = 0.0
         self._warned = False
         self._mlflow_client = None
+        self.last_error: BaseException | None = None
 
     def _call(self, what: str, fn: Callable[[], None]) -> None:
         self._pending.append((what, fn))
@@ -44,6 +46,7 @@ class Recorder:
             try:
                 fn()
             except Exception as exc:  # noqa: BLE001 - logging must never stop the work
+                self.last_error = exc
                 self._retry_at = time.monotonic() + RETRY_SECONDS
                 if not self._warned:
                     self._warned = True
@@ -161,12 +164,58 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return flat
 
 
+LOCAL_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR}
+
+
+def _cause(recorder: Recorder) -> str:
+    """Why the store failed, as the closing line says it: a folder this machine cannot write
+    (the local artifact store: permissions, read-only, full), else the store unreachable."""
+    exc = recorder.last_error
+    if isinstance(exc, OSError) and exc.errno in LOCAL_ERRNOS:
+        where = redact(str(exc.filename)) if exc.filename else "its artifact folder"
+        return (
+            f"MLflow could not write {where} ({exc.strerror or short_error(exc)}: make the folder "
+            "writable or free space, or set MLFLOW_TRACKING_URI to another store)"
+        )
+    return f"MLflow at {recorder.shown_uri} is unreachable"
+
+
+def summarize(unlogged: list[str], files_shown: int = 5) -> list[str]:
+    """What a run lacks in a few lines: the metric batches as one line (their names, the step
+    range, how many batches), the files as one, the rest as they are."""
+    import re
+
+    names, steps, batches, files, rest = set(), [], 0, [], []
+    for what in unlogged:
+        m = re.fullmatch(r"metrics (.+) at step (\d+)(?:\.\.(\d+))?", what)
+        if m:
+            names |= set(m[1].split(", "))
+            steps += [int(m[2]), int(m[3] or m[2])]
+            batches += 1
+        elif what.startswith("file "):
+            files.append(what.removeprefix("file "))
+        else:
+            rest.append(what)
+    lines = rest
+    if batches == 1:
+        lines.append(next(w for w in unlogged if w.startswith("metrics ")))
+    elif batches:
+        lines.append(
+            f"metrics {', '.join(sorted(names))} at steps {min(steps)}..{max(steps)} "
+            f"({batches} batches)"
+        )
+    if files:
+        more = f", and {len(files) - files_shown} more" if len(files) > files_shown else ""
+        lines.append(f"{len(files)} file(s): {', '.join(files[:files_shown])}{more}")
+    return lines
+
+
 def report_unlogged(recorder: Recorder, stage: str) -> None:
-    """At a stage's end: send what waits, or list what the run lacks."""
+    """At a stage's end: send what waits, or say in a few lines what the run lacks and why."""
     if recorder.flush():
         return
-    lines = "\n".join(f"  - {what}" for what in recorder.unlogged())
+    lines = "\n".join(f"  - {what}" for what in summarize(recorder.unlogged()))
     progress.say(
-        f"{stage}: MLflow at {recorder.shown_uri} is unreachable; run {recorder.run_id} is missing:\n"
+        f"{stage}: {_cause(recorder)}; run {recorder.run_id} is missing:\n"
         f"{lines}\nThe stage's own outputs hold all of it (metrics/, plots/, models/)."
     )

@@ -309,3 +309,35 @@ def test_the_ui_address_opens_the_experiments_runs_in_the_model_training_view(tm
     (tmp_path / paths.TRAIN_RUN).parent.mkdir()
     (tmp_path / paths.TRAIN_RUN).write_text('{"experiment_id": "42"}')
     assert tracking.ui_url(base, tmp_path) == f"{base}/#/experiments/42/runs{view}"
+
+
+def test_a_folder_that_cannot_be_written_is_named_not_called_unreachable(
+    store, monkeypatch, capsys
+):
+    """An artifact folder the stage cannot create used to end in "MLflow at … is unreachable"
+    (issue 26, item 8); the closing lines name the folder and the cause, and 300 failed metric
+    batches read as one line (issue 26, item 3)."""
+    import errno
+
+    def denied(self, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", "/srv/mlartifacts/7")
+
+    with tracking.stage_run("train") as run:
+        monkeypatch.setattr(mlflow.MlflowClient, "log_batch", denied)
+        monkeypatch.setattr(mlflow.MlflowClient, "log_artifact", denied)
+        for step in range(300):
+            run.log_metrics({"loss": 1.0, "lr": 0.1}, step=step)
+        run.log_files(*[f"metrics/m{i}.json" for i in range(7)])
+    text = "".join(capsys.readouterr())
+    closing = text[text.index("train: MLflow") :].splitlines()
+    assert closing[0] == (
+        "train: MLflow could not write /srv/mlartifacts/7 (Permission denied: make the folder "
+        f"writable or free space, or set MLFLOW_TRACKING_URI to another store); run {run.run_id} "
+        "is missing:"
+    )
+    assert closing[1:3] == [
+        "  - metrics loss, lr at steps 0..299 (300 batches)",
+        "  - 7 file(s): metrics/m0.json, metrics/m1.json, metrics/m2.json, metrics/m3.json, "
+        "metrics/m4.json, and 2 more",
+    ]
+    assert "unreachable" not in text
