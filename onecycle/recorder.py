@@ -1,10 +1,14 @@
-"""Logging into one MLflow run without ever costing the work: a failing call is kept, warned
-about once, retried later (at most once a minute), and what could not be logged is listed."""
+"""Logging into one MLflow run without ever costing the work: calls go into a bounded queue that
+a background thread sends in order, so a store that hangs or fails never holds up training; a
+failing call is kept, warned about once and retried (at most once a minute, and whenever the
+stage waits for the queue); what could not be logged is summed up at the end."""
 
 from __future__ import annotations
 
+import collections
 import errno
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +16,10 @@ from pathlib import Path
 from . import progress
 from .redact import redact, redact_values
 
-RETRY_SECONDS = 60  # after a failed call, how long logging waits before trying again
+RETRY_SECONDS = 60  # after a failed call, how long the sender waits before trying again
+FLUSH_SECONDS = 30  # how long a stage's end waits for the queue to empty
+CALL_NOW_SECONDS = 120  # how long a call whose value the stage needs (the model's id) may take
+MAX_PENDING = 10_000  # calls kept while the store is away; the oldest beyond are given up
 TEXT_SUFFIXES = (".yaml", ".yml", ".json", ".csv", ".txt", ".md")  # logged redacted
 
 
@@ -22,44 +29,80 @@ def short_error(exc: BaseException) -> str:
 
 
 class Recorder:
-    """Logs into one run. A failing call costs no work: it is kept, warned about once, retried
-    before later calls (at most once a minute) and at the end; :meth:`unlogged` lists the rest."""
+    """Logs into one run. Every call is queued and sent by a background thread, in order; a
+    failing call costs no work: it is kept, warned about once and retried; :meth:`flush` waits
+    (with a time limit) for the queue, and :meth:`unlogged` lists what is left."""
 
     def __init__(self, run_id: str, experiment_id: str, uri: str):
         self.run_id, self.experiment_id, self.uri = run_id, experiment_id, uri
         self.shown_uri = redact(uri)  # what messages name: no password, no signed query
-        self._pending: list[tuple[str, Callable[[], None]]] = []
-        self._retry_at = 0.0
+        self._pending: collections.deque[tuple[str, Callable[[], None]]] = collections.deque()
+        self._dropped: list[str] = []  # given up: the queue was full
+        self._cond = threading.Condition()
+        self._retry_now = threading.Event()
+        self._sender: threading.Thread | None = None
+        self._failures = 0
         self._warned = False
         self._mlflow_client = None
         self.last_error: BaseException | None = None
 
     def _call(self, what: str, fn: Callable[[], None]) -> None:
-        self._pending.append((what, fn))
-        if time.monotonic() >= self._retry_at:
-            self.flush()
+        with self._cond:
+            if len(self._pending) >= MAX_PENDING:
+                self._dropped.append(self._pending.popleft()[0])
+            self._pending.append((what, fn))
+            self._cond.notify_all()
+            if self._sender is None:
+                self._sender = threading.Thread(target=self._send, name="mlflow-log", daemon=True)
+                self._sender.start()
 
-    def flush(self) -> bool:
-        """Send what is waiting, in order; False if the store still fails."""
-        while self._pending:
-            what, fn = self._pending[0]
+    def _send(self) -> None:
+        """The sender: the queue's head, in order, forever (a daemon: it never holds up exit)."""
+        while True:
+            with self._cond:
+                while not self._pending:
+                    self._cond.wait()
+                what, fn = self._pending[0]
             try:
                 fn()
             except Exception as exc:  # noqa: BLE001 - logging must never stop the work
-                self.last_error = exc
-                self._retry_at = time.monotonic() + RETRY_SECONDS
+                with self._cond:
+                    self.last_error = exc
+                    self._failures += 1
+                    self._cond.notify_all()
                 if not self._warned:
                     self._warned = True
                     progress.say(
                         f"warning: MLflow at {self.shown_uri} failed ({short_error(exc)}) while logging "
                         f"{what}; the work goes on and logging is retried"
                     )
-                return False
-            self._pending.pop(0)
-        return True
+                self._retry_now.wait(RETRY_SECONDS)
+                self._retry_now.clear()
+                continue
+            with self._cond:
+                if self._pending and self._pending[0][1] is fn:  # (not given up meanwhile)
+                    self._pending.popleft()
+                self._cond.notify_all()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until the queue is sent (True), a retry fails or ``timeout`` (default
+        ``FLUSH_SECONDS``) passes (False); a sender waiting to retry retries at once."""
+        deadline = time.monotonic() + (FLUSH_SECONDS if timeout is None else timeout)
+        with self._cond:
+            failures = self._failures
+            if self._pending:
+                self._retry_now.set()
+        with self._cond:
+            while self._pending and self._failures == failures:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            return not self._pending
 
     def unlogged(self) -> list[str]:
-        return [what for what, _ in self._pending]
+        with self._cond:
+            return self._dropped + [what for what, _ in self._pending]
 
     def _client(self):
         import mlflow
@@ -132,6 +175,7 @@ class Recorder:
         listed at the end if it never succeeds)."""
         box: dict = {}
         self._call(what, lambda: box.setdefault("value", fn()))
+        self.flush(CALL_NOW_SECONDS)
         return box.get("value")
 
     def log_files(self, *local: str | Path, artifact_path: str | None = None) -> None:

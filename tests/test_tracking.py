@@ -201,9 +201,11 @@ def test_a_store_lost_mid_run_costs_no_work_and_logs_the_rest_once_back(store, m
     monkeypatch.setattr(recorder, "RETRY_SECONDS", 0)
     with tracking.stage_run("train") as run:
         run.log_metrics({"loss": 3.0}, step=1)
+        assert run.flush()  # sent in the background: wait for it before the store goes away
         down["on"] = True
-        run.log_metrics({"loss": 2.0}, step=2)  # kept, not raised
+        run.log_metrics({"loss": 2.0}, step=2)
         run.log_metrics({"loss": 1.5}, step=3)
+        assert not run.flush(timeout=10)  # a try failed: kept, not raised
         assert run.unlogged() == ["metrics loss at step 2", "metrics loss at step 3"]
         down["on"] = False
         run.log_metrics({"loss": 1.0}, step=4)  # sends what waited first, in order
@@ -341,3 +343,45 @@ def test_a_folder_that_cannot_be_written_is_named_not_called_unreachable(
         "metrics/m4.json, and 2 more",
     ]
     assert "unreachable" not in text
+
+
+def test_a_store_that_hangs_mid_run_never_holds_up_the_work(store, monkeypatch, capsys):
+    """A server that stops answering mid-run (a proxy that stopped forwarding) used to stall the
+    training loop for each call's HTTP timeout, 197 s of wall time for 100 s of work (issue 26,
+    item 3). Calls are queued and sent by a background thread: an epoch's logging returns at
+    once while the store hangs, the stage's end waits FLUSH_SECONDS at most, and the closing
+    lines sum up what is missing."""
+    import threading
+    import time
+
+    release = threading.Event()
+    hung = {"on": False}
+    real = mlflow.MlflowClient.log_batch
+
+    def hang(self, *args, **kwargs):
+        if hung["on"]:
+            release.wait(120)  # a request to a server that accepted it and never answers
+            raise ConnectionError("read timed out")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "log_batch", hang)
+    monkeypatch.setattr(recorder, "FLUSH_SECONDS", 1.0)
+    try:
+        started = time.monotonic()
+        with tracking.stage_run("train") as run:
+            run.log_metrics({"loss": 3.0}, step=0)
+            assert run.flush()
+            hung["on"] = True
+            calls = []
+            for epoch in range(1, 6):
+                t = time.perf_counter()
+                run.log_metrics({"loss": 1.0 / epoch, "lr": 0.1}, step=epoch)
+                calls.append(time.perf_counter() - t)
+        ended = time.monotonic() - started
+    finally:
+        release.set()
+    assert max(calls) < 0.1, calls  # queued, not sent: the loop goes on at full speed
+    assert ended < 20, ended  # the end waited about FLUSH_SECONDS, not an HTTP timeout
+    text = "".join(capsys.readouterr())
+    assert f"run {run.run_id} is missing:\n  - metrics loss, lr at steps 1..5 (5 batches)\n" in text
+    assert _status(run.run_id) == "FINISHED"
