@@ -12,3 +12,8 @@ class DataError(UserError):
 
 class MissingInput(UserError, FileNotFoundError):
     """A file an earlier stage writes is not there (run that stage first)."""
+
+
+class WriteError(UserError):
+    """An output could not be written (no space, read-only, no permission); the previous file
+    at that path is unchanged."""

@@ -7,6 +7,7 @@ write never leaves a half-written file that a later run would trust.
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
@@ -17,7 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import MissingInput
+from .errors import MissingInput, WriteError
 from .redact import redact_values
 
 TMP_SUFFIX = ".tmp"  # temporary files are `.<name>.<random>.tmp` (.gitignore matches them)
@@ -29,14 +30,54 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     The file gets the umask's mode (mkstemp's 0600 would hide results from the rest of a team).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "xb") as f:
             write(f)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch.save's writer raises RuntimeError
+        tmp.unlink(missing_ok=True)  # first: the free space it reports is what is left
+        error = write_error(path, exc)
+        if error is None:
+            raise
+        raise error from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+CANNOT_WRITE = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                errno.EPERM: "not permitted"}  # fmt: skip
+
+
+def write_error(path: Path, exc: BaseException) -> WriteError | None:
+    """One line for an output that could not be written for a cause the user can fix: no space
+    (torch.save says so only in its text), a read-only file system, no permission; else None."""
+    chain, seen = [], exc  # torch.save's RuntimeError hides the OSError in its context
+    while seen is not None and len(chain) < 5:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    codes = [getattr(e, "errno", None) for e in chain]
+    code = next((c for c in codes if c in NO_SPACE or c in CANNOT_WRITE), None)
+    text = " ".join(map(str, chain))
+    kept = f"the previous {path.name} is unchanged" if path.exists() else "nothing was written"
+    if code in NO_SPACE or "No space left on device" in text or "Disk quota exceeded" in text:
+        try:
+            free = shutil.disk_usage(path.parent).free
+        except OSError:
+            free = None
+        room = f" ({free / 2**20:.0f} MiB free there)" if free is not None else ""
+        return WriteError(
+            f"{path}: no space left on its file system{room}; {kept}. Free space there (or "
+            "point the outputs at a bigger disk) and rerun"
+        )
+    if code in CANNOT_WRITE:
+        return WriteError(
+            f"{path}: cannot be written ({CANNOT_WRITE[code]}); {kept}. Make its folder writable "
+            "(or run from a writable copy) and rerun"
+        )
+    return None
 
 
 def remove_stale_temps(folders: Iterable[Path], older_than: float = 60.0) -> list[Path]:

@@ -1,6 +1,7 @@
 """The stage runner (onecycle/cli.py): one-line user errors, params changed under a running stage,
 and the temporary files that killed writes leave behind."""
 
+import errno
 import os
 import shutil
 import time
@@ -8,7 +9,7 @@ import time
 import pytest
 
 from onecycle import cli, files
-from onecycle.errors import UserError
+from onecycle.errors import UserError, WriteError
 
 from . import tiny_repo
 from .conftest import ROOT
@@ -203,3 +204,38 @@ def test_check_params_refuses_while_another_pipeline_holds_this_workspace(worksp
     finally:
         other.kill()
         other.wait()
+
+
+def _torch_on_a_full_disk(f):
+    """What torch.save does on a full disk: its writer's RuntimeError, the OSError inside."""
+    f.write(b"half a checkpoint")
+    try:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    except OSError:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")  # noqa: B904 - as torch does
+
+
+def _read_only(f):
+    raise OSError(errno.EROFS, "Read-only file system")
+
+
+@pytest.mark.parametrize(
+    "write, cause",
+    [
+        (_torch_on_a_full_disk, "no space left on its file system ("),
+        (_read_only, "cannot be written (read-only file system)"),
+    ],
+)
+def test_an_output_that_cannot_be_written_is_one_line_and_the_old_one_stays(tmp_path, write, cause):
+    """A checkpoint saved on a full disk ended in torch's traceback (`unexpected pos … vs …`,
+    inline_container.cc); one line now names the file, the cause and what to do, and the
+    previous file stays as it was (issue 26, item 4)."""
+    path = tmp_path / "model.pt"
+    files.write_text(path, "the previous weights")
+    with pytest.raises(WriteError) as err:
+        files.atomic_write(path, write)
+    text = str(err.value)
+    assert text.startswith(f"{path}: {cause}") and "the previous model.pt is unchanged" in text
+    assert len(text.splitlines()) == 1
+    assert path.read_text() == "the previous weights"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
