@@ -24,8 +24,11 @@ TEXT_SUFFIXES = (".yaml", ".yml", ".json", ".csv", ".txt", ".md")  # logged reda
 
 
 def short_error(exc: BaseException) -> str:
+    """The exception in one line: its type and the line that names the cause (SQLAlchemy's
+    text starts with advice about autoflush; the database's own error is on a later line)."""
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
+    cause = next((ln for ln in text if ln.startswith(("(sqlite3.", "(psycopg"))), None)
+    return f"{type(exc).__name__}: {(cause or (text[0] if text else ''))[:200]}"
 
 
 class Recorder:
@@ -156,7 +159,9 @@ class Recorder:
         for start in range(0, len(metrics), 1000):
             chunk = metrics[start : start + 1000]
             steps = f"{chunk[0].step}..{chunk[-1].step}" if len(rows) > 1 else f"{chunk[0].step}"
-            what = f"metrics {', '.join(sorted({m.key for m in chunk}))} at step {steps}"
+            names = sorted({m.key for m in chunk})
+            shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+            what = f"metrics {shown} at step {steps}"
             self._call(what, lambda c=chunk: self._client().log_batch(self.run_id, metrics=c))
 
     def log_datasets(self, datasets: list[tuple[object, str]]) -> None:
@@ -215,6 +220,16 @@ def _cause(recorder: Recorder) -> str:
     """Why the store failed, as the closing line says it: a folder this machine cannot write
     (the local artifact store: permissions, read-only, full), else the store unreachable."""
     exc = recorder.last_error
+    text = str(exc) if exc is not None else ""
+    if recorder.uri.startswith("sqlite:///") and (
+        "readonly database" in text or "database or disk is full" in text
+    ):
+        db = recorder.uri.removeprefix("sqlite:///")
+        cause = "is read-only" if "readonly" in text else "has no space left on its disk"
+        return (
+            f"the MLflow store {db} {cause} (make it and its folder writable, free space, or set "
+            "MLFLOW_TRACKING_URI to another store)"
+        )
     if isinstance(exc, OSError) and exc.errno in LOCAL_ERRNOS:
         where = redact(str(exc.filename)) if exc.filename else "its artifact folder"
         return (
@@ -233,7 +248,7 @@ def summarize(unlogged: list[str], files_shown: int = 5) -> list[str]:
     for what in unlogged:
         m = re.fullmatch(r"metrics (.+) at step (\d+)(?:\.\.(\d+))?", what)
         if m:
-            names |= set(m[1].split(", "))
+            names |= {re.sub(r" and \d+ more$", " …", n) for n in m[1].split(", ")}
             steps += [int(m[2]), int(m[3] or m[2])]
             batches += 1
         elif what.startswith("file "):

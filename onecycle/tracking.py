@@ -192,6 +192,9 @@ def setup(root: Path | None = None) -> str:
         "mlflow.models.model",
     ):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Its ERROR is a 60-line SQLAlchemy traceback for a read-only or full store; the recorder
+    # and the stage say it in one line, naming the cause.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     for key, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", SYSTEM_METRICS_SECONDS)

@@ -385,3 +385,44 @@ def test_a_store_that_hangs_mid_run_never_holds_up_the_work(store, monkeypatch, 
     text = "".join(capsys.readouterr())
     assert f"run {run.run_id} is missing:\n  - metrics loss, lr at steps 1..5 (5 batches)\n" in text
     assert _status(run.run_id) == "FINISHED"
+
+
+@pytest.mark.parametrize(
+    "db_error, cause",
+    [
+        ("attempt to write a readonly database", "is read-only"),
+        ("database or disk is full", "has no space left on its disk"),
+    ],
+)
+def test_a_read_only_or_full_store_is_one_line_naming_it(
+    store, monkeypatch, capsys, db_error, cause
+):
+    """A read-only mlflow.db, or one on a full disk, printed MLflow's 60-line SQLAlchemy
+    traceback and a line about autoflush (issue 26, item 4; both seen on a tmpfs, remounted
+    read-only or filled); the warning names the database's own error and the closing line the
+    store, the cause and the way out."""
+    import logging
+
+    from mlflow.exceptions import MlflowException
+
+    text = (
+        "(raised as a result of Query-invoked autoflush; consider using a session.no_autoflush "
+        f"block if this flush is occurring prematurely)\n(sqlite3.OperationalError) {db_error}\n"
+        "[SQL: INSERT INTO metrics ...]"
+    )
+
+    def failing(self, *args, **kwargs):
+        try:
+            raise MlflowException(text)
+        except MlflowException:  # what MLflow's session wrapper logs before raising
+            logging.getLogger("mlflow.store.db.utils").exception("SQLAlchemy database error")
+            raise
+
+    with tracking.stage_run("evaluate") as run:
+        monkeypatch.setattr(mlflow.MlflowClient, "log_batch", failing)
+        run.log_metrics({"accuracy": 0.5}, step=0)
+    out = "".join(capsys.readouterr())
+    db = mlflow.get_tracking_uri().removeprefix("sqlite:///")
+    assert "Traceback" not in out and "autoflush" not in out, out
+    assert f"(MlflowException: (sqlite3.OperationalError) {db_error})" in out
+    assert f"evaluate: the MLflow store {db} {cause} (make it and its folder writable" in out
