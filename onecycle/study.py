@@ -203,14 +203,43 @@ def _set_args(overrides: dict[str, object]) -> list[str]:
     return args
 
 
-def queue_states(repo: Path) -> dict[str, str]:
-    """Experiment name -> its queue status (Queued, Running, Success, Failed, ...)."""
-    states = {}
+WORKERS = re.compile(r"^Worker status: (\d+) active, (\d+) idle")
+DEAD_LOOKS = 3  # looks in a row with tasks waiting and no worker: the workers are gone
+
+
+def queue_status(repo: Path) -> tuple[dict[str, str], int | None]:
+    """(experiment name -> its queue status (Queued, Running, Success, Failed, ...), the number
+    of live queue workers, None where ``dvc queue status`` does not say)."""
+    states, workers = {}, None
     for line in _dvc("queue", "status", cwd=repo).splitlines()[1:]:
+        if m := WORKERS.match(line.strip()):
+            workers = int(m[1]) + int(m[2])
+            continue
         parts = line.split()
         if len(parts) >= 3 and parts[0] != "Worker":
             states[parts[1]] = parts[-1]
-    return states
+    return states, workers
+
+
+def queue_states(repo: Path) -> dict[str, str]:
+    """Experiment name -> its queue status (Queued, Running, Success, Failed, ...)."""
+    return queue_status(repo)[0]
+
+
+def requeue_orphans(names: list[str], repo: Path) -> list[str]:
+    """Those of ``names`` that DVC shows Running with no queue worker alive (the workers were
+    killed: SIGKILL, a closed terminal, a reboot), marked Failed with ``dvc queue kill`` so that
+    they are queued again; returns them. Without this a restarted study waited for them forever."""
+    states, workers = queue_status(repo)
+    orphans = [n for n in names if states.get(n) == "Running"]
+    if not orphans or workers != 0:
+        return []
+    _dvc("queue", "kill", *orphans, cwd=repo)
+    progress.say(
+        f"study: {', '.join(orphans)} were left Running by queue workers that are gone; "
+        "stopped (`dvc queue kill`) and queued again"
+    )
+    return orphans
 
 
 def finished(repo: Path) -> set[str]:
@@ -236,6 +265,7 @@ def finished(repo: Path) -> set[str]:
 
 def enqueue(study: Study, runs: list[tuple[str, int, dict]], repo: Path) -> list[str]:
     """Queue the runs not finished nor queued yet; returns the names now waiting."""
+    requeue_orphans([study.exp_name(label, seed) for label, seed, _ in runs], repo)
     done, states = finished(repo), queue_states(repo)
     waiting = []
     for label, seed, overrides in runs:
@@ -289,14 +319,22 @@ def wait(names: list[str], repo: Path, jobs: int) -> list[str]:
         return []
     start_queue(repo, jobs)
     started = time.monotonic()
-    next_look = started + 2.0
+    next_look, dead_looks = started + 2.0, 0
     with progress.bar(len(names), "study runs", unit="run") as bar:
         while True:
             ok = finished(repo) & set(names)
             done, failed, looked = ok, [], False
             if len(ok) < len(names) and time.monotonic() >= next_look:
                 looked = True
-                states = queue_states(repo)
+                states, workers = queue_status(repo)
+                stuck = [n for n in names if n not in ok and states.get(n) in ("Queued", "Running")]
+                dead_looks = dead_looks + 1 if stuck and workers == 0 else 0
+                if dead_looks >= DEAD_LOOKS:
+                    raise StudyError(
+                        f"the queue has no worker left (`dvc queue status`: 0 active, 0 idle) "
+                        f"while {', '.join(stuck)} wait: its workers were stopped. Start the "
+                        "study again: it stops those runs (`dvc queue kill`) and queues them anew"
+                    )
                 done = ok | {n for n in names if states.get(n) not in ("Queued", "Running")}
                 failed = [n for n in names if n not in ok and states.get(n) == "Failed"]
                 waited = time.monotonic() - started
@@ -327,6 +365,7 @@ def train_source(study: Study, repo: Path) -> Path:
     ``source.checkpoint`` (``dvc get --rev <its commit>``); returns that path."""
     name = study.source_name
     if name not in finished(repo):
+        requeue_orphans([name], repo)
         if queue_states(repo).get(name) not in ("Queued", "Running"):
             sets = _set_args(study.source["overrides"])
             _dvc("exp", "run", "--queue", "-n", name, *sets, study.target, cwd=repo)

@@ -255,3 +255,51 @@ def test_a_bad_setting_queues_nothing_and_names_itself(tmp_path, monkeypatch, ba
     assert not called
     s.settings["zz"].clear()
     study.check_overrides(s, tmp_path)  # the same study without it: accepted
+
+
+STATUS = """Task     Name            Created    Status
+a256897  t-a-s0          10:24 PM   {a}
+aa1fd21  t-b-s0          09:27 PM   Queued
+
+Worker status: {workers} active, 0 idle
+"""
+
+
+def test_runs_left_running_by_dead_workers_are_stopped_and_queued_again(tmp_path, monkeypatch):
+    """Queue workers killed (SIGKILL to the study's process group) left their tasks Running with
+    no worker, and a restarted study waited at 0/2 forever (issue 26, item 5): started again,
+    it stops them with `dvc queue kill` and queues them anew; while it waits, a queue whose
+    workers are all gone stops it with the way out instead of a wait without end."""
+    calls, state = [], {"a": "Running", "workers": 0}
+
+    def dvc(*args, cwd, env=None):
+        calls.append(args)
+        if args[:2] == ("queue", "status"):
+            return STATUS.format(**state)
+        if args[:2] == ("queue", "kill"):
+            state["a"] = "Failed"
+        return ""
+
+    monkeypatch.setattr(study, "_dvc", dvc)
+    monkeypatch.setattr(study, "finished", lambda repo: set())
+    monkeypatch.setattr(study, "start_queue", lambda repo, jobs: None)
+    monkeypatch.setattr(study.time, "sleep", lambda s: None)
+    s = study.load_text("name: t\nseeds: [0]\nsettings:\n  a: {}\n  b: {}\n")
+    waiting = study.enqueue(s, [("a", 0, {}), ("b", 0, {})], tmp_path)
+    assert ("queue", "kill", "t-a-s0") in calls
+    assert ("exp", "run", "--queue", "-n", "t-a-s0", "-S", "base.seed=0", "evaluate") in calls
+    assert waiting == ["t-a-s0", "t-b-s0"] and not any(
+        c[:1] == ("exp",) and "t-b-s0" in c for c in calls
+    )
+
+    state.update(a="Running", workers=0)  # the queue started, then its workers died
+    monkeypatch.setattr(study, "POLL_SECONDS", 0)
+    clock = iter(range(0, 10_000, 5))
+    monkeypatch.setattr(study.time, "monotonic", lambda: next(clock))
+    with pytest.raises(study.StudyError, match=r"no worker left .* while t-a-s0, t-b-s0 wait"):
+        study.wait(waiting, tmp_path, 2)
+
+    state.update(a="Running", workers=1)  # a live worker: nothing is touched
+    calls.clear()
+    assert study.requeue_orphans(["t-a-s0"], tmp_path) == []
+    assert not [c for c in calls if c[:2] == ("queue", "kill")]
