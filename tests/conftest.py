@@ -100,11 +100,22 @@ def pytest_collection_modifyitems(session, config, items):
     as it is built."""
     if any(map(_needs_the_run, items)):
         tiny_repo.start_build(_tiny_dest(config))
+        if _shuffled(config):  # `make test-shuffled`: its order, but the shared run's tests last
+            items.sort(key=lambda item: _needs_the_run(item))
+            return
         sizes: dict[str, int] = {}
         for item in items:
             module = item.nodeid.split("::")[0]
             sizes[module] = sizes.get(module, 0) + 1
         items.sort(key=lambda item: _order(item, sizes))
+
+
+def _shuffled(config: pytest.Config) -> bool:
+    try:
+        from random_order.config import Config
+    except ImportError:
+        return False
+    return Config(config).is_enabled
 
 
 def pytest_unconfigure(config):
