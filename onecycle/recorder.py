@@ -45,6 +45,7 @@ class Recorder:
         self._retry_now = threading.Event()
         self._sender: threading.Thread | None = None
         self._failures = 0
+        self._sent = 0  # calls sent so far: a flush waits on while they keep going out
         self._warned = False
         self._mlflow_client = None
         self.last_error: BaseException | None = None
@@ -85,18 +86,23 @@ class Recorder:
             with self._cond:
                 if self._pending and self._pending[0][1] is fn:  # (not given up meanwhile)
                     self._pending.popleft()
+                    self._sent += 1
                 self._cond.notify_all()
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until the queue is sent (True), a retry fails or ``timeout`` (default
-        ``FLUSH_SECONDS``) passes (False); a sender waiting to retry retries at once."""
-        deadline = time.monotonic() + (FLUSH_SECONDS if timeout is None else timeout)
+        """Wait until the queue is sent (True), a retry fails, or no call has gone out for
+        ``timeout`` seconds (default ``FLUSH_SECONDS``): a store that hangs (False). A slow one
+        that keeps taking calls (a large upload, one call at a time) is waited for. A sender
+        waiting to retry retries at once."""
+        timeout = FLUSH_SECONDS if timeout is None else timeout
         with self._cond:
-            failures = self._failures
+            failures, sent = self._failures, self._sent
             if self._pending:
                 self._retry_now.set()
-        with self._cond:
+            deadline = time.monotonic() + timeout
             while self._pending and self._failures == failures:
+                if self._sent != sent:  # progress: the time limit counts from the last call
+                    sent, deadline = self._sent, time.monotonic() + timeout
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break

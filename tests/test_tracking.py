@@ -426,3 +426,25 @@ def test_a_read_only_or_full_store_is_one_line_naming_it(
     assert "Traceback" not in out and "autoflush" not in out, out
     assert f"(MlflowException: (sqlite3.OperationalError) {db_error})" in out
     assert f"evaluate: the MLflow store {db} {cause} (make it and its folder writable" in out
+
+
+def test_a_slow_store_that_keeps_taking_calls_is_waited_for(store, monkeypatch):
+    """The stage's end gives up on a store that takes no call for FLUSH_SECONDS (it hangs), not
+    on one that is slow but keeps going: five calls of 0.3 s each are all sent under a 0.5 s
+    limit."""
+    import time
+
+    real = mlflow.MlflowClient.log_batch
+
+    def slow(self, *args, **kwargs):
+        time.sleep(0.3)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(recorder, "FLUSH_SECONDS", 0.5)
+    with tracking.stage_run("train") as run:
+        monkeypatch.setattr(mlflow.MlflowClient, "log_batch", slow)
+        for step in range(5):
+            run.log_metrics({"loss": 1.0}, step=step)
+        assert run.flush()
+    history = mlflow.MlflowClient().get_metric_history(run.run_id, "loss")
+    assert sorted(m.step for m in history) == [0, 1, 2, 3, 4]
