@@ -217,8 +217,16 @@ def queue_status(repo: Path) -> tuple[dict[str, str], int | None]:
             continue
         parts = line.split()
         if len(parts) >= 3 and parts[0] != "Worker":
-            states[parts[1]] = parts[-1]
+            name, state = parts[1], parts[-1]
+            if _rank(state) < _rank(states.get(name)):
+                states[name] = state
     return states, workers
+
+
+def _rank(state: str | None) -> int:
+    """A name queued again lists its older, Failed task too: the live or newer one counts."""
+    order = ("Running", "Queued", "Success")
+    return order.index(state) if state in order else len(order) + (state is None)
 
 
 def queue_states(repo: Path) -> dict[str, str]:

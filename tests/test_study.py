@@ -303,3 +303,19 @@ def test_runs_left_running_by_dead_workers_are_stopped_and_queued_again(tmp_path
     calls.clear()
     assert study.requeue_orphans(["t-a-s0"], tmp_path) == []
     assert not [c for c in calls if c[:2] == ("queue", "kill")]
+
+
+def test_a_name_queued_again_counts_by_its_live_task(tmp_path, monkeypatch):
+    """A run stopped and queued again is listed twice by `dvc queue status`, its old task
+    Failed: the live one counts, or the study took it for failed and moved on (seen on the
+    benchmark after its workers were killed)."""
+    text = (
+        "Task     Name      Created    Status\n"
+        "c5323ca  t-a-s0    10:25 PM   Running\n"
+        "6d30194  t-a-s0    10:20 PM   Failed\n"
+        "1111111  t-b-s0    10:20 PM   Failed\n"
+        "2222222  t-b-s0    10:25 PM   Success\n"
+        "\nWorker status: 1 active, 0 idle\n"
+    )
+    monkeypatch.setattr(study, "_dvc", lambda *a, **k: text)
+    assert study.queue_status(tmp_path) == ({"t-a-s0": "Running", "t-b-s0": "Success"}, 1)
