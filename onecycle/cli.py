@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from . import files, paths
-from .config import read_yaml
+from .config import flatten, read_yaml
 from .errors import UserError
 from .redact import redact
 
@@ -37,11 +37,14 @@ def stage_params(stage: str) -> dict[str, object]:
         return {}
     values: dict[str, object] = {}
     for entry in listed:
-        key = entry if isinstance(entry, str) else ""  # `- params.yaml:` lists the whole file
+        key = entry if isinstance(entry, str) else ""
         value: object = raw
         for part in filter(None, key.split(".")):
             value = value.get(part) if isinstance(value, dict) else None
-        values[key] = value  # "" for the whole file
+        if key:
+            values[key] = value
+        else:  # `- params.yaml:` lists the whole file
+            values |= value if isinstance(value, dict) else {}
     return values
 
 
@@ -80,25 +83,12 @@ def _committed(paths_: list[str]) -> list[str]:
     return [p for p in paths_ if p in tracked]
 
 
-def _leaves(values: dict, prefix: str = "") -> dict[str, object]:
-    """``{"train": {"epochs": 24}}`` -> ``{"train.epochs": 24}`` (a listed key's value may be a
-    section, or, under the key "", the whole file)."""
-    out: dict[str, object] = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(_leaves(value, f"{name}." if name else ""))
-        else:
-            out[name] = value
-    return out
-
-
 _ABSENT = object()
 
 
 def _changed(before: dict, after: dict) -> list[str]:
     """One line per changed key, ``  train.epochs: 24 -> 2``."""
-    old, new = _leaves(before), _leaves(after)
+    old, new = flatten(before), flatten(after)
     show = lambda v: "(absent)" if v is _ABSENT else repr(v)  # noqa: E731
     return [
         f"  {k}: {show(old.get(k, _ABSENT))} -> {show(new.get(k, _ABSENT))}"

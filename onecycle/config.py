@@ -393,6 +393,35 @@ _Loader.add_implicit_resolver(
 )
 
 
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"epochs": 24}}`` -> ``{"train.epochs": 24}``: dotted keys, as MLflow's params
+    and ``dvc exp run -S`` name them."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat |= flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def with_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
+    """A copy of params ``raw`` with ``overrides`` (dotted keys) set, as ``dvc exp run -S`` sets
+    them; a key params.yaml does not have is added, and :func:`parse_params` then names it."""
+    import copy
+
+    out = copy.deepcopy(raw or {})
+    for key, value in overrides.items():
+        *sections, last = key.split(".")
+        node = out
+        for part in sections:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}  # (a value where a section should be: parse_params says so)
+            node = node[part]
+        node[last] = value
+    return out
+
+
 def read_yaml(path: str | os.PathLike):
     """A YAML file as DVC reads it (YAML 1.2 floats such as ``1e-05``)."""
     return yaml.load(Path(path).read_text(), Loader=_Loader)

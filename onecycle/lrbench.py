@@ -122,15 +122,9 @@ def load(path: Path) -> Scenario:
 
 def params_for(scenario: Scenario, repo: Path, **overrides):
     """params.yaml of ``repo`` with the scenario's overrides and ``overrides`` (dotted keys)."""
-    from .config import parse_params, read_yaml
+    from .config import parse_params, read_yaml, with_overrides
 
-    raw = read_yaml(repo / "params.yaml")
-    for key, value in {**scenario.common, **overrides}.items():
-        section, *rest = key.split(".")
-        node = raw.setdefault(section, {})
-        for part in rest[:-1]:
-            node = node.setdefault(part, {})
-        node[rest[-1]] = value
+    raw = with_overrides(read_yaml(repo / "params.yaml"), {**scenario.common, **overrides})
     return parse_params(raw, f"{scenario.path} over params.yaml")
 
 

@@ -10,10 +10,13 @@ import errno
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import progress
+from .config import flatten
+from .files import CANNOT_WRITE, NO_SPACE
 from .redact import redact, redact_values
 
 RETRY_SECONDS = 60  # after a failed call, how long the sender waits before trying again
@@ -31,6 +34,23 @@ def short_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {(cause or (text[0] if text else ''))[:200]}"
 
 
+@dataclass(frozen=True, eq=False)
+class Call:
+    """One queued MLflow call: ``what`` names it in messages; a metric batch also keeps its
+    metric names and step range, a file its path, for the closing summary."""
+
+    what: str
+    fn: Callable[[], None]
+    metrics: tuple[str, ...] = ()
+    steps: tuple[int, int] | None = None
+    file: str | None = None
+
+
+def _some(names: Sequence[str], shown: int = 4) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
 class Recorder:
     """Logs into one run. Every call is queued and sent by a background thread, in order; a
     failing call costs no work: it is kept, warned about once and retried; :meth:`flush` waits
@@ -39,8 +59,8 @@ class Recorder:
     def __init__(self, run_id: str, experiment_id: str, uri: str):
         self.run_id, self.experiment_id, self.uri = run_id, experiment_id, uri
         self.shown_uri = redact(uri)  # what messages name: no password, no signed query
-        self._pending: collections.deque[tuple[str, Callable[[], None]]] = collections.deque()
-        self._dropped: list[str] = []  # given up: the queue was full
+        self._pending: collections.deque[Call] = collections.deque()
+        self._dropped: list[Call] = []  # given up: the queue was full
         self._cond = threading.Condition()
         self._retry_now = threading.Event()
         self._sender: threading.Thread | None = None
@@ -50,11 +70,11 @@ class Recorder:
         self._mlflow_client = None
         self.last_error: BaseException | None = None
 
-    def _call(self, what: str, fn: Callable[[], None]) -> None:
+    def _call(self, what: str, fn: Callable[[], None], **about) -> None:
         with self._cond:
             if len(self._pending) >= MAX_PENDING:
-                self._dropped.append(self._pending.popleft()[0])
-            self._pending.append((what, fn))
+                self._dropped.append(self._pending.popleft())
+            self._pending.append(Call(what, fn, **about))
             self._cond.notify_all()
             if self._sender is None:
                 self._sender = threading.Thread(target=self._send, name="mlflow-log", daemon=True)
@@ -66,9 +86,9 @@ class Recorder:
             with self._cond:
                 while not self._pending:
                     self._cond.wait()
-                what, fn = self._pending[0]
+                call = self._pending[0]
             try:
-                fn()
+                call.fn()
             except Exception as exc:  # noqa: BLE001 - logging must never stop the work
                 with self._cond:
                     self.last_error = exc
@@ -78,13 +98,13 @@ class Recorder:
                     self._warned = True
                     progress.say(
                         f"warning: MLflow at {self.shown_uri} failed ({short_error(exc)}) while logging "
-                        f"{what}; the work goes on and logging is retried"
+                        f"{call.what}; the work goes on and logging is retried"
                     )
                 self._retry_now.wait(RETRY_SECONDS)
                 self._retry_now.clear()
                 continue
             with self._cond:
-                if self._pending and self._pending[0][1] is fn:  # (not given up meanwhile)
+                if self._pending and self._pending[0] is call:  # (not given up meanwhile)
                     self._pending.popleft()
                     self._sent += 1
                 self._cond.notify_all()
@@ -109,9 +129,10 @@ class Recorder:
                 self._cond.wait(left)
             return not self._pending
 
-    def unlogged(self) -> list[str]:
+    def unlogged(self) -> list[Call]:
+        """The calls not sent: given up (the queue was full), then still waiting."""
         with self._cond:
-            return self._dropped + [what for what, _ in self._pending]
+            return self._dropped + list(self._pending)
 
     def _client(self):
         import mlflow
@@ -125,7 +146,7 @@ class Recorder:
         Values are redacted (a URL's password, a signed query)."""
         from mlflow.entities import Param
 
-        flat = redact_values(_flatten(params))
+        flat = redact_values(flatten(params))
         batch = [Param(k, str(v)) for k, v in flat.items()]
         self._call("params", lambda: self._client().log_batch(self.run_id, params=batch))
 
@@ -165,10 +186,13 @@ class Recorder:
         for start in range(0, len(metrics), 1000):
             chunk = metrics[start : start + 1000]
             steps = f"{chunk[0].step}..{chunk[-1].step}" if len(rows) > 1 else f"{chunk[0].step}"
-            names = sorted({m.key for m in chunk})
-            shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
-            what = f"metrics {shown} at step {steps}"
-            self._call(what, lambda c=chunk: self._client().log_batch(self.run_id, metrics=c))
+            names = tuple(sorted({m.key for m in chunk}))
+            self._call(
+                f"metrics {_some(names)} at step {steps}",
+                lambda c=chunk: self._client().log_batch(self.run_id, metrics=c),
+                metrics=names,
+                steps=(chunk[0].step, chunk[-1].step),
+            )
 
     def log_datasets(self, datasets: list[tuple[object, str]]) -> None:
         """``(mlflow.data Dataset, context)`` pairs as the run's inputs (the UI's Dataset column)."""
@@ -192,8 +216,11 @@ class Recorder:
     def log_files(self, *local: str | Path, artifact_path: str | None = None) -> None:
         """Text files (params.yaml, metrics) go up redacted: a copy when they hold a secret."""
         for path in local:
-            what = f"file {path}"
-            self._call(what, lambda p=Path(path): self._log_file(p, artifact_path))
+            self._call(
+                f"file {path}",
+                lambda p=Path(path): self._log_file(p, artifact_path),
+                file=str(path),
+            )
 
     def _log_file(self, path: Path, artifact_path: str | None) -> None:
         try:
@@ -209,17 +236,7 @@ class Recorder:
             self._client().log_artifact(self.run_id, str(copy), artifact_path)
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    flat: dict = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            flat |= _flatten(v, f"{prefix}{k}.")
-        else:
-            flat[f"{prefix}{k}"] = v
-    return flat
-
-
-LOCAL_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR}
+LOCAL_ERRNOS = NO_SPACE | set(CANNOT_WRITE) | {errno.ENOTDIR}  # a folder this machine cannot write
 
 
 def _cause(recorder: Recorder) -> str:
@@ -245,30 +262,19 @@ def _cause(recorder: Recorder) -> str:
     return f"MLflow at {recorder.shown_uri} is unreachable"
 
 
-def summarize(unlogged: list[str], files_shown: int = 5) -> list[str]:
+def summarize(calls: list[Call], files_shown: int = 5) -> list[str]:
     """What a run lacks in a few lines: the metric batches as one line (their names, the step
     range, how many batches), the files as one, the rest as they are."""
-    import re
-
-    names, steps, batches, files, rest = set(), [], 0, [], []
-    for what in unlogged:
-        m = re.fullmatch(r"metrics (.+) at step (\d+)(?:\.\.(\d+))?", what)
-        if m:
-            names |= {re.sub(r" and \d+ more$", " …", n) for n in m[1].split(", ")}
-            steps += [int(m[2]), int(m[3] or m[2])]
-            batches += 1
-        elif what.startswith("file "):
-            files.append(what.removeprefix("file "))
-        else:
-            rest.append(what)
-    lines = rest
-    if batches == 1:
-        lines.append(next(w for w in unlogged if w.startswith("metrics ")))
+    batches = [c for c in calls if c.metrics]
+    files = [c.file for c in calls if c.file]
+    lines = [c.what for c in calls if not c.metrics and not c.file]
+    if len(batches) == 1:
+        lines.append(batches[0].what)
     elif batches:
-        lines.append(
-            f"metrics {', '.join(sorted(names))} at steps {min(steps)}..{max(steps)} "
-            f"({batches} batches)"
-        )
+        names = sorted({n for c in batches for n in c.metrics})
+        low = min(c.steps[0] for c in batches)
+        high = max(c.steps[1] for c in batches)
+        lines.append(f"metrics {_some(names)} at steps {low}..{high} ({len(batches)} batches)")
     if files:
         more = f", and {len(files) - files_shown} more" if len(files) > files_shown else ""
         lines.append(f"{len(files)} file(s): {', '.join(files[:files_shown])}{more}")

@@ -250,18 +250,18 @@ def requeue_orphans(names: list[str], repo: Path) -> list[str]:
     return orphans
 
 
+def _exp_refs(repo: Path) -> str:
+    """Where DVC keeps the current commit's experiments: ``refs/exps/<baseline[:2]>/<baseline[2:]>``."""
+    base = baseline_rev(repo)
+    return f"refs/exps/{base[:2]}/{base[2:]}"
+
+
 def finished(repo: Path) -> set[str]:
     """Names of the experiments that finished on the current commit: the refs DVC writes for
     them (``refs/exps/<baseline[:2]>/<baseline[2:]>/<name>``, what ``dvc exp ls`` lists), read
     by one ``git`` process in milliseconds where a ``dvc`` process costs a second of CPU."""
-    base = baseline_rev(repo)
     out = subprocess.run(
-        [
-            "git",
-            "for-each-ref",
-            "--format=%(refname:lstrip=4)",
-            f"refs/exps/{base[:2]}/{base[2:]}/",
-        ],
+        ["git", "for-each-ref", "--format=%(refname:lstrip=4)", f"{_exp_refs(repo)}/"],
         cwd=repo,
         capture_output=True,
         text=True,
@@ -358,13 +358,12 @@ def wait(names: list[str], repo: Path, jobs: int) -> list[str]:
 def exp_commit(name: str, repo: Path) -> str:
     """The commit of experiment ``name`` on the current commit (its ref
     ``refs/exps/<baseline[:2]>/<baseline[2:]>/<name>``)."""
-    base = baseline_rev(repo)
-    ref = f"refs/exps/{base[:2]}/{base[2:]}/{name}"
+    ref = f"{_exp_refs(repo)}/{name}"
     out = subprocess.run(
         ["git", "rev-parse", "--verify", "-q", ref], cwd=repo, capture_output=True, text=True
     )
     if out.returncode != 0:
-        raise StudyError(f"experiment {name} has no commit on {base[:7]} ({ref})")
+        raise StudyError(f"experiment {name} has no commit on {baseline_rev(repo)[:7]} ({ref})")
     return out.stdout.strip()
 
 
@@ -393,46 +392,19 @@ def check_overrides(study: Study, repo: Path) -> None:
     seed) applied to the repository's params.yaml and checked as check_params would, before
     anything is queued: a typo in the last setting used to leave the earlier ones queued, with
     DVC's advice to add the misspelt key (``+trian.max_lr``)."""
-    import copy
-    import difflib
-
-    from .config import ConfigError, parse_params, read_yaml
+    from .config import ConfigError, parse_params, read_yaml, with_overrides
 
     base = read_yaml(repo / "params.yaml") or {}
-    known = sorted(_dotted(base))
     runs = [("source", study.source["overrides"])] if study.source else []
     runs += [
         (f"setting {label}", {**study.common, **settings, "base.seed": 0})
         for label, settings in study.all_settings().items()
     ]
     for what, overrides in runs:
-        raw = copy.deepcopy(base)
-        for key, value in overrides.items():
-            *sections, last = key.split(".")
-            node = raw
-            for part in sections:
-                node = node.get(part) if isinstance(node, dict) else None
-            if not isinstance(node, dict) or last not in node:
-                close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-                hint = f"; did you mean {close[0]}?" if close else ""
-                raise StudyError(
-                    f"study {study.name}, {what}: {key} is not a key of params.yaml{hint} "
-                    "(nothing was queued)"
-                )
-            node[last] = value
         try:
-            parse_params(raw, f"study {study.name}, {what}")
+            parse_params(with_overrides(base, overrides), f"study {study.name}, {what}")
         except ConfigError as exc:
             raise StudyError(f"{exc}\n(nothing was queued)") from None
-
-
-def _dotted(tree: dict, prefix: str = "") -> set[str]:
-    keys = set()
-    for key, value in tree.items():
-        keys.add(f"{prefix}{key}")
-        if isinstance(value, dict):
-            keys |= _dotted(value, f"{prefix}{key}.")
-    return keys
 
 
 def run(study: Study, repo: Path = Path(".")) -> list[str]:

@@ -206,7 +206,10 @@ def test_a_store_lost_mid_run_costs_no_work_and_logs_the_rest_once_back(store, m
         run.log_metrics({"loss": 2.0}, step=2)
         run.log_metrics({"loss": 1.5}, step=3)
         assert not run.flush(timeout=10)  # a try failed: kept, not raised
-        assert run.unlogged() == ["metrics loss at step 2", "metrics loss at step 3"]
+        assert [c.what for c in run.unlogged()] == [
+            "metrics loss at step 2",
+            "metrics loss at step 3",
+        ]
         down["on"] = False
         run.log_metrics({"loss": 1.0}, step=4)  # sends what waited first, in order
     history = mlflow.MlflowClient().get_metric_history(run.run_id, "loss")
