@@ -64,7 +64,8 @@ class Recorder:
         self._cond = threading.Condition()
         self._retry_now = threading.Event()
         self._sender: threading.Thread | None = None
-        self._failures = 0
+        self._tries = 0  # calls begun so far, failed or not
+        self._failed_try = 0  # the number of the last try that failed
         self._sent = 0  # calls sent so far: a flush waits on while they keep going out
         self._warned = False
         self._mlflow_client = None
@@ -87,12 +88,14 @@ class Recorder:
                 while not self._pending:
                     self._cond.wait()
                 call = self._pending[0]
+                self._tries += 1
+                this_try = self._tries
             try:
                 call.fn()
             except Exception as exc:  # noqa: BLE001 - logging must never stop the work
                 with self._cond:
                     self.last_error = exc
-                    self._failures += 1
+                    self._failed_try = this_try
                     self._cond.notify_all()
                 if not self._warned:
                     self._warned = True
@@ -110,17 +113,18 @@ class Recorder:
                 self._cond.notify_all()
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until the queue is sent (True), a retry fails, or no call has gone out for
-        ``timeout`` seconds (default ``FLUSH_SECONDS``): a store that hangs (False). A slow one
-        that keeps taking calls (a large upload, one call at a time) is waited for. A sender
-        waiting to retry retries at once."""
+        """Wait until the queue is sent (True), a try begun after this call fails, or no call
+        has gone out for ``timeout`` seconds (default ``FLUSH_SECONDS``): a store that hangs
+        (False). A try already under way that fails does not count: it may have begun before
+        the store came back. A slow store that keeps taking calls (a large upload, one call at
+        a time) is waited for. A sender waiting to retry retries at once."""
         timeout = FLUSH_SECONDS if timeout is None else timeout
         with self._cond:
-            failures, sent = self._failures, self._sent
+            begun, sent = self._tries, self._sent
             if self._pending:
                 self._retry_now.set()
             deadline = time.monotonic() + timeout
-            while self._pending and self._failures == failures:
+            while self._pending and self._failed_try <= begun:
                 if self._sent != sent:  # progress: the time limit counts from the last call
                     sent, deadline = self._sent, time.monotonic() + timeout
                 left = deadline - time.monotonic()

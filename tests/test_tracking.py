@@ -1,3 +1,6 @@
+import threading
+import time
+
 import mlflow
 import pytest
 
@@ -192,8 +195,12 @@ def test_a_store_lost_mid_run_costs_no_work_and_logs_the_rest_once_back(store, m
     down = {"on": False}
     real = mlflow.MlflowClient.log_batch
 
+    trying = threading.Event()
+
     def flaky(self, *args, **kwargs):
         if down["on"]:
+            trying.set()
+            time.sleep(0.3)  # fails slowly: a try begun while it was down ends after it is back
             raise ConnectionError("server gone")
         return real(self, *args, **kwargs)
 
@@ -210,8 +217,11 @@ def test_a_store_lost_mid_run_costs_no_work_and_logs_the_rest_once_back(store, m
             "metrics loss at step 2",
             "metrics loss at step 3",
         ]
+        trying.clear()
+        assert trying.wait(10)  # a retry is under way, begun while the store was down
         down["on"] = False
         run.log_metrics({"loss": 1.0}, step=4)  # sends what waited first, in order
+        # the stage's end waits for a try begun after it, not the one still failing
     history = mlflow.MlflowClient().get_metric_history(run.run_id, "loss")
     assert [(m.step, m.value) for m in history] == [(1, 3.0), (2, 2.0), (3, 1.5), (4, 1.0)]
     out = capsys.readouterr()
