@@ -55,48 +55,48 @@ format: $(STAMP)
 	ruff format .
 
 bench: $(STAMP)  ## training step vs a bare loop on this device: a table and metrics/bench.json
-	python -m onecycle.bench
+	python -m onecycle.commands.bench
 
 # Studies (docs/studies.md): queued DVC experiments, reported from MLflow into reports/<study>/.
 # Started again, a study runs only what has not finished on this commit.
 study-schedules: $(STAMP)  ## 1cycle vs constant, step and cyclic LR, 3 seeds each
-	python -m onecycle.study run studies/schedules.yaml
+	python -m onecycle.commands.study run studies/schedules.yaml
 
 # The full recipe over seeds, for one CUDA GPU (docs/studies.md). FULL_SET adds overrides, e.g.
 # FULL_SET="--set data.source=/data/cifar-10-python.tar.gz" on a machine without a network.
 FULL_SET ?=
 study-full: $(STAMP)  ## the default recipe: max LR auto x 5 seeds beside 0.2 / 0.4 / 0.8 x 2 (GPU)
-	python -m onecycle.study run studies/full.yaml $(FULL_SET)
+	python -m onecycle.commands.study run studies/full.yaml $(FULL_SET)
 
 study-lr: $(STAMP)  ## fixed max LRs 0.01..1.0 vs each suggestion method's pick, 3 seeds each
-	python -m onecycle.study run studies/lr.yaml
+	python -m onecycle.commands.study run studies/lr.yaml
 
 # The LR-choice benchmark (docs/method.md): per scenario of studies/lr-choice/, range-test
 # sweeps stored as data and a grid of fixed max LRs through the pipeline (hours of CPU; resumes),
 # then every suggestion rule scored offline into reports/lr-choice/. Never run by CI.
 LR_CHOICE := quick small finetune mobilenet width64
 bench-lr: $(STAMP)  ## the LR-choice benchmark: sweeps, grids, then the rules scored (hours)
-	python -m onecycle.subset $(SHARED_CIFAR) data/transfer/animals --classes bird,cat,deer,dog,frog,horse
-	python -m onecycle.subset $(SHARED_CIFAR) data/transfer/vehicles --classes airplane,automobile,ship,truck
-	python -m onecycle.lrbench run $(LR_CHOICE:%=studies/lr-choice/%.yaml)
+	python -m onecycle.data.subset $(SHARED_CIFAR) data/transfer/animals --classes bird,cat,deer,dog,frog,horse
+	python -m onecycle.data.subset $(SHARED_CIFAR) data/transfer/vehicles --classes airplane,automobile,ship,truck
+	python -m onecycle.commands.lrbench run $(LR_CHOICE:%=studies/lr-choice/%.yaml)
 
 # The transfer example: CIFAR-10's animals and vehicles as image folders of their own (under
 # data/transfer/), then the study: its source run first, then every setting from its checkpoint.
 study-transfer: $(STAMP)  ## animals -> vehicles at 100 images a class: scratch/frozen/fine-tuned x 1cycle/fixed
-	python -m onecycle.subset $(SHARED_CIFAR) data/transfer/animals --classes bird,cat,deer,dog,frog,horse
-	python -m onecycle.subset $(SHARED_CIFAR) data/transfer/vehicles --classes airplane,automobile,ship,truck
-	python -m onecycle.study run studies/transfer.yaml
+	python -m onecycle.data.subset $(SHARED_CIFAR) data/transfer/animals --classes bird,cat,deer,dog,frog,horse
+	python -m onecycle.data.subset $(SHARED_CIFAR) data/transfer/vehicles --classes airplane,automobile,ship,truck
+	python -m onecycle.commands.study run studies/transfer.yaml
 
 # MLflow's job runner (GenAI scorers, trace archival; unused here) stays off: on, it polls for nothing.
 mlflow-ui: $(STAMP)  ## browse the runs at http://127.0.0.1:5000 (it prints the runs table's URL)
-	@echo "MLflow UI: open $$(python -c 'from onecycle.tracking import ui_url; print(ui_url("http://127.0.0.1:5000"))')"
+	@echo "MLflow UI: open $$(python -c 'from onecycle.tracking.lifecycle import ui_url; print(ui_url("http://127.0.0.1:5000"))')"
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=$${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false} \
 		mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 # A tracking server for a team (docs/teams.md): `mlflow server` on a PostgreSQL backend
 # store, artifacts proxied through it (--serve-artifacts) into MLFLOW_ARTIFACTS_DESTINATION (a
 # folder or an object store URI such as s3://bucket/mlflow), with MLflow's basic-auth app (users
-# and permissions in the same database). onecycle/team_server.py checks every setting first (one
+# and permissions in the same database). onecycle/tracking/team_server.py checks every setting first (one
 # line naming the variable) and keeps the database password off the command line. The pipeline
 # logs to it with MLFLOW_TRACKING_URI=http://<host>:<port> and MLFLOW_TRACKING_USERNAME/PASSWORD.
 MLFLOW_SERVER_HOST ?= 127.0.0.1
@@ -107,7 +107,7 @@ MLFLOW_SERVER_AUTH ?= basic-auth# `off`: no users at all (warned about at every 
 MLFLOW_SERVER_DB_WAIT ?= 20# seconds to wait for PostgreSQL before giving up
 MLFLOW_SERVER_AUTH_CACHE ?= 60# seconds a checked password is trusted (MLflow's cache; 0: never)
 mlflow-server: $(STAMP)  ## MLflow server on PostgreSQL: set MLFLOW_BACKEND_STORE_URI=postgresql://...
-	python -m onecycle.team_server --host $(MLFLOW_SERVER_HOST) --port $(MLFLOW_SERVER_PORT) \
+	python -m onecycle.tracking.team_server --host $(MLFLOW_SERVER_HOST) --port $(MLFLOW_SERVER_PORT) \
 		--workers $(MLFLOW_SERVER_WORKERS) --allowed-hosts "$(MLFLOW_SERVER_ALLOWED_HOSTS)" \
 		--auth "$(MLFLOW_SERVER_AUTH)" --db-wait $(MLFLOW_SERVER_DB_WAIT) \
 		--auth-cache "$(MLFLOW_SERVER_AUTH_CACHE)" \

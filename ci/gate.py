@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from onecycle.gate import run_checks, table, updated_baseline
+from onecycle.commands.gate import run_checks, table, updated_baseline
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = ROOT / "ci" / "baseline.json"

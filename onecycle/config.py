@@ -16,8 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from .errors import UserError
-from .redact import has_credentials, redact
+from onecycle.errors import UserError
+from onecycle.redact import has_credentials, redact
 
 # lr_find.suggestion's choices (curves.SUGGESTERS reads each); the first is the default, chosen
 # by make bench-lr (docs/method.md)
@@ -87,7 +87,7 @@ class ModelConfig(_Section):
     @field_validator("arch")
     @classmethod
     def _arch(cls, v):
-        from .model import RESNET9, torchvision_archs
+        from onecycle.training.model import RESNET9, torchvision_archs
 
         if v == RESNET9:
             return v

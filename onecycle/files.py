@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import MissingInput, WriteError
-from .redact import redact_values
+from onecycle.errors import MissingInput, WriteError
+from onecycle.redact import redact_values
 
 TMP_SUFFIX = ".tmp"  # temporary files are `.<name>.<random>.tmp` (.gitignore matches them)
 

@@ -6,7 +6,7 @@ import time
 
 from tqdm import tqdm
 
-from .redact import redact
+from onecycle.redact import redact
 
 LONG_RUN_SECONDS = 3600  # a run projected past this is worth a word in its first minute
 HINT_AFTER_SECONDS = 20  # enough steps to project from

@@ -8,9 +8,10 @@ Its output never changes, so it makes nothing else rerun.
 
 from pathlib import Path
 
-from onecycle import cli, files, paths, precheck
+from onecycle import files, paths
 from onecycle.config import load_params, repo_root
 from onecycle.errors import UserError
+from onecycle.pipeline import precheck, runner
 
 
 def main() -> None:
@@ -25,15 +26,17 @@ def main() -> None:
     params = load_params()
     precheck.check_counts(params.data, repo_root())  # the subsets against the classes
     if params.model.pretrained not in ("none", "default"):  # a weights file: there, loadable,
-        from onecycle import transfer  # this network's (torchvision's default: lr_find gets it)
+        from onecycle.training import (
+            init_weights,  # this network's (torchvision's default: lr_find gets it)
+        )
 
-        transfer.load(params.model)
+        init_weights.load(params.model)
     if params.base.devices > 1:  # what the ranks need, known before DVC removes any output
-        from onecycle import distributed
+        from onecycle.training import distributed
 
         distributed.check(params)
     files.write_text(paths.PARAMS_CHECKED, "params.yaml: every section, key and value is valid\n")
 
 
 if __name__ == "__main__":
-    cli.run(main, "check_params")
+    runner.run(main, "check_params")

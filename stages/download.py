@@ -1,7 +1,9 @@
 """download: fetch data.source, check it, and write data/prepared (uint8 images, labels, stats)."""
 
-from onecycle import cli, files, paths, prepared, sources
+from onecycle import files, paths
 from onecycle.config import load_params, repo_root
+from onecycle.data import prepared, sources
+from onecycle.pipeline import runner
 
 
 def main() -> None:
@@ -21,4 +23,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main, "download")
+    runner.run(main, "download")

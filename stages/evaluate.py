@@ -1,15 +1,19 @@
 """evaluate: test-set metrics for models/model.pt, added to the MLflow run that trained it."""
 
-from onecycle import checkpoint, cli, evaluation, files, paths, progress, tracking
+from onecycle import files, paths, progress
 from onecycle.config import load_params
-from onecycle.engine import predict, select_device
-from onecycle.prepared import load_prepared
-from onecycle.preprocess import normalize
+from onecycle.data.prepared import load_prepared
+from onecycle.data.preprocess import normalize
+from onecycle.pipeline import runner
+from onecycle.reports import evaluation
+from onecycle.tracking import lifecycle
+from onecycle.training import checkpoint
+from onecycle.training.runtime import predict, select_device
 
 
 def main() -> None:
     params = load_params()
-    tracking.setup()  # an unusable MLflow store stops the stage here, before any work
+    lifecycle.setup()  # an unusable MLflow store stops the stage here, before any work
     data = load_prepared(paths.PREPARED_DIR)
     dev = select_device(params.base.device)
     model, inputs = checkpoint.load_trained(paths.MODEL, params.model, data.classes, dev)
@@ -21,8 +25,8 @@ def main() -> None:
     files.write_json(paths.EVAL_METRICS, metrics)
     rows = evaluation.prediction_rows(data.y_test, pred, conf, data.classes)
     files.write_csv(paths.PREDICTIONS, rows)
-    model_id = tracking.read_run_ref(paths.TRAIN_RUN).get("model_id")
-    with tracking.add_to_run(paths.TRAIN_RUN, "evaluate") as run:
+    model_id = lifecycle.read_run_ref(paths.TRAIN_RUN).get("model_id")
+    with lifecycle.add_to_run(paths.TRAIN_RUN, "evaluate") as run:
         # the run's metrics, and the logged model's (its page in the UI shows them)
         run.log_metrics(evaluation.flat_metrics(metrics), model_id=model_id)
         run.log_files(paths.EVAL_METRICS)
@@ -62,4 +66,4 @@ def register(run, model_id: str | None, name: str | None) -> str | None:
 
 
 if __name__ == "__main__":
-    cli.run(main, "evaluate")
+    runner.run(main, "evaluate")

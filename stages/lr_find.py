@@ -1,8 +1,12 @@
 """lr_find: Leslie Smith's LR range test; writes the chosen max LR for train (metrics/lr_find.json)."""
 
-from onecycle import cli, distributed, files, lr_finder, paths, progress, tracking, transfer
+from onecycle import files, paths, progress
 from onecycle.config import load_params
-from onecycle.prepared import load_prepared
+from onecycle.data.prepared import load_prepared
+from onecycle.pipeline import runner
+from onecycle.range_test import lr_finder
+from onecycle.tracking import lifecycle
+from onecycle.training import distributed, init_weights
 
 SHARED_TRAIN_KEYS = ("batch_size", "nesterov", "weight_decay")  # what the sweep takes from train
 
@@ -12,11 +16,11 @@ def main() -> None:
     cfg, tcfg = params.lr_find, params.train
     # An unusable MLflow store stops the stage here, before any work. With base.devices > 1 this
     # process runs the stage as that many data-parallel ranks (torchrun) and returns.
-    started = distributed.start(params, "stages.lr_find", tracking.setup)
+    started = distributed.start(params, "stages.lr_find", lifecycle.setup)
     if started is None:
         return
     dev, ranks = started
-    start = transfer.load(params.model)  # model.pretrained; the data normalized as it expects
+    start = init_weights.load(params.model)  # model.pretrained; the data normalized as it expects
     data = start.normalize(load_prepared(paths.PREPARED_DIR))
     if not ranks.is_main:  # the same sweeps, in step with rank 0, which alone writes and logs
         lr_finder.find(params, data, dev, start)
@@ -25,7 +29,7 @@ def main() -> None:
     if warning:
         progress.say(f"warning: {warning}")
 
-    with tracking.stage_run("lr_find") as run:
+    with lifecycle.stage_run("lr_find") as run:
         run.log_params(
             {
                 "lr_find": cfg.model_dump(),
@@ -38,7 +42,7 @@ def main() -> None:
             }
         )
         run.set_tags({"device": str(dev.device)} | ({"warning": warning} if warning else {}))
-        run.log_datasets(tracking.datasets(data)[:1])  # the sweep sees the training split only
+        run.log_datasets(lifecycle.datasets(data)[:1])  # the sweep sees the training split only
         found = lr_finder.find(params, data, dev, start)
         rows = found.curve_rows()
         files.write_csv(paths.LR_FIND_CURVE, rows)
@@ -52,9 +56,9 @@ def main() -> None:
         run.log_series(first_seed, ["lr", "loss", "smooth_loss", "val_loss"], prefix="lr_find/")
         run.log_metrics(found.result | {k: metrics[k] for k in metrics["grids"]}, prefix="lr_find/")
         run.log_files("params.yaml", paths.LR_FIND_METRICS, paths.LR_FIND_CURVE, paths.LR_FIND_GRID)
-        tracking.write_run_ref(paths.LR_FIND_RUN, run)
+        lifecycle.write_run_ref(paths.LR_FIND_RUN, run)
     print(f"lr_find: {found.describe(cfg.suggestion)}")
 
 
 if __name__ == "__main__":
-    cli.run(main, "lr_find")
+    runner.run(main, "lr_find")

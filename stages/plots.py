@@ -6,10 +6,13 @@ the lr_find run it came from.
 
 import numpy as np
 
-from onecycle import cli, figures, files, paths, report, tracking
-from onecycle.batches import sample_images
+from onecycle import files, paths
 from onecycle.config import load_params
-from onecycle.prepared import load_prepared
+from onecycle.data.prepared import load_prepared
+from onecycle.pipeline import runner
+from onecycle.reports import figures, report
+from onecycle.tracking import lifecycle
+from onecycle.training.batches import sample_images
 
 
 def build(params, data, lr_find: dict, evaluation: dict) -> dict:
@@ -56,7 +59,7 @@ def build(params, data, lr_find: dict, evaluation: dict) -> dict:
 
 def main() -> None:
     params = load_params()
-    tracking.setup()  # an unusable MLflow store stops the stage here, before any work
+    lifecycle.setup()  # an unusable MLflow store stops the stage here, before any work
     data = load_prepared(paths.PREPARED_DIR)
     lr_find, evaluation = (
         files.read_json(paths.LR_FIND_METRICS),
@@ -69,16 +72,16 @@ def main() -> None:
     meta = data.meta | {"num_classes": len(data.classes)}
     train = files.read_json(paths.TRAIN_METRICS)
     files.write_text(paths.REPORT, report.render(lr_find, train, evaluation, meta, sections))
-    with tracking.add_to_run(paths.TRAIN_RUN, "plots") as run:
+    with lifecycle.add_to_run(paths.TRAIN_RUN, "plots") as run:
         run.log_files(*pngs, artifact_path="figures")
         run.log_files(paths.REPORT)
     on_lr_find = [
         p for p in pngs if p == paths.FIGURES["lr_find"] or p in paths.GRID_FIGURES.values()
     ]
-    with tracking.add_to_run(paths.LR_FIND_RUN, "plots") as run:
+    with lifecycle.add_to_run(paths.LR_FIND_RUN, "plots") as run:
         run.log_files(*on_lr_find, artifact_path="figures")
     print(f"plots: {len(pngs)} figures and {paths.REPORT} in {paths.PLOTS_DIR}/")
 
 
 if __name__ == "__main__":
-    cli.run(main, "plots")
+    runner.run(main, "plots")

@@ -1,35 +1,27 @@
 """train: the custom ResNet with the 1cycle policy; writes models/model.pt and the per-epoch history."""
 
-from onecycle import (
-    checkpoint,
-    cli,
-    distributed,
-    files,
-    mlmodel,
-    paths,
-    progress,
-    tracking,
-    training,
-    transfer,
-)
+from onecycle import files, paths, progress
 from onecycle.config import load_params
-from onecycle.model import count_parameters
-from onecycle.prepared import load_prepared
-from onecycle.session import build_session
+from onecycle.data.prepared import load_prepared
+from onecycle.pipeline import runner
+from onecycle.tracking import lifecycle, mlmodel
+from onecycle.training import checkpoint, distributed, init_weights, loop
+from onecycle.training.model import count_parameters
+from onecycle.training.session import build_session
 
 
 def main() -> None:
     params = load_params()
     # An unusable MLflow store stops the stage here, before any work. With base.devices > 1 this
     # process runs the stage as that many data-parallel ranks (torchrun) and returns.
-    started = distributed.start(params, "stages.train", tracking.setup)
+    started = distributed.start(params, "stages.train", lifecycle.setup)
     if started is None:
         return
     dev, ranks = started
-    start = transfer.load(params.model)  # model.pretrained; the data normalized as it expects
+    start = init_weights.load(params.model)  # model.pretrained; the data normalized as it expects
     data = start.normalize(load_prepared(paths.PREPARED_DIR))
     lr_find = files.read_json(paths.LR_FIND_METRICS) if paths.LR_FIND_METRICS.exists() else None
-    hyper = training.resolve(params.train, lr_find, paths.LR_FIND_METRICS)
+    hyper = loop.resolve(params.train, lr_find, paths.LR_FIND_METRICS)
     cfg, max_lr, lr_source = hyper.cfg, hyper.max_lr, hyper.sources["max_lr"]
     fingerprint = data.meta.get("fingerprint")
     key = checkpoint.resume_key(
@@ -40,18 +32,18 @@ def main() -> None:
     session = build_session(
         params.model, cfg, data, dev, params.base.seed, cfg.max_momentum, start=start
     )
-    plan = training.make_plan(cfg, max_lr, session, data, hyper.base_lr)
+    plan = loop.make_plan(cfg, max_lr, session, data, hyper.base_lr)
     if not ranks.is_main:  # rank 0 alone writes outputs, the resume state and the MLflow run
-        training.fit(session, plan, resume, state)
+        loop.fit(session, plan, resume, state)
         return
     linked = "lr_find" in hyper.sources.values() and paths.LR_FIND_RUN.exists()
     warning = start.warning(data)
     if warning:
         progress.say(f"warning: {warning}")
-    lr_run = tracking.read_run_ref(paths.LR_FIND_RUN)["run_id"] if linked else "none"
+    lr_run = lifecycle.read_run_ref(paths.LR_FIND_RUN)["run_id"] if linked else "none"
 
     run_id = state["extra"].get("mlflow_run_id") if state else None
-    with tracking.stage_run("train", run_id, tags={"lr_find_run_id": lr_run}) as run:
+    with lifecycle.stage_run("train", run_id, tags={"lr_find_run_id": lr_run}) as run:
         resume.extra["mlflow_run_id"] = run.run_id
         if state is None:
             run.log_params(
@@ -66,17 +58,17 @@ def main() -> None:
                     "parameters": count_parameters(session.model),
                     "trainable_parameters": count_parameters(session.model, trainable=True),
                     "start": start.record(data),
-                    **tracking.context(dev, data),
+                    **lifecycle.context(dev, data),
                 }
             )
-            run.log_datasets(tracking.datasets(data))
+            run.log_datasets(lifecycle.datasets(data))
         else:
             run.set_tags({"resumed": "true"})
         warnings = [w for w in (warning, plan.warning) if w]
         if warnings:
             run.set_tags({"warning": " | ".join(warnings)})
-        hooks = training.Hooks(on_epoch=lambda s: run.log_metrics(s.metrics(), s.epoch))
-        result = training.fit(session, plan, resume, state, hooks)
+        hooks = loop.Hooks(on_epoch=lambda s: run.log_metrics(s.metrics(), s.epoch))
+        result = loop.fit(session, plan, resume, state, hooks)
 
         checkpoint.save_weights(
             result.model, params.model, data.classes, paths.MODEL, checkpoint.inputs_of(data)
@@ -87,12 +79,12 @@ def main() -> None:
                 result.model, data.classes, data.mean, data.std, data.x_test, run.run_id
             ),
         )
-        metrics = training.summary(result, hyper)
+        metrics = loop.summary(result, hyper)
         files.write_json(paths.TRAIN_METRICS, metrics)
-        files.write_csv(paths.TRAIN_HISTORY, training.history_rows(result.history))
-        files.write_csv(paths.TRAIN_SCHEDULE, training.schedule_rows(plan, session.steps_per_epoch))
+        files.write_csv(paths.TRAIN_HISTORY, loop.history_rows(result.history))
+        files.write_csv(paths.TRAIN_SCHEDULE, loop.schedule_rows(plan, session.steps_per_epoch))
         run.log_files("params.yaml", paths.TRAIN_METRICS, paths.TRAIN_HISTORY)
-        tracking.write_run_ref(paths.TRAIN_RUN, run, model_id=model_id)
+        lifecycle.write_run_ref(paths.TRAIN_RUN, run, model_id=model_id)
     resume.remove()
     acc = "n/a" if metrics["test_acc"] is None else f"{100 * metrics['test_acc']:.2f}%"
     print(
@@ -102,4 +94,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main, "train")
+    runner.run(main, "train")

@@ -14,8 +14,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
-from onecycle import prepared, sources  # noqa: E402
 from onecycle.config import DataConfig, parse_params  # noqa: E402
+from onecycle.data import (
+    prepared,  # noqa: E402
+    sources,
+)
 
 from . import tiny_repo  # noqa: E402
 

@@ -1,6 +1,6 @@
 """make bench, shrunk: every figure docs/speed.md quotes comes out, and the table names them."""
 
-from onecycle import bench
+from onecycle.commands import bench
 
 
 def test_bench_measures_both_loops_and_both_backends():

@@ -302,7 +302,7 @@ def test_repo_root_without_dvc_root_finds_dvc_yaml(tmp_path, monkeypatch):
     ],
 )
 def test_data_parallel_settings_that_cannot_work_name_the_key(raw, names):
-    from onecycle import distributed
+    from onecycle.training import distributed
 
     with pytest.raises(ConfigError) as err:
         distributed.check(parse_params(raw))
@@ -310,7 +310,7 @@ def test_data_parallel_settings_that_cannot_work_name_the_key(raw, names):
 
 
 def test_more_ranks_than_cpu_cores_are_refused_naming_the_key(monkeypatch):
-    from onecycle import distributed
+    from onecycle.training import distributed
 
     monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(distributed.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)

@@ -1,4 +1,4 @@
-"""onecycle.sources, .archives, .imagefolder and .prepared: every data.source kind, bad input,
+"""onecycle.data.sources, .archives, .imagefolder and .prepared: every data.source kind, bad input,
 the limits on one file and one image, subsets and the prepared form (a damaged data/prepared:
 tests/test_prepared.py).
 
@@ -37,8 +37,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from onecycle import archives, imagefolder, prepared, sources
 from onecycle.config import ConfigError, DataConfig, load_params, parse_params
+from onecycle.data import archives, imagefolder, prepared, sources
 from onecycle.errors import DataError
 
 OFFICIAL_NAME = "cifar-10-python.tar.gz"
@@ -188,7 +188,7 @@ def test_reading_a_local_image_folder_loads_no_torchvision(tmp_path):
     make_image_folder(root)
     archive = make_tar(root, tmp_path / "set.tar.gz")
     code = (
-        "import sys; from pathlib import Path; from onecycle import sources; "
+        "import sys; from pathlib import Path; from onecycle.data import sources; "
         "from onecycle.config import DataConfig; "
         f"sources.fetch(DataConfig(source={str(archive)!r}), Path('.'), Path('raw')); "
         "print('torchvision' in sys.modules)"
@@ -1303,7 +1303,7 @@ def test_load_prepared_missing(tmp_path):
 def test_data_modules_load_no_torch_torchvision_or_albumentations():
     code = (
         "import sys\n"
-        "import onecycle.archives, onecycle.prepared, onecycle.sources\n"
+        "import onecycle.data.archives, onecycle.data.prepared, onecycle.data.sources\n"
         "print([m for m in ('torch', 'torchvision', 'albumentations') if m in sys.modules])"
     )
     out = subprocess.run(

@@ -2,13 +2,13 @@ import numpy as np
 import pytest
 import torch
 
-from onecycle import report
-from onecycle.checkpoint import CheckpointError, save_weights
-from onecycle.checkpoint import load_weights as load_checkpoint
 from onecycle.config import ModelConfig
-from onecycle.engine import select_device
-from onecycle.evaluation import evaluate_logits
-from onecycle.model import ResNet9, ResNetConfig
+from onecycle.reports import report
+from onecycle.reports.evaluation import evaluate_logits
+from onecycle.training.checkpoint import CheckpointError, save_weights
+from onecycle.training.checkpoint import load_weights as load_checkpoint
+from onecycle.training.model import ResNet9, ResNetConfig
+from onecycle.training.runtime import select_device
 
 CLASSES = ["cat", "dog", "bird"]
 CPU = select_device("cpu", 0)

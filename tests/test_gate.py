@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from onecycle import paths
-from onecycle.gate import declared_outputs, run_checks, table, updated_baseline
+from onecycle.commands.gate import declared_outputs, run_checks, table, updated_baseline
 
 from .conftest import ROOT
 

@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from onecycle import curves, lrbench
+from onecycle.commands import lrbench
+from onecycle.range_test import curves
 
 from .test_lr_finder import LRS, _curve
 
@@ -167,7 +168,7 @@ def test_the_report_is_written_from_stored_grids_and_sweeps(tmp_path, monkeypatc
 def test_a_grid_report_comes_from_stored_results_and_lists_what_is_missing(tmp_path, monkeypatch):
     """A grid resumed in another clone or session: its report is written from the stored
     results alone (no MLflow store), the runs not yet done named."""
-    from onecycle import study
+    from onecycle.commands import study
 
     monkeypatch.chdir(tmp_path)
     scenario = lrbench.Scenario("made-up", "", {}, [0.1, 0.4], [0, 1])

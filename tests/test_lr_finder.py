@@ -3,9 +3,9 @@ import math
 import numpy as np
 import pytest
 
-from onecycle import curves
-from onecycle import lr_finder as lf
-from onecycle.engine import select_device
+from onecycle.range_test import curves
+from onecycle.range_test import lr_finder as lf
+from onecycle.training.runtime import select_device
 
 # ------------------------------------------------------------------ smoothing
 

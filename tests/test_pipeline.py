@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from onecycle import checkpoint, paths
+from onecycle import paths
+from onecycle.training import checkpoint
 
 from .tiny_repo import ROOT, TINY_PIPELINE, env, run, runs, set_params
 
@@ -114,8 +115,8 @@ def test_mlflow_shows_named_runs_datasets_system_metrics_and_the_registered_mode
     import numpy as np
     from PIL import Image
 
-    from onecycle import predict
-    from onecycle.prepared import load_prepared
+    from onecycle.commands import predict
+    from onecycle.data.prepared import load_prepared
 
     client, found = runs(pipeline)
     exp = client.get_experiment(found[0].info.experiment_id)
@@ -234,7 +235,7 @@ def test_a_max_lr_override_reruns_train_not_lr_find_nor_download(fork):
     """`dvc exp run -S train.max_lr=...`, the README's example (CI ran it at the quick run's size
     until the suite's tiny run took it over): lr_find and download are not rerun, train uses
     exactly that LR, and the gate's override check passes; an lr_find key reruns lr_find."""
-    from onecycle.gate import run_checks
+    from onecycle.commands.gate import run_checks
 
     set_params(fork, {"lr_find": {"num_iter": 41}})  # (train follows from lr_find's new output)
     assert _stages_to_rerun(fork) == {"check_params", "lr_find"}

@@ -20,10 +20,14 @@ from .conftest import ROOT
 # Modules that cannot change a stage's outputs, so editing them must not rerun the stage:
 NOT_DEPS = {
     "onecycle/__init__.py": "the package marker and its version string",
-    "onecycle/cli.py": "the stage runner: how an error is printed",
+    **{
+        f"onecycle/{layer}/__init__.py": "a layer's docstring"
+        for layer in ("commands", "data", "pipeline", "range_test", "reports", "tracking", "training")
+    },
+    "onecycle/pipeline/runner.py": "the stage runner: how an error is printed",
     "onecycle/progress.py": "progress bars and lines printed beside them",
-    "onecycle/tracking.py": "what is logged to MLflow (and the run reference files)",
-    "onecycle/recorder.py": "how a failed MLflow call is kept and retried",
+    "onecycle/tracking/lifecycle.py": "what is logged to MLflow (and the run reference files)",
+    "onecycle/tracking/recorder.py": "how a failed MLflow call is kept and retried",
 }
 PACKAGES = ("onecycle", "stages")
 
@@ -154,9 +158,9 @@ def test_each_stage_lists_exactly_the_code_it_runs(dvc):
 @pytest.mark.parametrize(
     ("stage", "module"),
     [
-        ("evaluate", "onecycle/model.py"),
-        ("download", "onecycle/archives.py"),
-        ("train", "onecycle/schedule.py"),
+        ("evaluate", "onecycle/training/model.py"),
+        ("download", "onecycle/data/archives.py"),
+        ("train", "onecycle/training/schedule.py"),
     ],
 )
 def test_a_removed_dep_is_caught_naming_the_stage_and_the_module(dvc, stage, module):
@@ -169,9 +173,9 @@ def test_a_removed_dep_is_caught_naming_the_stage_and_the_module(dvc, stage, mod
 
 def test_a_dep_on_code_the_stage_never_runs_is_caught(dvc):
     broken = copy.deepcopy(dvc)
-    broken["stages"]["download"]["deps"].append("onecycle/training.py")
+    broken["stages"]["download"]["deps"].append("onecycle/training/loop.py")
     assert dep_problems(broken) == [
-        "stage 'download' lists onecycle/training.py in deps but never imports it"
+        "stage 'download' lists onecycle/training/loop.py in deps but never imports it"
     ]
 
 
@@ -179,12 +183,13 @@ def test_imports_inside_functions_and_of_submodules_count():
     source = (
         "from typing import TYPE_CHECKING\nfrom . import progress\n\n"
         "if TYPE_CHECKING:\n    from .model import ResNet9  # annotations only: never runs\n\n"
-        "def f():\n    from .training import fit\n"
+        "def f():\n    from .training.loop import fit\n"
     )
     assert imported_files("onecycle/new.py", source) == {
         "onecycle/__init__.py",
         "onecycle/progress.py",
-        "onecycle/training.py",
+        "onecycle/training/__init__.py",
+        "onecycle/training/loop.py",
     }
 
 

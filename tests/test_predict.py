@@ -12,9 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from onecycle import checkpoint, mlmodel, predict
+from onecycle.commands import predict
 from onecycle.config import ModelConfig
-from onecycle.model import ResNet9, ResNetConfig
+from onecycle.tracking import mlmodel
+from onecycle.training import checkpoint
+from onecycle.training.model import ResNet9, ResNetConfig
 
 from .conftest import ROOT
 
@@ -121,7 +123,15 @@ def test_a_checkpoint_without_input_details_or_a_bad_uri_says_what_to_do(tmp_pat
 
 
 def test_the_command_prints_top_classes_and_fails_in_one_line(model_file, images):
-    cmd = [sys.executable, "-m", "onecycle.predict", "--model", str(model_file[1]), "--top", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "onecycle.commands.predict",
+        "--model",
+        str(model_file[1]),
+        "--top",
+        "2",
+    ]
     ok = subprocess.run([*cmd, *map(str, images)], capture_output=True, text=True, cwd=ROOT)
     assert ok.returncode == 0, ok.stderr
     lines = ok.stdout.strip().splitlines()

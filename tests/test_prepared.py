@@ -1,4 +1,4 @@
-"""onecycle.prepared.load_prepared on a damaged data/prepared: every kind of damage is a DataError
+"""onecycle.data.prepared.load_prepared on a damaged data/prepared: every kind of damage is a DataError
 naming the file and what is wrong, never a traceback from numpy, zipfile or json, nor a shape
 error deep inside training.
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from onecycle import prepared
+from onecycle.data import prepared
 from onecycle.errors import DataError, UserError
 
 RERUN = "rerun `dvc repro -f download`"

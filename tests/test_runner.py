@@ -1,4 +1,4 @@
-"""The stage runner (onecycle/cli.py): one-line user errors, params changed under a running stage,
+"""The stage runner (onecycle/pipeline/runner.py): one-line user errors, params changed under a running stage,
 and the temporary files that killed writes leave behind."""
 
 import errno
@@ -8,8 +8,9 @@ import time
 
 import pytest
 
-from onecycle import cli, files
+from onecycle import files
 from onecycle.errors import UserError, WriteError
+from onecycle.pipeline import runner
 
 from . import tiny_repo
 from .conftest import ROOT
@@ -27,7 +28,7 @@ def workspace(tmp_path, monkeypatch):
 
 def _exit_code(main, stage: str) -> int:
     with pytest.raises(SystemExit) as exit_:
-        cli.run(main, stage)
+        runner.run(main, stage)
     return exit_.value.code
 
 
@@ -44,7 +45,7 @@ def test_a_bug_keeps_its_traceback(workspace):
         raise KeyError("a bug, not a user error")
 
     with pytest.raises(KeyError):
-        cli.run(main, "train")
+        runner.run(main, "train")
 
 
 def _edit(path, old: str, new: str) -> None:
@@ -101,10 +102,10 @@ def test_params_changed_since_check_params_stop_a_stage_before_it_writes_anythin
     )
 
     _lock_check_params(workspace)  # check_params ran again on today's params: accepted
-    cli.run(lambda: ran.append(1), "train")
+    runner.run(lambda: ran.append(1), "train")
     monkeypatch.delenv("DVC_STAGE")  # by hand, nothing to compare with: not the runner's business
     _edit(workspace / "params.yaml", "epochs: 2", "epochs: 3")
-    cli.run(lambda: ran.append(1), "train")
+    runner.run(lambda: ran.append(1), "train")
     assert ran == [1, 1]
 
 
@@ -112,7 +113,7 @@ def test_a_change_to_params_the_stage_does_not_read_is_not_its_business(workspac
     def main():
         _edit(workspace / "params.yaml", "dpi: 120", "dpi: 150")  # plots.dpi: not train's
 
-    cli.run(main, "train")  # returns normally
+    runner.run(main, "train")  # returns normally
 
 
 def test_check_params_watches_the_whole_file(workspace):
@@ -136,7 +137,7 @@ def test_stale_temporary_files_of_killed_writes_are_removed_at_the_start(workspa
     keep = models / "model.pt"
     keep.write_bytes(b"weights")
 
-    cli.run(lambda: None, "train")
+    runner.run(lambda: None, "train")
     assert not stale.exists() and fresh.exists() and keep.exists()
 
 

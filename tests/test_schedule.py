@@ -5,8 +5,8 @@ import itertools
 import pytest
 import torch
 
-from onecycle import schedule
 from onecycle.config import TrainConfig
+from onecycle.training import schedule
 
 SETTINGS = dict(div_factor=10.0, final_div_factor=1000.0, base_momentum=0.85, max_momentum=0.95)
 

@@ -21,10 +21,13 @@ import mlflow
 import numpy as np
 import pytest
 
-from onecycle import cli, files, prepared, progress, recorder, sources, team_server, tracking
+from onecycle import files, progress
 from onecycle.config import ConfigError, DataConfig, parse_params
+from onecycle.data import prepared, sources
 from onecycle.errors import DataError, UserError
+from onecycle.pipeline import runner
 from onecycle.redact import has_credentials, redact
+from onecycle.tracking import lifecycle, recorder, team_server
 
 from .test_data import assert_dataset, make_image_folder, make_tar
 from .test_tracking import empty, migrated, store  # noqa: F401 - fixtures
@@ -69,7 +72,7 @@ def test_log_lines_and_a_stages_error_are_redacted(url, capsys):
         raise DataError(f"could not download {url} (HTTPError: 401)")
 
     with pytest.raises(SystemExit):
-        cli.run(main, "download")
+        runner.run(main, "download")
     out = capsys.readouterr()
     assert_clean(out.out + out.err)
     assert "***" in out.out and "download: error: could not download" in out.err
@@ -88,12 +91,12 @@ def test_mlflow_params_tags_run_names_files_and_datasets_are_redacted(url, tmp_p
         x_test=np.zeros((1, 8, 8, 3), np.uint8),
         y_test=np.zeros(1, np.int64),
     )
-    with tracking.stage_run("train", tags={"lr_find_run_id": url}) as run:
+    with lifecycle.stage_run("train", tags={"lr_find_run_id": url}) as run:
         run.log_params({"data": {"source": url}, "data_source": url})
         run.set_tags({"warning": f"see {url}"})
         run.log_files(params_yaml)
-        run.log_datasets(tracking.datasets(data))
-        tracking.write_run_ref(tmp_path / "runs.json", run)
+        run.log_datasets(lifecycle.datasets(data))
+        lifecycle.write_run_ref(tmp_path / "runs.json", run)
     client = mlflow.MlflowClient()
     got = client.get_run(run.run_id)
     assert_clean(json.dumps([got.data.params, got.data.tags, got.info.run_name]))
@@ -119,7 +122,7 @@ def test_metrics_runs_and_prepared_meta_json_are_redacted(url, tmp_path):
     meta = prepared.save_prepared(ds, tmp_path / "prepared", f"{url} (md5 {'0' * 32})").meta
     assert_clean(meta["source"] + (tmp_path / "prepared" / "meta.json").read_text())
     recorder_ = recorder.Recorder("r", "e", url)
-    tracking.write_run_ref(tmp_path / "run.json", recorder_)
+    lifecycle.write_run_ref(tmp_path / "run.json", recorder_)
     assert_clean((tmp_path / "run.json").read_text())
 
 
@@ -129,8 +132,8 @@ def test_a_tracking_uri_with_a_password_is_redacted_in_the_stages_error(monkeypa
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:{PASSWORD}@127.0.0.1:{_closed_port()}")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    with pytest.raises(tracking.TrackingError) as err:
-        tracking.setup()
+    with pytest.raises(lifecycle.TrackingError) as err:
+        lifecycle.setup()
     assert "http://alice:***@127.0.0.1" in str(err.value)
     assert_clean(str(err.value))
 
@@ -149,10 +152,10 @@ def test_a_refusal_by_the_server_is_one_line_naming_the_variables(code, needle, 
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "bob")
     what = "opening it" if code == 401 else "starting a run"
     exc = MlflowException("API request failed", error_code=get_error_code(code))  # as MLflow's
-    err = tracking._access_error(exc, f"http://bob:{PASSWORD}@mlflow:5000", what)
-    assert isinstance(err, tracking.AccessError) and needle in str(err)
+    err = lifecycle._access_error(exc, f"http://bob:{PASSWORD}@mlflow:5000", what)
+    assert isinstance(err, lifecycle.AccessError) and needle in str(err)
     assert "\n" not in str(err) and "http://bob:***@mlflow:5000" in str(err)
-    assert tracking._access_error(ValueError("boom"), "http://mlflow:5000", what) is None
+    assert lifecycle._access_error(ValueError("boom"), "http://mlflow:5000", what) is None
 
 
 def _self_signed(folder: Path) -> tuple[Path, Path]:
@@ -202,9 +205,9 @@ def tls_server(tmp_path, monkeypatch):
     import ssl
 
     cert, key = _self_signed(tmp_path)
-    experiment = {"experiment_id": "7", "name": tracking.EXPERIMENT, "lifecycle_stage": "active",
+    experiment = {"experiment_id": "7", "name": lifecycle.EXPERIMENT, "lifecycle_stage": "active",
                   "artifact_location": "mlflow-artifacts:/7",
-                  "tags": [{"key": k, "value": v} for k, v in tracking.EXPERIMENT_KIND.items()]}  # fmt: skip
+                  "tags": [{"key": k, "value": v} for k, v in lifecycle.EXPERIMENT_KIND.items()]}  # fmt: skip
 
     class Api(http.server.BaseHTTPRequestHandler):
         def log_message(self, *args):
@@ -237,8 +240,8 @@ def tls_server(tmp_path, monkeypatch):
 
 
 def test_a_self_signed_server_is_refused_in_one_line_naming_the_cert_variable(tls_server, tmp_path):
-    with pytest.raises(tracking.AccessError) as err:
-        tracking.setup(tmp_path)
+    with pytest.raises(lifecycle.AccessError) as err:
+        lifecycle.setup(tmp_path)
     msg = str(err.value)
     assert "presented a TLS certificate that this machine does not trust (opening it)" in msg
     assert "set MLFLOW_TRACKING_SERVER_CERT_PATH" in msg and "\n" not in msg
@@ -248,7 +251,7 @@ def test_with_its_certificate_named_the_stage_talks_to_the_server_over_tls(
     tls_server, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("MLFLOW_TRACKING_SERVER_CERT_PATH", str(tls_server))
-    assert tracking.setup(tmp_path) == "7"
+    assert lifecycle.setup(tmp_path) == "7"
 
 
 # ---------------------------------------------------------------- data.source credentials
@@ -410,7 +413,7 @@ def test_mlflows_view_run_lines_are_printed_redacted(monkeypatch, capsys):
         print(f"🏃 View run x at: http://alice:{PASSWORD}@mlflow:5000/#/experiments/1/runs/2")
 
     monkeypatch.setattr(mlflow, "end_run", end_run)
-    tracking._end_run("FINISHED")
+    lifecycle._end_run("FINISHED")
     assert (
         capsys.readouterr().out
         == "🏃 View run x at: http://alice:***@mlflow:5000/#/experiments/1/runs/2\n"

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from onecycle import study
+from onecycle.commands import study
 
 GOOD = """
 name: lr
@@ -70,7 +70,7 @@ def test_the_transfer_study_trains_its_source_first_and_names_its_checkpoint_in_
 
 
 def test_a_class_subset_is_an_image_folder_of_those_classes_only(tmp_path, shared_cifar):
-    from onecycle import subset
+    from onecycle.data import subset
 
     out = tmp_path / "vehicles"
     counts = subset.make(shared_cifar, out, ["truck", "ship"])
@@ -105,7 +105,7 @@ def test_the_summary_is_mean_and_sample_std_per_setting():
 
 @pytest.mark.parametrize("kind", ["epochs", "max_lr"])
 def test_both_study_figures_draw(kind):
-    from onecycle import figures
+    from onecycle.reports import figures
 
     results = [
         _result(lab, s, 0.5 + 0.1 * s, lr)
@@ -118,7 +118,7 @@ def test_both_study_figures_draw(kind):
 
 
 def test_the_epochs_figure_puts_each_test_look_at_its_epoch():
-    from onecycle import figures
+    from onecycle.reports import figures
 
     looks = [study.Result("a", s, "r", 0.6, 0.1, 1.0, [0.3, 0.5, 0.6], [3, 6, 9]) for s in (0, 1)]
     line = figures.study_epochs_figure(looks, "t").axes[0].lines[0]
@@ -145,7 +145,8 @@ def test_a_report_reads_its_own_runs_from_a_real_store_and_nothing_else(tmp_path
     import mlflow
     import numpy as np
 
-    from onecycle import paths, tracking
+    from onecycle import paths
+    from onecycle.tracking import lifecycle
 
     env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}  # fmt: skip
@@ -154,7 +155,7 @@ def test_a_report_reads_its_own_runs_from_a_real_store_and_nothing_else(tmp_path
     rev = study.baseline_rev(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    exp_id = tracking.setup(tmp_path)
+    exp_id = lifecycle.setup(tmp_path)
     client = mlflow.MlflowClient()
     s = study.load_text(GOOD.replace("seeds: [0, 1, 2]", "seeds: [0, 1]"))
     rng = np.random.default_rng(0)

@@ -49,7 +49,7 @@ def _study(repo: Path) -> tuple[list[dict], str]:
     (repo / "tiny.yaml").write_text(_tiny_full())
     run(repo, "git", "add", "tiny.yaml")
     run(repo, "git", "commit", "-qm", "tiny study")
-    run(repo, sys.executable, "-m", "onecycle.study", "run", "tiny.yaml")
+    run(repo, sys.executable, "-m", "onecycle.commands.study", "run", "tiny.yaml")
     out = repo / "reports" / "tiny"
     return json.loads((out / "results.json").read_text()), (out / "report.md").read_text()
 
@@ -58,7 +58,9 @@ def test_a_study_trains_its_source_then_its_settings_and_reports_what_the_store_
     import numpy as np
     import torch
 
-    from onecycle import checkpoint, paths, study
+    from onecycle import paths
+    from onecycle.commands import study
+    from onecycle.training import checkpoint
 
     results, report = _study(fork)
     assert [(r["label"], r["seed"]) for r in results] == [("auto", 0), ("lr-0.2", 0)]
@@ -134,6 +136,6 @@ def test_a_study_trains_its_source_then_its_settings_and_reports_what_the_store_
     assert not strays and not (fork / "mlruns").exists(), strays
 
     # started again, it runs nothing; its report alone reads the same runs
-    out = run(fork, sys.executable, "-m", "onecycle.study", "run", "tiny.yaml")
+    out = run(fork, sys.executable, "-m", "onecycle.commands.study", "run", "tiny.yaml")
     assert json.loads((fork / "reports" / "tiny" / "results.json").read_text()) == results, out
     assert "study runs" not in out.stderr  # no progress bar: nothing was queued

@@ -6,11 +6,11 @@ import pytest
 import torch
 from scipy import stats
 
-from onecycle import torch_augment as ta
-from onecycle.augment import train_transform
-from onecycle.batches import AlbumentationsStream, TensorStream, sample_images
 from onecycle.config import AugmentConfig
-from onecycle.engine import select_device
+from onecycle.training import torch_augment as ta
+from onecycle.training.augment import train_transform
+from onecycle.training.batches import AlbumentationsStream, TensorStream, sample_images
+from onecycle.training.runtime import select_device
 
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
 AUG = AugmentConfig(pad=4, flip=True, cutout=8, cutout_p=0.7)
@@ -121,7 +121,7 @@ def test_both_streams_put_the_same_images_in_each_batch():
 def test_data_parallel_ranks_split_each_batch_into_the_single_process_pixels():
     """Under DDP each rank takes a disjoint slice of every global batch, augmented exactly as one
     process augments those images: together the ranks train on the same batch."""
-    from onecycle.distributed import Ranks
+    from onecycle.training.distributed import Ranks
 
     x, y = _images(300), np.arange(300) % 10
     whole = TensorStream(x, y, 64, AUG, MEAN, STD, 5, CPU)

@@ -4,7 +4,7 @@ import time
 import mlflow
 import pytest
 
-from onecycle import recorder, tracking
+from onecycle.tracking import lifecycle, recorder
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +42,7 @@ def _status(run_id):
 
 
 def test_store_is_at_the_repository_root_not_the_working_directory(empty):
-    with tracking.stage_run("lr_find") as run:
+    with lifecycle.stage_run("lr_find") as run:
         mlflow.log_metric("x", 1.0, step=0)
         mlflow.log_text("hi", "a.txt")
     assert (empty / "mlflow.db").exists() and not (empty / "elsewhere" / "mlflow.db").exists()
@@ -55,17 +55,17 @@ def test_store_is_at_the_repository_root_not_the_working_directory(empty):
 def test_env_var_overrides_the_store(store, tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'team.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    assert tracking.tracking_uri() == uri
+    assert lifecycle.tracking_uri() == uri
 
 
 def test_exception_leaves_the_run_failed(store):
-    with pytest.raises(ValueError), tracking.stage_run("lr_find") as run:
+    with pytest.raises(ValueError), lifecycle.stage_run("lr_find") as run:
         raise ValueError("boom")
     assert _status(run.run_id) == "FAILED"
 
 
 def test_ctrl_c_leaves_the_run_killed(store):
-    with pytest.raises(KeyboardInterrupt), tracking.stage_run("train") as run:
+    with pytest.raises(KeyboardInterrupt), lifecycle.stage_run("train") as run:
         raise KeyboardInterrupt
     assert _status(run.run_id) == "KILLED"
 
@@ -74,7 +74,7 @@ def test_sigterm_leaves_the_run_killed(store):
     import os
     import signal
 
-    with pytest.raises(KeyboardInterrupt), tracking.stage_run("train") as run:
+    with pytest.raises(KeyboardInterrupt), lifecycle.stage_run("train") as run:
         os.kill(os.getpid(), signal.SIGTERM)
     assert _status(run.run_id) == "KILLED"
 
@@ -82,7 +82,7 @@ def test_sigterm_leaves_the_run_killed(store):
 def test_runs_carry_dvc_tags(store, monkeypatch):
     monkeypatch.setenv("DVC_EXP_NAME", "brisk-lark")
     monkeypatch.setenv("DVC_EXP_BASELINE_REV", "abc123")
-    with tracking.stage_run("train") as run:
+    with lifecycle.stage_run("train") as run:
         pass
     tags = mlflow.MlflowClient().get_run(run.run_id).data.tags
     assert (
@@ -93,13 +93,13 @@ def test_runs_carry_dvc_tags(store, monkeypatch):
 
 
 def test_later_stages_add_to_the_train_run_without_changing_its_status(store, tmp_path):
-    with tracking.stage_run("train") as run:
+    with lifecycle.stage_run("train") as run:
         pass
     ref = tmp_path / "train.json"
-    tracking.write_run_ref(ref, run)
-    with tracking.add_to_run(ref, "evaluate") as later:
+    lifecycle.write_run_ref(ref, run)
+    with lifecycle.add_to_run(ref, "evaluate") as later:
         later.log_metrics({"eval/accuracy": 0.9})
-    with pytest.raises(RuntimeError), tracking.add_to_run(ref, "plots"):
+    with pytest.raises(RuntimeError), lifecycle.add_to_run(ref, "plots"):
         raise RuntimeError("plot failed")
     got = mlflow.MlflowClient().get_run(run.run_id)
     assert got.info.status == "FINISHED" and got.data.metrics["eval/accuracy"] == 0.9
@@ -111,7 +111,7 @@ def test_later_stages_add_to_the_train_run_without_changing_its_status(store, tm
 def test_a_missing_run_reference_names_the_stage_to_run(store, tmp_path):
     with (
         pytest.raises(FileNotFoundError, match="dvc repro train"),
-        tracking.add_to_run(tmp_path / "nope.json", "evaluate"),
+        lifecycle.add_to_run(tmp_path / "nope.json", "evaluate"),
     ):
         pass
 
@@ -133,9 +133,9 @@ def test_an_unreachable_server_stops_the_stage_at_once_naming_the_uri(store, mon
     uri = f"http://127.0.0.1:{_closed_port()}"  # nothing listens there
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     t0 = time.perf_counter()
-    with pytest.raises(tracking.TrackingError) as err:
-        tracking.setup()
-    assert time.perf_counter() - t0 < tracking.CHECK_SECONDS + 5
+    with pytest.raises(lifecycle.TrackingError) as err:
+        lifecycle.setup()
+    assert time.perf_counter() - t0 < lifecycle.CHECK_SECONDS + 5
     msg = str(err.value)
     assert uri in msg and "MLFLOW_TRACKING_URI" in msg and len(msg.splitlines()) == 1
 
@@ -147,11 +147,11 @@ def test_a_server_that_never_answers_is_given_up_after_the_deadline(store, monke
     listener = socket.socket()  # accepts connections, never answers a request
     listener.bind(("127.0.0.1", 0))
     listener.listen(8)
-    monkeypatch.setattr(tracking, "CHECK_SECONDS", 2)
+    monkeypatch.setattr(lifecycle, "CHECK_SECONDS", 2)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{listener.getsockname()[1]}")
     t0 = time.perf_counter()
-    with pytest.raises(tracking.TrackingError, match="did not answer within 2 s"):
-        tracking.setup()
+    with pytest.raises(lifecycle.TrackingError, match="did not answer within 2 s"):
+        lifecycle.setup()
     assert time.perf_counter() - t0 < 5
     listener.close()
 
@@ -161,8 +161,8 @@ def test_a_server_that_never_answers_is_given_up_after_the_deadline(store, monke
 )
 def test_a_corrupt_store_is_named_with_the_way_out(store, content):
     (store / "mlflow.db").write_bytes(content)
-    with pytest.raises(tracking.TrackingError) as err:
-        tracking.setup()
+    with pytest.raises(lifecycle.TrackingError) as err:
+        lifecycle.setup()
     msg = str(err.value)
     assert str(store / "mlflow.db") in msg and "mv " in msg and "MLFLOW_TRACKING_URI" in msg
 
@@ -171,13 +171,13 @@ def test_a_store_folder_that_cannot_be_created_is_named(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("a file where the repository folder should be")
     monkeypatch.setenv("DVC_ROOT", str(tmp_path / "file" / "repo"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    with pytest.raises(tracking.TrackingError, match="mlflow.db"):
-        tracking.setup()
+    with pytest.raises(lifecycle.TrackingError, match="mlflow.db"):
+        lifecycle.setup()
 
 
 def test_a_read_only_store_is_named_when_the_run_starts(store, monkeypatch):
     # As root (CI) chmod cannot make a file read-only, so the store's own error is simulated.
-    tracking.setup()
+    lifecycle.setup()
 
     def refuse(*args, **kwargs):
         raise mlflow.exceptions.MlflowException(
@@ -185,8 +185,8 @@ def test_a_read_only_store_is_named_when_the_run_starts(store, monkeypatch):
         )
 
     monkeypatch.setattr(mlflow, "start_run", refuse)
-    with pytest.raises(tracking.TrackingError, match="readonly database") as err:
-        with tracking.stage_run("train"):
+    with pytest.raises(lifecycle.TrackingError, match="readonly database") as err:
+        with lifecycle.stage_run("train"):
             pytest.fail("the stage must not start")
     assert "mv " in str(err.value)
 
@@ -206,7 +206,7 @@ def test_a_store_lost_mid_run_costs_no_work_and_logs_the_rest_once_back(store, m
 
     monkeypatch.setattr(mlflow.MlflowClient, "log_batch", flaky)
     monkeypatch.setattr(recorder, "RETRY_SECONDS", 0)
-    with tracking.stage_run("train") as run:
+    with lifecycle.stage_run("train") as run:
         run.log_metrics({"loss": 3.0}, step=1)
         assert run.flush()  # sent in the background: wait for it before the store goes away
         down["on"] = True
@@ -233,7 +233,7 @@ def test_what_could_not_be_logged_is_listed_at_the_end(store, monkeypatch, capsy
     def down(self, *args, **kwargs):
         raise ConnectionError("server gone")
 
-    with tracking.stage_run("train") as run:
+    with lifecycle.stage_run("train") as run:
         monkeypatch.setattr(mlflow.MlflowClient, "log_batch", down)
         run.log_metrics({"test_acc": 0.5}, step=2)
     text = "".join(capsys.readouterr())
@@ -250,9 +250,9 @@ def _dead_pid() -> int:
 
 
 def test_a_run_left_running_by_a_killed_process_is_closed_by_the_next_run(store):
-    exp_id = tracking.setup()
+    exp_id = lifecycle.setup()
     client = mlflow.MlflowClient()
-    here = tracking._here()
+    here = lifecycle._here()
     stale = client.create_run(
         exp_id, tags={"dvc.stage": "train", **here, "onecycle.pid": str(_dead_pid())}
     )
@@ -269,7 +269,7 @@ def test_a_run_left_running_by_a_killed_process_is_closed_by_the_next_run(store)
     other_stage = client.create_run(
         exp_id, tags={"dvc.stage": "lr_find", **here, "onecycle.pid": str(_dead_pid())}
     )
-    with tracking.stage_run("train"):
+    with lifecycle.stage_run("train"):
         pass
     assert _status(stale.info.run_id) == "KILLED"
     for run in (alive, elsewhere, other_stage):
@@ -279,15 +279,15 @@ def test_a_run_left_running_by_a_killed_process_is_closed_by_the_next_run(store)
 def test_a_finished_run_the_store_missed_ending_is_finished_by_the_next_stage(store, tmp_path):
     # train wrote runs/train.json (its last act) while the server was away, so its run stayed
     # RUNNING; evaluate, logging into it later, marks it FINISHED
-    exp_id = tracking.setup()
+    exp_id = lifecycle.setup()
     client = mlflow.MlflowClient()
-    tags = {"dvc.stage": "train", **tracking._here(), "onecycle.pid": str(_dead_pid())}
+    tags = {"dvc.stage": "train", **lifecycle._here(), "onecycle.pid": str(_dead_pid())}
     run = client.create_run(exp_id, tags=tags)
     ref = tmp_path / "train.json"
-    tracking.write_run_ref(
-        ref, tracking.Recorder(run.info.run_id, exp_id, mlflow.get_tracking_uri())
+    lifecycle.write_run_ref(
+        ref, lifecycle.Recorder(run.info.run_id, exp_id, mlflow.get_tracking_uri())
     )
-    with tracking.add_to_run(ref, "evaluate") as later:
+    with lifecycle.add_to_run(ref, "evaluate") as later:
         later.log_metrics({"eval/accuracy": 0.5})
     got = client.get_run(run.info.run_id)
     assert got.info.status == "FINISHED" and got.data.tags["onecycle.finished_by"] == "evaluate"
@@ -300,7 +300,7 @@ def test_stages_starting_at_once_on_a_fresh_clone_share_one_new_store(empty):
     import subprocess
     import sys
 
-    code = "from onecycle import tracking; print(tracking.setup())"
+    code = "from onecycle.tracking import lifecycle; print(lifecycle.setup())"
     env = {**os.environ, "DVC_ROOT": str(empty)}
     procs = [
         subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
@@ -317,13 +317,13 @@ def test_the_ui_address_opens_the_experiments_runs_in_the_model_training_view(tm
     from onecycle import paths
 
     base, view = "http://127.0.0.1:5000", "?workflowType=machine_learning"
-    assert tracking.ui_url(base, tmp_path) == f"{base}/#/experiments{view}"  # nothing run yet
+    assert lifecycle.ui_url(base, tmp_path) == f"{base}/#/experiments{view}"  # nothing run yet
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / paths.MLFLOW_DB}")
-    exp_id = client.create_experiment(tracking.EXPERIMENT)
-    assert tracking.ui_url(base, tmp_path) == f"{base}/#/experiments/{exp_id}/runs{view}"
+    exp_id = client.create_experiment(lifecycle.EXPERIMENT)
+    assert lifecycle.ui_url(base, tmp_path) == f"{base}/#/experiments/{exp_id}/runs{view}"
     (tmp_path / paths.TRAIN_RUN).parent.mkdir()
     (tmp_path / paths.TRAIN_RUN).write_text('{"experiment_id": "42"}')
-    assert tracking.ui_url(base, tmp_path) == f"{base}/#/experiments/42/runs{view}"
+    assert lifecycle.ui_url(base, tmp_path) == f"{base}/#/experiments/42/runs{view}"
 
 
 def test_a_folder_that_cannot_be_written_is_named_not_called_unreachable(
@@ -337,7 +337,7 @@ def test_a_folder_that_cannot_be_written_is_named_not_called_unreachable(
     def denied(self, *args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied", "/srv/mlartifacts/7")
 
-    with tracking.stage_run("train") as run:
+    with lifecycle.stage_run("train") as run:
         monkeypatch.setattr(mlflow.MlflowClient, "log_batch", denied)
         monkeypatch.setattr(mlflow.MlflowClient, "log_artifact", denied)
         for step in range(300):
@@ -381,7 +381,7 @@ def test_a_store_that_hangs_mid_run_never_holds_up_the_work(store, monkeypatch, 
     monkeypatch.setattr(recorder, "FLUSH_SECONDS", 1.0)
     try:
         started = time.monotonic()
-        with tracking.stage_run("train") as run:
+        with lifecycle.stage_run("train") as run:
             run.log_metrics({"loss": 3.0}, step=0)
             assert run.flush()
             hung["on"] = True
@@ -431,7 +431,7 @@ def test_a_read_only_or_full_store_is_one_line_naming_it(
             logging.getLogger("mlflow.store.db.utils").exception("SQLAlchemy database error")
             raise
 
-    with tracking.stage_run("evaluate") as run:
+    with lifecycle.stage_run("evaluate") as run:
         monkeypatch.setattr(mlflow.MlflowClient, "log_batch", failing)
         run.log_metrics({"accuracy": 0.5}, step=0)
     out = "".join(capsys.readouterr())
@@ -454,7 +454,7 @@ def test_a_slow_store_that_keeps_taking_calls_is_waited_for(store, monkeypatch):
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(recorder, "FLUSH_SECONDS", 0.5)
-    with tracking.stage_run("train") as run:
+    with lifecycle.stage_run("train") as run:
         monkeypatch.setattr(mlflow.MlflowClient, "log_batch", slow)
         for step in range(5):
             run.log_metrics({"loss": 1.0}, step=step)

@@ -2,11 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from onecycle import checkpoint, training
 from onecycle.config import ConfigError, ModelConfig
-from onecycle.engine import select_device
-from onecycle.model import ResNet9, ResNetConfig, count_parameters
-from onecycle.session import build_session
+from onecycle.training import checkpoint, loop
+from onecycle.training.model import ResNet9, ResNetConfig, count_parameters
+from onecycle.training.runtime import select_device
+from onecycle.training.session import build_session
 
 CPU = select_device("cpu", 0)
 
@@ -20,9 +20,9 @@ def _fit(params, data, path, seed=0, max_lr=0.2, state=None, hooks=None, stop=No
     """What the train stage does: one session, one plan, then the loop."""
     cfg = params.train
     session = build_session(params.model, cfg, data, CPU, seed, cfg.max_momentum)
-    plan = training.make_plan(cfg, max_lr, session, data)
+    plan = loop.make_plan(cfg, max_lr, session, data)
     resume = _resume(params, data, path, seed, max_lr)
-    return training.fit(session, plan, resume, state, hooks, stop)
+    return loop.fit(session, plan, resume, state, hooks, stop)
 
 
 def _history(result):
@@ -33,10 +33,10 @@ def _history(result):
     ]
 
 
-def _stop_after(steps: int) -> tuple[training.Stop, training.Hooks]:
+def _stop_after(steps: int) -> tuple[loop.Stop, loop.Hooks]:
     """A stop flag set after ``steps`` steps, as Ctrl-C would set it."""
-    stop = training.Stop()
-    return stop, training.Hooks(on_step=lambda s: stop.request() if s + 1 == steps else None)
+    stop = loop.Stop()
+    return stop, loop.Hooks(on_step=lambda s: stop.request() if s + 1 == steps else None)
 
 
 def test_default_model_has_the_recipes_parameter_count():
@@ -57,19 +57,17 @@ def test_every_step_trains_at_the_scheduled_lr_and_momentum(tiny_data, tiny_para
     )
     cfg = params.train
     session = build_session(params.model, cfg, tiny_data, CPU, 0, cfg.max_momentum)
-    plan = training.make_plan(cfg, 0.2, session, tiny_data)
+    plan = loop.make_plan(cfg, 0.2, session, tiny_data)
     used = []  # what the optimizer held during each step
 
     def record(step):
         group = session.optimizer.param_groups[0]
         used.append((step, group["lr"], group["momentum"]))
 
-    training.fit(
-        session, plan, _resume(params, tiny_data, tmp_path / "s.pt"), hooks=training.Hooks(record)
-    )
+    loop.fit(session, plan, _resume(params, tiny_data, tmp_path / "s.pt"), hooks=loop.Hooks(record))
     assert [s for s, _, _ in used] == list(range(cfg.epochs * session.steps_per_epoch))
     assert [(lr, m) for _, lr, m in used] == [plan.schedule(s) for s, _, _ in used]
-    rows = training.schedule_rows(plan, session.steps_per_epoch)
+    rows = loop.schedule_rows(plan, session.steps_per_epoch)
     assert [(r["lr"], r["momentum"]) for r in rows] == [(lr, m) for _, lr, m in used]
 
 
@@ -146,7 +144,7 @@ def test_a_resume_state_of_another_kind_is_refused_with_the_rm_command(tmp_path,
 
 def test_nan_loss_stops_at_once_and_writes_no_checkpoint(tiny_data, tiny_params, tmp_path):
     state_path = tmp_path / "resume.pt"
-    with pytest.raises(training.NonFiniteLoss, match=r"epoch 1, step \d+ .*LR") as err:
+    with pytest.raises(loop.NonFiniteLoss, match=r"epoch 1, step \d+ .*LR") as err:
         _fit(tiny_params, tiny_data, state_path, max_lr=1e9)
     assert "train.max_lr" in str(err.value)
     assert not state_path.exists()
@@ -157,10 +155,10 @@ def test_a_nan_between_syncs_still_names_its_first_step(
 ):
     # On a GPU the sums stay on the device for SYNC_EVERY steps; the error must not name the
     # step of the sync but the first bad one, as the every-step check on a CPU does.
-    with pytest.raises(training.NonFiniteLoss) as every_step:
+    with pytest.raises(loop.NonFiniteLoss) as every_step:
         _fit(tiny_params, tiny_data, tmp_path / "a.pt", max_lr=1e9)
-    monkeypatch.setattr(training, "sync_every", lambda dev: 7)
-    with pytest.raises(training.NonFiniteLoss) as batched:
+    monkeypatch.setattr(loop, "sync_every", lambda dev: 7)
+    with pytest.raises(loop.NonFiniteLoss) as batched:
         _fit(tiny_params, tiny_data, tmp_path / "b.pt", max_lr=1e9)
     assert str(batched.value) == str(every_step.value)
 
@@ -196,17 +194,17 @@ def test_checkpoint_loads_weights_only(tmp_path):
 def test_max_lr_auto_takes_lr_finds_choice_and_a_number_overrides(
     setting, metrics, expected, tmp_path
 ):
-    assert training.resolve_max_lr(setting, metrics, tmp_path / "lr_find.json") == expected
+    assert loop.resolve_max_lr(setting, metrics, tmp_path / "lr_find.json") == expected
 
 
 @pytest.mark.parametrize("metrics", [None, {"max_lr": float("nan")}, {"max_lr": -1}, {}])
 def test_max_lr_auto_without_a_usable_lr_find_output_is_refused(metrics, tmp_path):
     with pytest.raises(ConfigError, match="lr_find"):
-        training.resolve_max_lr("auto", metrics, tmp_path / "lr_find.json")
+        loop.resolve_max_lr("auto", metrics, tmp_path / "lr_find.json")
 
 
 def test_augmented_batches_are_reproducible_and_differ_by_epoch(tiny_data, tiny_params):
-    from onecycle.augment import AugmentedBatches, train_transform
+    from onecycle.training.augment import AugmentedBatches, train_transform
 
     t = train_transform(tiny_params.train.augment, 32, tiny_data.mean, tiny_data.std)
     a = AugmentedBatches(tiny_data.x_train, tiny_data.y_train, 64, t, seed=0)
@@ -225,7 +223,7 @@ def test_augmented_batches_are_reproducible_and_differ_by_epoch(tiny_data, tiny_
     [(2000, 512, 4, True), (50_000, 512, 24, False), (640, 64, 5, False), (640, 64, 2, True)],
 )
 def test_a_run_too_short_to_train_is_named_with_the_key_to_change(images, batch, epochs, warns):
-    warning = training.too_few_steps(images, batch, epochs)
+    warning = loop.too_few_steps(images, batch, epochs)
     assert (warning is not None) == warns
     if warns:
         assert f"{images:,} training images" in warning
@@ -258,11 +256,11 @@ def test_auto_values_come_from_lr_find_and_say_so(tmp_path):
     from onecycle.config import TrainConfig
 
     cfg = TrainConfig(weight_decay="auto", max_momentum="auto", schedule="cyclic", base_lr="auto")
-    hyper = training.resolve(cfg, LR_FIND, tmp_path / "lr_find.json")
+    hyper = loop.resolve(cfg, LR_FIND, tmp_path / "lr_find.json")
     assert (hyper.max_lr, hyper.base_lr) == (0.3, 0.01)
     assert (hyper.cfg.weight_decay, hyper.cfg.max_momentum) == (1e-3, 0.9)
     assert set(hyper.sources.values()) == {"lr_find"}
-    fixed = training.resolve(TrainConfig(max_lr=0.1), LR_FIND, tmp_path / "lr_find.json")
+    fixed = loop.resolve(TrainConfig(max_lr=0.1), LR_FIND, tmp_path / "lr_find.json")
     assert fixed.base_lr is None and fixed.cfg.weight_decay == 5e-4 and fixed.max_lr == 0.1
     assert set(fixed.sources.values()) == {"params"}
 
@@ -282,7 +280,7 @@ def test_an_auto_value_that_cannot_be_had_is_refused_naming_the_key(
     from onecycle.config import TrainConfig
 
     with pytest.raises(ConfigError, match=message) as err:
-        training.resolve(TrainConfig(**cfg), lr_find, tmp_path / "lr_find.json")
+        loop.resolve(TrainConfig(**cfg), lr_find, tmp_path / "lr_find.json")
     assert "train." in str(err.value)
 
 
@@ -299,7 +297,7 @@ def test_a_damaged_lr_find_json_names_the_file_and_the_way_out(tmp_path):
 def test_the_validation_split_is_watched_every_epoch_and_reported(tiny_data, tiny_params, tmp_path):
     import dataclasses
 
-    from onecycle import prepared
+    from onecycle.data import prepared
 
     rest, (x_val, y_val) = prepared.carve_validation(tiny_data, 128, seed=0)
     data = dataclasses.replace(
@@ -308,9 +306,9 @@ def test_the_validation_split_is_watched_every_epoch_and_reported(tiny_data, tin
     result = _fit(tiny_params, data, tmp_path / "s.pt")
     assert all(h.val_acc is not None and h.val_loss is not None for h in result.history)
     assert {"val/accuracy", "val/loss"} <= set(result.history[-1].metrics())
-    hyper = training.resolve(tiny_params.train, None, tmp_path / "lr_find.json")
-    summary = training.summary(result, hyper)
+    hyper = loop.resolve(tiny_params.train, None, tmp_path / "lr_find.json")
+    summary = loop.summary(result, hyper)
     assert summary["val_acc"] == result.history[-1].val_acc
     session = build_session(tiny_params.model, tiny_params.train, data, CPU, 0, 0.9)
-    _, acc = training.evaluate(session.model, *training.test_tensors(data, CPU, "val"), CPU)
+    _, acc = loop.evaluate(session.model, *loop.test_tensors(data, CPU, "val"), CPU)
     assert 0 <= acc <= 1 and len(result.history) == tiny_params.train.epochs

@@ -9,11 +9,11 @@ import pytest
 import torch
 import torchvision
 
-from onecycle import checkpoint, transfer
 from onecycle.config import ConfigError, ModelConfig, parse_params
-from onecycle.engine import select_device
-from onecycle.model import ResNet9, ResNetConfig, build, head_keys
-from onecycle.session import build_session
+from onecycle.training import checkpoint, init_weights
+from onecycle.training.model import ResNet9, ResNetConfig, build, head_keys
+from onecycle.training.runtime import select_device
+from onecycle.training.session import build_session
 
 from .conftest import TINY
 
@@ -70,10 +70,10 @@ def test_pretrained_weights_from_a_file_fill_the_backbone_and_the_head_is_sized_
 ):
     path, state = resnet18_file
     params = params_with({"arch": "resnet18", "pretrained": str(path)})
-    start = transfer.load(params.model)
-    assert start.digest and start.inputs.mean == transfer.IMAGENET_MEAN
+    start = init_weights.load(params.model)
+    assert start.digest and start.inputs.mean == init_weights.IMAGENET_MEAN
     data = start.normalize(tiny_data)
-    assert data.mean == transfer.IMAGENET_MEAN and tiny_data.mean != data.mean
+    assert data.mean == init_weights.IMAGENET_MEAN and tiny_data.mean != data.mean
     session = session_for(params, data, start)
     loaded = session.model.state_dict()
     for k, v in state.items():
@@ -87,7 +87,7 @@ def test_pretrained_weights_from_a_file_fill_the_backbone_and_the_head_is_sized_
 def test_a_frozen_backbone_gets_no_gradient_and_stays_as_loaded(resnet18_file, tiny_data):
     path, state = resnet18_file
     params = params_with({"arch": "resnet18", "pretrained": str(path), "freeze": "backbone"})
-    start = transfer.load(params.model)
+    start = init_weights.load(params.model)
     session = session_for(params, start.normalize(tiny_data), start)
     model = session.model
     head_before = model.fc.weight.detach().clone()
@@ -115,7 +115,7 @@ def test_the_backbone_multiplier_scales_the_backbone_lr_in_every_step(resnet18_f
         weight_decay=0.0,
         nesterov=False,
     )
-    start = transfer.load(params.model)
+    start = init_weights.load(params.model)
     session = session_for(params, start.normalize(tiny_data), start)
     conv, fc = session.model.conv1.weight, session.model.fc.weight
     before = conv.detach().clone(), fc.detach().clone()
@@ -136,7 +136,7 @@ def test_a_checkpoint_of_this_pipeline_starts_another_dataset_with_its_normaliza
     checkpoint.save_weights(source, src_cfg, [f"c{i}" for i in range(6)], path, inputs)
 
     params = params_with({"width": 4, "pretrained": str(path)})
-    start = transfer.load(params.model)
+    start = init_weights.load(params.model)
     assert start.inputs.mean == (0.1, 0.2, 0.3) and "6 classes" in start.inputs.source
     data = start.normalize(tiny_data)
     session = session_for(params, data, start)
@@ -151,19 +151,19 @@ def test_a_checkpoint_of_this_pipeline_starts_another_dataset_with_its_normaliza
         0.3,
     ]
     assert start.warning(data) is None
-    at_64 = transfer.Start(None, transfer.Inputs((0,), (1,), "x", 64), "w")
+    at_64 = init_weights.Start(None, init_weights.Inputs((0,), (1,), "x", 64), "w")
     assert "data.image_size: 64" in at_64.warning(data)
 
     wider = params_with({"width": 8, "pretrained": str(path)})
-    with pytest.raises(transfer.PretrainedError, match="width: 4 there, 8 here"):
-        transfer.load(wider.model)
+    with pytest.raises(init_weights.PretrainedError, match="width: 4 there, 8 here"):
+        init_weights.load(wider.model)
 
 
 def test_weights_of_another_architecture_stop_with_the_keys_listed(resnet18_file, tiny_data):
     path, _ = resnet18_file
     params = params_with({"arch": "resnet34", "pretrained": str(path)})
-    start = transfer.load(params.model)
-    with pytest.raises(transfer.PretrainedError) as err:
+    start = init_weights.load(params.model)
+    with pytest.raises(init_weights.PretrainedError) as err:
         session_for(params, start.normalize(tiny_data), start)
     message = str(err.value)
     assert "missing" in message and "layer1.2.bn1.weight" in message and str(path) in message
@@ -171,12 +171,12 @@ def test_weights_of_another_architecture_stop_with_the_keys_listed(resnet18_file
 
 def test_a_missing_or_foreign_weights_file_is_refused_by_name(tmp_path):
     missing = params_with({"arch": "resnet18", "pretrained": str(tmp_path / "nope.pt")})
-    with pytest.raises(transfer.PretrainedError, match="nope.pt not found"):
-        transfer.load(missing.model)
+    with pytest.raises(init_weights.PretrainedError, match="nope.pt not found"):
+        init_weights.load(missing.model)
     junk = tmp_path / "junk.pt"
     torch.save([1, 2, 3], junk)
-    with pytest.raises(transfer.PretrainedError, match="junk.pt holds a list"):
-        transfer.load(params_with({"arch": "resnet18", "pretrained": str(junk)}).model)
+    with pytest.raises(init_weights.PretrainedError, match="junk.pt holds a list"):
+        init_weights.load(params_with({"arch": "resnet18", "pretrained": str(junk)}).model)
 
 
 def test_weights_holding_nan_are_refused_at_load_not_blamed_on_the_max_lr(tmp_path):
@@ -186,8 +186,8 @@ def test_weights_holding_nan_are_refused_at_load_not_blamed_on_the_max_lr(tmp_pa
     floats = sum(v.is_floating_point() for v in state.values())
     bare, ours = tmp_path / "nan.pth", tmp_path / "model.pt"
     torch.save(state, bare)
-    with pytest.raises(transfer.PretrainedError) as err:
-        transfer.load(params_with({"pretrained": str(bare)}).model)
+    with pytest.raises(init_weights.PretrainedError) as err:
+        init_weights.load(params_with({"pretrained": str(bare)}).model)
     assert f"holds weights that are NaN or infinite ({floats} of {floats} tensors, e.g." in str(
         err.value
     )
@@ -198,8 +198,8 @@ def test_weights_holding_nan_are_refused_at_load_not_blamed_on_the_max_lr(tmp_pa
     torch.save(ckpt, ours)
     with pytest.raises(checkpoint.CheckpointError, match=r"\(1 of \d+ tensors, e.g. fc.bias\)"):
         checkpoint.read_weights(ours)
-    with pytest.raises(transfer.PretrainedError, match="e.g. fc.bias"):
-        transfer.load(params_with({"pretrained": str(ours)}).model)
+    with pytest.raises(init_weights.PretrainedError, match="e.g. fc.bias"):
+        init_weights.load(params_with({"pretrained": str(ours)}).model)
 
 
 def test_default_weights_offline_name_the_file_to_put_in_torch_home(tmp_path, monkeypatch):
@@ -212,15 +212,15 @@ def test_default_weights_offline_name_the_file_to_put_in_torch_home(tmp_path, mo
     monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
     params = params_with({"arch": "resnet18", "pretrained": "default"})
     where = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
-    with pytest.raises(transfer.PretrainedError) as err:
-        transfer.load(params.model)
+    with pytest.raises(init_weights.PretrainedError) as err:
+        init_weights.load(params.model)
     assert str(where) in str(err.value) and "ResNet18_Weights.IMAGENET1K_V1" in str(err.value)
     assert "https://download.pytorch.org/models/resnet18-f37072fd.pth" in str(err.value)
 
     where.parent.mkdir(parents=True, exist_ok=True)
     where.write_bytes(b"not the weights")  # a file put there by hand is checked too
-    with pytest.raises(transfer.PretrainedError, match="does not match torchvision's hash"):
-        transfer.load(params.model)
+    with pytest.raises(init_weights.PretrainedError, match="does not match torchvision's hash"):
+        init_weights.load(params.model)
 
 
 @pytest.mark.parametrize(
@@ -238,10 +238,10 @@ def test_transfer_params_are_checked_with_the_key_named(model, key, says):
 
 
 def test_a_trained_torchvision_checkpoint_loads_back_for_evaluate_and_predict(tmp_path, tiny_data):
-    from onecycle.predict import load_checkpoint_model
+    from onecycle.commands.predict import load_checkpoint_model
 
     params = params_with({"arch": "mobilenet_v3_small"})
-    session = session_for(params, tiny_data, transfer.RANDOM)
+    session = session_for(params, tiny_data, init_weights.RANDOM)
     one_step(session)
     path = tmp_path / "model.pt"
     inputs = checkpoint.inputs_of(tiny_data)

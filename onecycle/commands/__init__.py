@@ -1,0 +1,1 @@
+"""The commands beside the pipeline: studies, benchmarks, the CI gate, predict."""

@@ -1,0 +1,1 @@
+"""Data in: sources and archives, image folders, the prepared form, class subsets."""

@@ -1,0 +1,1 @@
+"""What the DVC stages share: the stage runner and the checks before any stage."""

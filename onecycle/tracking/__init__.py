@@ -1,0 +1,1 @@
+"""The MLflow link: a stage's run and store, the background recorder, the logged model, the team server."""
