@@ -4,9 +4,11 @@ from onecycle import files, paths, progress
 from onecycle.config import load_params
 from onecycle.data.prepared import load_prepared
 from onecycle.pipeline import runner
+from onecycle.range_test import handoff
 from onecycle.tracking import lifecycle, mlmodel
-from onecycle.training import checkpoint, distributed, init_weights, loop
+from onecycle.training import checkpoint, distributed, init_weights, loop, outputs
 from onecycle.training.model import count_parameters
+from onecycle.training.plan import make_plan
 from onecycle.training.session import build_session
 
 
@@ -21,7 +23,7 @@ def main() -> None:
     start = init_weights.load(params.model)  # model.pretrained; the data normalized as it expects
     data = start.normalize(load_prepared(paths.PREPARED_DIR))
     lr_find = files.read_json(paths.LR_FIND_METRICS) if paths.LR_FIND_METRICS.exists() else None
-    hyper = loop.resolve(params.train, lr_find, paths.LR_FIND_METRICS)
+    hyper = handoff.resolve(params.train, lr_find, paths.LR_FIND_METRICS)
     cfg, max_lr, lr_source = hyper.cfg, hyper.max_lr, hyper.sources["max_lr"]
     fingerprint = data.meta.get("fingerprint")
     key = checkpoint.resume_key(
@@ -32,7 +34,7 @@ def main() -> None:
     session = build_session(
         params.model, cfg, data, dev, params.base.seed, cfg.max_momentum, start=start
     )
-    plan = loop.make_plan(cfg, max_lr, session, data, hyper.base_lr)
+    plan = make_plan(cfg, max_lr, session, data, hyper.base_lr)
     if not ranks.is_main:  # rank 0 alone writes outputs, the resume state and the MLflow run
         loop.fit(session, plan, resume, state)
         return
@@ -79,10 +81,10 @@ def main() -> None:
                 result.model, data.classes, data.mean, data.std, data.x_test, run.run_id
             ),
         )
-        metrics = loop.summary(result, hyper)
+        metrics = outputs.summary(result, hyper)
         files.write_json(paths.TRAIN_METRICS, metrics)
-        files.write_csv(paths.TRAIN_HISTORY, loop.history_rows(result.history))
-        files.write_csv(paths.TRAIN_SCHEDULE, loop.schedule_rows(plan, session.steps_per_epoch))
+        files.write_csv(paths.TRAIN_HISTORY, outputs.history_rows(result.history))
+        files.write_csv(paths.TRAIN_SCHEDULE, outputs.schedule_rows(plan, session.steps_per_epoch))
         run.log_files("params.yaml", paths.TRAIN_METRICS, paths.TRAIN_HISTORY)
         lifecycle.write_run_ref(paths.TRAIN_RUN, run, model_id=model_id)
     resume.remove()

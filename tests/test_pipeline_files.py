@@ -22,7 +22,15 @@ NOT_DEPS = {
     "onecycle/__init__.py": "the package marker and its version string",
     **{
         f"onecycle/{layer}/__init__.py": "a layer's docstring"
-        for layer in ("commands", "data", "pipeline", "range_test", "reports", "tracking", "training")
+        for layer in (
+            "commands",
+            "data",
+            "pipeline",
+            "range_test",
+            "reports",
+            "tracking",
+            "training",
+        )
     },
     "onecycle/pipeline/runner.py": "the stage runner: how an error is printed",
     "onecycle/progress.py": "progress bars and lines printed beside them",

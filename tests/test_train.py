@@ -3,8 +3,10 @@ import pytest
 import torch
 
 from onecycle.config import ConfigError, ModelConfig
-from onecycle.training import checkpoint, loop
+from onecycle.range_test import handoff
+from onecycle.training import checkpoint, loop, outputs
 from onecycle.training.model import ResNet9, ResNetConfig, count_parameters
+from onecycle.training.plan import make_plan, split_tensors, too_few_steps
 from onecycle.training.runtime import select_device
 from onecycle.training.session import build_session
 
@@ -20,7 +22,7 @@ def _fit(params, data, path, seed=0, max_lr=0.2, state=None, hooks=None, stop=No
     """What the train stage does: one session, one plan, then the loop."""
     cfg = params.train
     session = build_session(params.model, cfg, data, CPU, seed, cfg.max_momentum)
-    plan = loop.make_plan(cfg, max_lr, session, data)
+    plan = make_plan(cfg, max_lr, session, data)
     resume = _resume(params, data, path, seed, max_lr)
     return loop.fit(session, plan, resume, state, hooks, stop)
 
@@ -57,7 +59,7 @@ def test_every_step_trains_at_the_scheduled_lr_and_momentum(tiny_data, tiny_para
     )
     cfg = params.train
     session = build_session(params.model, cfg, tiny_data, CPU, 0, cfg.max_momentum)
-    plan = loop.make_plan(cfg, 0.2, session, tiny_data)
+    plan = make_plan(cfg, 0.2, session, tiny_data)
     used = []  # what the optimizer held during each step
 
     def record(step):
@@ -67,7 +69,7 @@ def test_every_step_trains_at_the_scheduled_lr_and_momentum(tiny_data, tiny_para
     loop.fit(session, plan, _resume(params, tiny_data, tmp_path / "s.pt"), hooks=loop.Hooks(record))
     assert [s for s, _, _ in used] == list(range(cfg.epochs * session.steps_per_epoch))
     assert [(lr, m) for _, lr, m in used] == [plan.schedule(s) for s, _, _ in used]
-    rows = loop.schedule_rows(plan, session.steps_per_epoch)
+    rows = outputs.schedule_rows(plan, session.steps_per_epoch)
     assert [(r["lr"], r["momentum"]) for r in rows] == [(lr, m) for _, lr, m in used]
 
 
@@ -194,13 +196,13 @@ def test_checkpoint_loads_weights_only(tmp_path):
 def test_max_lr_auto_takes_lr_finds_choice_and_a_number_overrides(
     setting, metrics, expected, tmp_path
 ):
-    assert loop.resolve_max_lr(setting, metrics, tmp_path / "lr_find.json") == expected
+    assert handoff.resolve_max_lr(setting, metrics, tmp_path / "lr_find.json") == expected
 
 
 @pytest.mark.parametrize("metrics", [None, {"max_lr": float("nan")}, {"max_lr": -1}, {}])
 def test_max_lr_auto_without_a_usable_lr_find_output_is_refused(metrics, tmp_path):
     with pytest.raises(ConfigError, match="lr_find"):
-        loop.resolve_max_lr("auto", metrics, tmp_path / "lr_find.json")
+        handoff.resolve_max_lr("auto", metrics, tmp_path / "lr_find.json")
 
 
 def test_augmented_batches_are_reproducible_and_differ_by_epoch(tiny_data, tiny_params):
@@ -223,7 +225,7 @@ def test_augmented_batches_are_reproducible_and_differ_by_epoch(tiny_data, tiny_
     [(2000, 512, 4, True), (50_000, 512, 24, False), (640, 64, 5, False), (640, 64, 2, True)],
 )
 def test_a_run_too_short_to_train_is_named_with_the_key_to_change(images, batch, epochs, warns):
-    warning = loop.too_few_steps(images, batch, epochs)
+    warning = too_few_steps(images, batch, epochs)
     assert (warning is not None) == warns
     if warns:
         assert f"{images:,} training images" in warning
@@ -256,11 +258,11 @@ def test_auto_values_come_from_lr_find_and_say_so(tmp_path):
     from onecycle.config import TrainConfig
 
     cfg = TrainConfig(weight_decay="auto", max_momentum="auto", schedule="cyclic", base_lr="auto")
-    hyper = loop.resolve(cfg, LR_FIND, tmp_path / "lr_find.json")
+    hyper = handoff.resolve(cfg, LR_FIND, tmp_path / "lr_find.json")
     assert (hyper.max_lr, hyper.base_lr) == (0.3, 0.01)
     assert (hyper.cfg.weight_decay, hyper.cfg.max_momentum) == (1e-3, 0.9)
     assert set(hyper.sources.values()) == {"lr_find"}
-    fixed = loop.resolve(TrainConfig(max_lr=0.1), LR_FIND, tmp_path / "lr_find.json")
+    fixed = handoff.resolve(TrainConfig(max_lr=0.1), LR_FIND, tmp_path / "lr_find.json")
     assert fixed.base_lr is None and fixed.cfg.weight_decay == 5e-4 and fixed.max_lr == 0.1
     assert set(fixed.sources.values()) == {"params"}
 
@@ -280,7 +282,7 @@ def test_an_auto_value_that_cannot_be_had_is_refused_naming_the_key(
     from onecycle.config import TrainConfig
 
     with pytest.raises(ConfigError, match=message) as err:
-        loop.resolve(TrainConfig(**cfg), lr_find, tmp_path / "lr_find.json")
+        handoff.resolve(TrainConfig(**cfg), lr_find, tmp_path / "lr_find.json")
     assert "train." in str(err.value)
 
 
@@ -306,9 +308,9 @@ def test_the_validation_split_is_watched_every_epoch_and_reported(tiny_data, tin
     result = _fit(tiny_params, data, tmp_path / "s.pt")
     assert all(h.val_acc is not None and h.val_loss is not None for h in result.history)
     assert {"val/accuracy", "val/loss"} <= set(result.history[-1].metrics())
-    hyper = loop.resolve(tiny_params.train, None, tmp_path / "lr_find.json")
-    summary = loop.summary(result, hyper)
+    hyper = handoff.resolve(tiny_params.train, None, tmp_path / "lr_find.json")
+    summary = outputs.summary(result, hyper)
     assert summary["val_acc"] == result.history[-1].val_acc
     session = build_session(tiny_params.model, tiny_params.train, data, CPU, 0, 0.9)
-    _, acc = loop.evaluate(session.model, *loop.test_tensors(data, CPU, "val"), CPU)
+    _, acc = loop.evaluate(session.model, *split_tensors(data, CPU, "val"), CPU)
     assert 0 <= acc <= 1 and len(result.history) == tiny_params.train.epochs

@@ -26,6 +26,7 @@ from onecycle.files import write_json
 from onecycle.tracking import lifecycle
 from onecycle.training import batches, loop, torch_augment
 from onecycle.training.augment import AugmentedBatches, train_transform
+from onecycle.training.plan import make_plan
 from onecycle.training.runtime import (
     build_model,
     build_optimizer,
@@ -83,7 +84,7 @@ def _pipeline(model_cfg: ModelConfig, cfg: TrainConfig, dev, steps: int):
     """One epoch of ``steps`` batches of the real loop per call (a new epoch each time)."""
     data = _data(steps * cfg.batch_size)
     session = build_session(model_cfg, cfg, data, dev, seed=0, momentum=cfg.max_momentum)
-    plan = loop.make_plan(cfg.model_copy(update={"epochs": 1000}), 0.05, session, data)
+    plan = make_plan(cfg.model_copy(update={"epochs": 1000}), 0.05, session, data)
     epochs = iter(range(1000))
 
     def run():

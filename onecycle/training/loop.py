@@ -9,32 +9,22 @@ batch and raises KeyboardInterrupt.
 from __future__ import annotations
 
 import contextlib
-import math
 import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from onecycle import progress
-from onecycle.config import ConfigError, TrainConfig
-from onecycle.data.prepared import Prepared
-from onecycle.data.preprocess import normalize
 from onecycle.errors import UserError
-from onecycle.training import schedule
 from onecycle.training.checkpoint import ResumeFile
 from onecycle.training.distributed import Ranks
+from onecycle.training.plan import Plan
 from onecycle.training.runtime import Device, predict
-from onecycle.training.schedule import Schedule
 from onecycle.training.session import Session
 
-# Below these, BatchNorm's running statistics (momentum 0.1) and a warm-up-then-anneal schedule
-# have too few steps: 2,000 images at batch 512 (3 steps an epoch) ended at chance accuracy.
-MIN_STEPS_PER_EPOCH = 10
-MIN_STEPS = 50
 SYNC_EVERY = 50  # steps between host syncs on a GPU (loss shown, NaN checked)
 
 
@@ -86,20 +76,6 @@ class Totals:
     seconds: float = 0.0
 
 
-@dataclass(frozen=True)
-class Plan:
-    """How long, with which schedule, and on what test set to watch progress."""
-
-    epochs: int
-    schedule: Schedule
-    eval_every: int  # epochs between test-set looks; 0 = the last epoch only
-    x_test: torch.Tensor  # normalized (N, C, H, W)
-    y_test: torch.Tensor
-    warning: str | None = None  # too few steps (see too_few_steps)
-    x_val: torch.Tensor | None = None  # the validation split, watched with the test split
-    y_val: torch.Tensor | None = None
-
-
 @dataclass
 class Hooks:
     """Observers of the loop (the train stage logs each epoch to MLflow)."""
@@ -137,16 +113,6 @@ class Stop:
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
-
-
-def test_tensors(
-    data: Prepared, dev: Device, split: str = "test"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The normalized test (or val) split; on CUDA it lives on the GPU for the whole run."""
-    x = normalize(getattr(data, f"x_{split}"), data.mean, data.std)
-    if dev.type == "cuda":
-        x = x.to(dev.device).contiguous(memory_format=torch.channels_last)
-    return x, torch.from_numpy(getattr(data, f"y_{split}"))
 
 
 def sync_every(dev: Device) -> int:
@@ -338,161 +304,3 @@ def fit(
             if hooks.on_epoch:
                 hooks.on_epoch(stats)
     return Result(session.model, history, resumed)
-
-
-def too_few_steps(images: int, batch_size: int, epochs: int) -> str | None:
-    """Why a run this short may end near chance, and what to change (None when it is long enough)."""
-    per_epoch = max(images // min(batch_size, images), 1)
-    if per_epoch >= MIN_STEPS_PER_EPOCH and per_epoch * epochs >= MIN_STEPS:
-        return None
-    if per_epoch < MIN_STEPS_PER_EPOCH:
-        batch = 1 << max(3, (images // MIN_STEPS_PER_EPOCH).bit_length() - 1)  # a power of two
-        advice = f"lower train.batch_size (e.g. {batch}) or raise data.train_subset"
-    else:
-        advice = f"raise train.epochs (e.g. {-(-MIN_STEPS // per_epoch)})"
-    return (
-        f"only {per_epoch} steps an epoch, {per_epoch * epochs} in all ({images:,} training "
-        f"images at train.batch_size {batch_size}, {epochs} epochs): BatchNorm statistics and the "
-        f"schedule need at least {MIN_STEPS_PER_EPOCH} an epoch and {MIN_STEPS} in all, or the "
-        f"model may end near chance; {advice}."
-    )
-
-
-def make_plan(
-    cfg: TrainConfig, max_lr: float, session: Session, data: Prepared, base_lr: float | None = None
-) -> Plan:
-    """``cfg``'s schedule at ``max_lr`` (and ``base_lr``, the cyclic floor) over ``session``'s
-    batches, watched on the test split (and the validation split, if any); warns (and the plan
-    says) when the run is too short."""
-    x_test, y_test = test_tensors(data, session.dev)
-    x_val, y_val = test_tensors(data, session.dev, "val") if data.has_val else (None, None)
-    sched = schedule.for_training(cfg, max_lr, session.steps_per_epoch, base_lr)
-    warning = too_few_steps(len(data.y_train), cfg.batch_size, cfg.epochs)
-    if warning:
-        progress.say(f"warning: {warning}")
-    return Plan(cfg.epochs, sched, cfg.eval_every, x_test, y_test, warning, x_val, y_val)
-
-
-# ---------------------------------------------------------------- what the train stage writes
-
-
-def history_rows(history: list[EpochStats]) -> list[dict]:
-    """Per-epoch rows as written to metrics/train_history.csv (None -> empty cell)."""
-    return [{k: ("" if v is None else v) for k, v in asdict(h).items()} for h in history]
-
-
-def schedule_rows(plan: Plan, steps_per_epoch: int) -> list[dict]:
-    """Every step's LR and momentum, as written to metrics/train_schedule.csv."""
-    rows = []
-    for step in range(plan.epochs * steps_per_epoch):
-        lr, momentum = plan.schedule(step)
-        rows.append({"step": step, "epoch": step / steps_per_epoch, "lr": lr, "momentum": momentum})
-    return rows
-
-
-def summary(result: Result, hyper: Resolved) -> dict:
-    """metrics/train.json: the final epoch, and the LR and other ``auto`` values it used."""
-    last, h = result.history[-1], result.history
-    return {
-        "test_acc": last.test_acc,
-        "test_loss": last.test_loss,
-        "val_acc": last.val_acc,  # the validation split: what choices are made on (None: none)
-        "val_loss": last.val_loss,
-        "train_acc": last.train_acc,
-        "train_loss": last.train_loss,
-        "max_lr": hyper.max_lr,
-        "max_lr_source": hyper.sources["max_lr"],
-        "base_lr": hyper.base_lr,
-        "weight_decay": hyper.cfg.weight_decay,
-        "max_momentum": hyper.cfg.max_momentum,
-        "sources": hyper.sources,
-        "epochs": len(h),
-        "train_seconds": sum(e.epoch_seconds for e in h),
-        "images_per_sec": sum(e.images_per_sec for e in h) / len(h),
-    }
-
-
-@dataclass(frozen=True)
-class Resolved:
-    """The numbers a run trains with where ``train`` says ``auto``, and where each came from."""
-
-    cfg: TrainConfig  # weight_decay and max_momentum as numbers
-    max_lr: float
-    base_lr: float | None  # the cyclic schedule's floor; None for the others
-    sources: dict[str, str]  # "max_lr", "base_lr", ... -> "params" or "lr_find"
-
-
-def _from_grid(setting, lr_find: dict | None, key: str, grid: str, path: Path) -> tuple[float, str]:
-    if setting != "auto":
-        return setting, "params"
-    value = (lr_find or {}).get(key)
-    if not isinstance(value, int | float):
-        raise ConfigError(
-            f"train.{'max_momentum' if key == 'momentum' else key} is 'auto' but {path} holds no "
-            f"{grid} choice: rerun lr_find with lr_find.{grid} set (`dvc repro lr_find`)"
-        )
-    return float(value), "lr_find"
-
-
-def resolve(cfg: TrainConfig, lr_find: dict | None, path: Path) -> Resolved:
-    """Every ``auto`` of ``cfg`` made a number from lr_find's output (``path``, read as
-    ``lr_find``): max_lr, the cyclic base_lr, and the weight decay and momentum of its grids."""
-    wd, wd_source = _from_grid(cfg.weight_decay, lr_find, "weight_decay", "weight_decay_grid", path)
-    mom, mom_source = _from_grid(cfg.max_momentum, lr_find, "momentum", "momentum_grid", path)
-    if mom < cfg.base_momentum:
-        raise ConfigError(
-            f"train.max_momentum {mom:g} ({mom_source}) is below train.base_momentum "
-            f"{cfg.base_momentum:g}: lower train.base_momentum or set train.max_momentum"
-        )
-    max_lr, lr_source = resolve_max_lr(cfg.max_lr, lr_find, path)
-    sources = {"max_lr": lr_source, "weight_decay": wd_source, "max_momentum": mom_source}
-    base_lr = None
-    if cfg.schedule == "cyclic":
-        base_lr, sources["base_lr"] = resolve_base_lr(cfg.base_lr, lr_find, max_lr, path)
-    resolved = cfg.model_copy(update={"weight_decay": wd, "max_momentum": mom})
-    return Resolved(resolved, max_lr, base_lr, sources)
-
-
-def resolve_base_lr(
-    setting: str | float, lr_find_metrics: dict | None, max_lr: float, path: Path
-) -> tuple[float, str]:
-    """``train.base_lr`` of the cyclic schedule: a number, or ``auto`` for lr_find's lower-bound
-    suggestion. Returns (value, where it came from); refused unless below ``max_lr``."""
-    if setting == "auto":
-        value = (lr_find_metrics or {}).get("lower_bound")
-        if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-            raise ConfigError(
-                f"train.base_lr is 'auto' but {path} holds no usable lower_bound ({value!r}): "
-                "run lr_find (`dvc repro lr_find`) or set a number, e.g. -S train.base_lr=0.01"
-            )
-        source = "lr_find"
-    else:
-        value, source = setting, "params"
-    if value >= max_lr:
-        raise ConfigError(
-            f"train.base_lr {value:.4g} ({source}) is not below the max LR {max_lr:.4g}: the "
-            "cycle would run downwards; lower train.base_lr or raise train.max_lr"
-        )
-    return float(value), source
-
-
-def resolve_max_lr(
-    setting: str | float, lr_find_metrics: dict | None, path: Path
-) -> tuple[float, str]:
-    """``train.max_lr``: a number is used as given; ``auto`` takes lr_find's ``max_lr``.
-
-    Returns (value, where it came from: "params" or "lr_find").
-    """
-    if setting != "auto":
-        return float(setting), "params"
-    if lr_find_metrics is None:
-        raise ConfigError(
-            f"train.max_lr is 'auto' but {path} does not exist: run the lr_find stage first "
-            "(`dvc repro lr_find`) or set a number, e.g. `dvc exp run -S train.max_lr=0.05`"
-        )
-    value = lr_find_metrics.get("max_lr")
-    if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(
-            f"{path}: max_lr is {value!r}, not a positive number; rerun `dvc repro lr_find`"
-        )
-    return float(value), "lr_find"
