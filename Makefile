@@ -89,7 +89,7 @@ study-transfer: $(STAMP)  ## animals -> vehicles at 100 images a class: scratch/
 
 # MLflow's job runner (GenAI scorers, trace archival; unused here) stays off: on, it polls for nothing.
 mlflow-ui: $(STAMP)  ## browse the runs at http://127.0.0.1:5000 (it prints the runs table's URL)
-	@echo "MLflow UI: open $$(python -c 'from onecycle.tracking.lifecycle import ui_url; print(ui_url("http://127.0.0.1:5000"))')"
+	@echo "MLflow UI: open $$(python -c 'from onecycle.tracking.connect import ui_url; print(ui_url("http://127.0.0.1:5000"))')"
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=$${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false} \
 		mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 

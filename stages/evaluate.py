@@ -6,14 +6,14 @@ from onecycle.data.prepared import load_prepared
 from onecycle.data.preprocess import normalize
 from onecycle.pipeline import runner
 from onecycle.reports import evaluation
-from onecycle.tracking import lifecycle
+from onecycle.tracking import connect, lifecycle
 from onecycle.training import checkpoint
 from onecycle.training.runtime import predict, select_device
 
 
 def main() -> None:
     params = load_params()
-    lifecycle.setup()  # an unusable MLflow store stops the stage here, before any work
+    connect.setup()  # an unusable MLflow store stops the stage here, before any work
     data = load_prepared(paths.PREPARED_DIR)
     dev = select_device(params.base.device)
     model, inputs = checkpoint.load_trained(paths.MODEL, params.model, data.classes, dev)

@@ -5,7 +5,7 @@ from onecycle.config import load_params
 from onecycle.data.prepared import load_prepared
 from onecycle.pipeline import runner
 from onecycle.range_test import lr_finder
-from onecycle.tracking import lifecycle
+from onecycle.tracking import connect, lifecycle, provenance
 from onecycle.training import distributed, init_weights
 
 SHARED_TRAIN_KEYS = ("batch_size", "nesterov", "weight_decay")  # what the sweep takes from train
@@ -16,7 +16,7 @@ def main() -> None:
     cfg, tcfg = params.lr_find, params.train
     # An unusable MLflow store stops the stage here, before any work. With base.devices > 1 this
     # process runs the stage as that many data-parallel ranks (torchrun) and returns.
-    started = distributed.start(params, "stages.lr_find", lifecycle.setup)
+    started = distributed.start(params, "stages.lr_find", connect.setup)
     if started is None:
         return
     dev, ranks = started
@@ -42,7 +42,7 @@ def main() -> None:
             }
         )
         run.set_tags({"device": str(dev.device)} | ({"warning": warning} if warning else {}))
-        run.log_datasets(lifecycle.datasets(data)[:1])  # the sweep sees the training split only
+        run.log_datasets(provenance.datasets(data)[:1])  # the sweep sees the training split only
         found = lr_finder.find(params, data, dev, start)
         rows = found.curve_rows()
         files.write_csv(paths.LR_FIND_CURVE, rows)

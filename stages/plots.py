@@ -11,7 +11,7 @@ from onecycle.config import load_params
 from onecycle.data.prepared import load_prepared
 from onecycle.pipeline import runner
 from onecycle.reports import figures, report
-from onecycle.tracking import lifecycle
+from onecycle.tracking import connect, lifecycle
 from onecycle.training.batches import sample_images
 
 
@@ -59,7 +59,7 @@ def build(params, data, lr_find: dict, evaluation: dict) -> dict:
 
 def main() -> None:
     params = load_params()
-    lifecycle.setup()  # an unusable MLflow store stops the stage here, before any work
+    connect.setup()  # an unusable MLflow store stops the stage here, before any work
     data = load_prepared(paths.PREPARED_DIR)
     lr_find, evaluation = (
         files.read_json(paths.LR_FIND_METRICS),

@@ -5,7 +5,7 @@ from onecycle.config import load_params
 from onecycle.data.prepared import load_prepared
 from onecycle.pipeline import runner
 from onecycle.range_test import handoff
-from onecycle.tracking import lifecycle, mlmodel
+from onecycle.tracking import connect, lifecycle, mlmodel, provenance
 from onecycle.training import checkpoint, distributed, init_weights, loop, outputs
 from onecycle.training.model import count_parameters
 from onecycle.training.plan import make_plan
@@ -16,7 +16,7 @@ def main() -> None:
     params = load_params()
     # An unusable MLflow store stops the stage here, before any work. With base.devices > 1 this
     # process runs the stage as that many data-parallel ranks (torchrun) and returns.
-    started = distributed.start(params, "stages.train", lifecycle.setup)
+    started = distributed.start(params, "stages.train", connect.setup)
     if started is None:
         return
     dev, ranks = started
@@ -60,10 +60,10 @@ def main() -> None:
                     "parameters": count_parameters(session.model),
                     "trainable_parameters": count_parameters(session.model, trainable=True),
                     "start": start.record(data),
-                    **lifecycle.context(dev, data),
+                    **provenance.context(dev, data),
                 }
             )
-            run.log_datasets(lifecycle.datasets(data))
+            run.log_datasets(provenance.datasets(data))
         else:
             run.set_tags({"resumed": "true"})
         warnings = [w for w in (warning, plan.warning) if w]

@@ -35,6 +35,8 @@ NOT_DEPS = {
     "onecycle/pipeline/runner.py": "the stage runner: how an error is printed",
     "onecycle/progress.py": "progress bars and lines printed beside them",
     "onecycle/tracking/lifecycle.py": "what is logged to MLflow (and the run reference files)",
+    "onecycle/tracking/connect.py": "which MLflow store is logged to",
+    "onecycle/tracking/provenance.py": "the tags a run carries (commit, machine, datasets)",
     "onecycle/tracking/recorder.py": "how a failed MLflow call is kept and retried",
 }
 PACKAGES = ("onecycle", "stages")

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from onecycle import paths
-from onecycle.tracking import lifecycle
+from onecycle.tracking import connect
 
 from .tiny_repo import ROOT, TINY_PIPELINE, env, fork, free_port, run
 
@@ -208,7 +208,7 @@ def users(server):
         auth.create_user("alice", ALICE[1])
         auth.create_user("bob", BOB[1])
         client = mlflow.MlflowClient(tracking_uri=server.url)
-        exp_id = client.create_experiment("cifar10-onecycle", tags=lifecycle.EXPERIMENT_KIND)
+        exp_id = client.create_experiment("cifar10-onecycle", tags=connect.EXPERIMENT_KIND)
         auth.grant_user_permission("alice", "experiment", exp_id, "EDIT")
         auth.update_user_password("admin", ROTATED, current_password=ADMIN_PASSWORD)
     return exp_id

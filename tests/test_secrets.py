@@ -27,7 +27,7 @@ from onecycle.data import prepared, sources
 from onecycle.errors import DataError, UserError
 from onecycle.pipeline import runner
 from onecycle.redact import has_credentials, redact
-from onecycle.tracking import lifecycle, recorder, team_server
+from onecycle.tracking import connect, lifecycle, provenance, recorder, team_server
 
 from .test_data import assert_dataset, make_image_folder, make_tar
 from .test_tracking import empty, migrated, store  # noqa: F401 - fixtures
@@ -95,7 +95,7 @@ def test_mlflow_params_tags_run_names_files_and_datasets_are_redacted(url, tmp_p
         run.log_params({"data": {"source": url}, "data_source": url})
         run.set_tags({"warning": f"see {url}"})
         run.log_files(params_yaml)
-        run.log_datasets(lifecycle.datasets(data))
+        run.log_datasets(provenance.datasets(data))
         lifecycle.write_run_ref(tmp_path / "runs.json", run)
     client = mlflow.MlflowClient()
     got = client.get_run(run.run_id)
@@ -132,8 +132,8 @@ def test_a_tracking_uri_with_a_password_is_redacted_in_the_stages_error(monkeypa
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:{PASSWORD}@127.0.0.1:{_closed_port()}")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    with pytest.raises(lifecycle.TrackingError) as err:
-        lifecycle.setup()
+    with pytest.raises(connect.TrackingError) as err:
+        connect.setup()
     assert "http://alice:***@127.0.0.1" in str(err.value)
     assert_clean(str(err.value))
 
@@ -152,10 +152,10 @@ def test_a_refusal_by_the_server_is_one_line_naming_the_variables(code, needle, 
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "bob")
     what = "opening it" if code == 401 else "starting a run"
     exc = MlflowException("API request failed", error_code=get_error_code(code))  # as MLflow's
-    err = lifecycle._access_error(exc, f"http://bob:{PASSWORD}@mlflow:5000", what)
-    assert isinstance(err, lifecycle.AccessError) and needle in str(err)
+    err = connect.access_error(exc, f"http://bob:{PASSWORD}@mlflow:5000", what)
+    assert isinstance(err, connect.AccessError) and needle in str(err)
     assert "\n" not in str(err) and "http://bob:***@mlflow:5000" in str(err)
-    assert lifecycle._access_error(ValueError("boom"), "http://mlflow:5000", what) is None
+    assert connect.access_error(ValueError("boom"), "http://mlflow:5000", what) is None
 
 
 def _self_signed(folder: Path) -> tuple[Path, Path]:
@@ -205,9 +205,9 @@ def tls_server(tmp_path, monkeypatch):
     import ssl
 
     cert, key = _self_signed(tmp_path)
-    experiment = {"experiment_id": "7", "name": lifecycle.EXPERIMENT, "lifecycle_stage": "active",
+    experiment = {"experiment_id": "7", "name": connect.EXPERIMENT, "lifecycle_stage": "active",
                   "artifact_location": "mlflow-artifacts:/7",
-                  "tags": [{"key": k, "value": v} for k, v in lifecycle.EXPERIMENT_KIND.items()]}  # fmt: skip
+                  "tags": [{"key": k, "value": v} for k, v in connect.EXPERIMENT_KIND.items()]}  # fmt: skip
 
     class Api(http.server.BaseHTTPRequestHandler):
         def log_message(self, *args):
@@ -240,8 +240,8 @@ def tls_server(tmp_path, monkeypatch):
 
 
 def test_a_self_signed_server_is_refused_in_one_line_naming_the_cert_variable(tls_server, tmp_path):
-    with pytest.raises(lifecycle.AccessError) as err:
-        lifecycle.setup(tmp_path)
+    with pytest.raises(connect.AccessError) as err:
+        connect.setup(tmp_path)
     msg = str(err.value)
     assert "presented a TLS certificate that this machine does not trust (opening it)" in msg
     assert "set MLFLOW_TRACKING_SERVER_CERT_PATH" in msg and "\n" not in msg
@@ -251,7 +251,7 @@ def test_with_its_certificate_named_the_stage_talks_to_the_server_over_tls(
     tls_server, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("MLFLOW_TRACKING_SERVER_CERT_PATH", str(tls_server))
-    assert lifecycle.setup(tmp_path) == "7"
+    assert connect.setup(tmp_path) == "7"
 
 
 # ---------------------------------------------------------------- data.source credentials

@@ -6,6 +6,7 @@ import math
 import pytest
 
 from onecycle.commands import study
+from onecycle.tracking import connect
 
 GOOD = """
 name: lr
@@ -146,7 +147,6 @@ def test_a_report_reads_its_own_runs_from_a_real_store_and_nothing_else(tmp_path
     import numpy as np
 
     from onecycle import paths
-    from onecycle.tracking import lifecycle
 
     env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}  # fmt: skip
@@ -155,7 +155,7 @@ def test_a_report_reads_its_own_runs_from_a_real_store_and_nothing_else(tmp_path
     rev = study.baseline_rev(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    exp_id = lifecycle.setup(tmp_path)
+    exp_id = connect.setup(tmp_path)
     client = mlflow.MlflowClient()
     s = study.load_text(GOOD.replace("seeds: [0, 1, 2]", "seeds: [0, 1]"))
     rng = np.random.default_rng(0)

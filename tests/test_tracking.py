@@ -4,7 +4,7 @@ import time
 import mlflow
 import pytest
 
-from onecycle.tracking import lifecycle, recorder
+from onecycle.tracking import connect, lifecycle, provenance, recorder
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +55,7 @@ def test_store_is_at_the_repository_root_not_the_working_directory(empty):
 def test_env_var_overrides_the_store(store, tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'team.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    assert lifecycle.tracking_uri() == uri
+    assert connect.tracking_uri() == uri
 
 
 def test_exception_leaves_the_run_failed(store):
@@ -133,9 +133,9 @@ def test_an_unreachable_server_stops_the_stage_at_once_naming_the_uri(store, mon
     uri = f"http://127.0.0.1:{_closed_port()}"  # nothing listens there
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     t0 = time.perf_counter()
-    with pytest.raises(lifecycle.TrackingError) as err:
-        lifecycle.setup()
-    assert time.perf_counter() - t0 < lifecycle.CHECK_SECONDS + 5
+    with pytest.raises(connect.TrackingError) as err:
+        connect.setup()
+    assert time.perf_counter() - t0 < connect.CHECK_SECONDS + 5
     msg = str(err.value)
     assert uri in msg and "MLFLOW_TRACKING_URI" in msg and len(msg.splitlines()) == 1
 
@@ -147,11 +147,11 @@ def test_a_server_that_never_answers_is_given_up_after_the_deadline(store, monke
     listener = socket.socket()  # accepts connections, never answers a request
     listener.bind(("127.0.0.1", 0))
     listener.listen(8)
-    monkeypatch.setattr(lifecycle, "CHECK_SECONDS", 2)
+    monkeypatch.setattr(connect, "CHECK_SECONDS", 2)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{listener.getsockname()[1]}")
     t0 = time.perf_counter()
-    with pytest.raises(lifecycle.TrackingError, match="did not answer within 2 s"):
-        lifecycle.setup()
+    with pytest.raises(connect.TrackingError, match="did not answer within 2 s"):
+        connect.setup()
     assert time.perf_counter() - t0 < 5
     listener.close()
 
@@ -161,8 +161,8 @@ def test_a_server_that_never_answers_is_given_up_after_the_deadline(store, monke
 )
 def test_a_corrupt_store_is_named_with_the_way_out(store, content):
     (store / "mlflow.db").write_bytes(content)
-    with pytest.raises(lifecycle.TrackingError) as err:
-        lifecycle.setup()
+    with pytest.raises(connect.TrackingError) as err:
+        connect.setup()
     msg = str(err.value)
     assert str(store / "mlflow.db") in msg and "mv " in msg and "MLFLOW_TRACKING_URI" in msg
 
@@ -171,13 +171,13 @@ def test_a_store_folder_that_cannot_be_created_is_named(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("a file where the repository folder should be")
     monkeypatch.setenv("DVC_ROOT", str(tmp_path / "file" / "repo"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    with pytest.raises(lifecycle.TrackingError, match="mlflow.db"):
-        lifecycle.setup()
+    with pytest.raises(connect.TrackingError, match="mlflow.db"):
+        connect.setup()
 
 
 def test_a_read_only_store_is_named_when_the_run_starts(store, monkeypatch):
     # As root (CI) chmod cannot make a file read-only, so the store's own error is simulated.
-    lifecycle.setup()
+    connect.setup()
 
     def refuse(*args, **kwargs):
         raise mlflow.exceptions.MlflowException(
@@ -185,7 +185,7 @@ def test_a_read_only_store_is_named_when_the_run_starts(store, monkeypatch):
         )
 
     monkeypatch.setattr(mlflow, "start_run", refuse)
-    with pytest.raises(lifecycle.TrackingError, match="readonly database") as err:
+    with pytest.raises(connect.TrackingError, match="readonly database") as err:
         with lifecycle.stage_run("train"):
             pytest.fail("the stage must not start")
     assert "mv " in str(err.value)
@@ -250,9 +250,9 @@ def _dead_pid() -> int:
 
 
 def test_a_run_left_running_by_a_killed_process_is_closed_by_the_next_run(store):
-    exp_id = lifecycle.setup()
+    exp_id = connect.setup()
     client = mlflow.MlflowClient()
-    here = lifecycle._here()
+    here = provenance.here()
     stale = client.create_run(
         exp_id, tags={"dvc.stage": "train", **here, "onecycle.pid": str(_dead_pid())}
     )
@@ -279,9 +279,9 @@ def test_a_run_left_running_by_a_killed_process_is_closed_by_the_next_run(store)
 def test_a_finished_run_the_store_missed_ending_is_finished_by_the_next_stage(store, tmp_path):
     # train wrote runs/train.json (its last act) while the server was away, so its run stayed
     # RUNNING; evaluate, logging into it later, marks it FINISHED
-    exp_id = lifecycle.setup()
+    exp_id = connect.setup()
     client = mlflow.MlflowClient()
-    tags = {"dvc.stage": "train", **lifecycle._here(), "onecycle.pid": str(_dead_pid())}
+    tags = {"dvc.stage": "train", **provenance.here(), "onecycle.pid": str(_dead_pid())}
     run = client.create_run(exp_id, tags=tags)
     ref = tmp_path / "train.json"
     lifecycle.write_run_ref(
@@ -300,7 +300,7 @@ def test_stages_starting_at_once_on_a_fresh_clone_share_one_new_store(empty):
     import subprocess
     import sys
 
-    code = "from onecycle.tracking import lifecycle; print(lifecycle.setup())"
+    code = "from onecycle.tracking import connect; print(connect.setup())"
     env = {**os.environ, "DVC_ROOT": str(empty)}
     procs = [
         subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
@@ -317,13 +317,13 @@ def test_the_ui_address_opens_the_experiments_runs_in_the_model_training_view(tm
     from onecycle import paths
 
     base, view = "http://127.0.0.1:5000", "?workflowType=machine_learning"
-    assert lifecycle.ui_url(base, tmp_path) == f"{base}/#/experiments{view}"  # nothing run yet
+    assert connect.ui_url(base, tmp_path) == f"{base}/#/experiments{view}"  # nothing run yet
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / paths.MLFLOW_DB}")
-    exp_id = client.create_experiment(lifecycle.EXPERIMENT)
-    assert lifecycle.ui_url(base, tmp_path) == f"{base}/#/experiments/{exp_id}/runs{view}"
+    exp_id = client.create_experiment(connect.EXPERIMENT)
+    assert connect.ui_url(base, tmp_path) == f"{base}/#/experiments/{exp_id}/runs{view}"
     (tmp_path / paths.TRAIN_RUN).parent.mkdir()
     (tmp_path / paths.TRAIN_RUN).write_text('{"experiment_id": "42"}')
-    assert lifecycle.ui_url(base, tmp_path) == f"{base}/#/experiments/42/runs{view}"
+    assert connect.ui_url(base, tmp_path) == f"{base}/#/experiments/42/runs{view}"
 
 
 def test_a_folder_that_cannot_be_written_is_named_not_called_unreachable(

@@ -137,7 +137,7 @@ def test_the_mlflow_ui_in_a_real_browser_shows_runs_accuracy_model_and_dataset(p
     table (not MLflow 3's GenAI overview) with both runs by name and the dataset; the train run's
     page with the test accuracy, the dataset and the registered model. Screenshots land in
     test-artifacts/."""
-    from onecycle.tracking.lifecycle import ui_url
+    from onecycle.tracking.connect import ui_url
 
     client, _ = runs(pipeline)
     lr_find, train = (

@@ -23,7 +23,7 @@ from onecycle import paths, progress
 from onecycle.config import AugmentConfig, ModelConfig, TrainConfig
 from onecycle.data.prepared import Prepared
 from onecycle.files import write_json
-from onecycle.tracking import lifecycle
+from onecycle.tracking import provenance
 from onecycle.training import batches, loop, torch_augment
 from onecycle.training.augment import AugmentedBatches, train_transform
 from onecycle.training.plan import make_plan
@@ -134,7 +134,9 @@ def run(
     bare_ips, pipe_ips = statistics.median(bare_rates), statistics.median(pipe_rates)
     return {
         "device": str(dev.device),
-        "device_name": torch.cuda.get_device_name() if dev.type == "cuda" else lifecycle.cpu_name(),
+        "device_name": torch.cuda.get_device_name()
+        if dev.type == "cuda"
+        else provenance.cpu_name(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "width": width,

@@ -32,6 +32,7 @@ import yaml
 from onecycle import progress
 from onecycle.errors import UserError
 from onecycle.range_test import curves
+from onecycle.tracking import provenance
 
 OUT = Path("reports/lr-choice")
 
@@ -240,7 +241,6 @@ def grid_report(scenario: Scenario, s, results: list, repo: Path) -> Path:
     """The grid's report.md and figure from its stored results (whichever clone ran them)."""
     from onecycle.commands import study
     from onecycle.reports import figures
-    from onecycle.tracking import lifecycle
 
     out = repo / scenario.out / "grid"
     order = s.runs()
@@ -251,7 +251,7 @@ def grid_report(scenario: Scenario, s, results: list, repo: Path) -> Path:
     figures.save({png: figures.study_lr_figure(results, s.name)}, dpi=120)
     source = study.source_line(s, repo) if s.source else None
     text = study.markdown(
-        s, study.summarize(results), missing, png.name, lifecycle.machine_name(), source
+        s, study.summarize(results), missing, png.name, provenance.machine_name(), source
     )
     (out / "report.md").write_text(text)
     return out / "report.md"
@@ -642,7 +642,6 @@ def markdown(scores: dict, found: dict, best: str, held_out: dict, machine: str,
 def report(scenarios: list[Scenario], out: Path = OUT) -> Path:
     """reports/lr-choice/{report.md, scores.json, <scenario>.png} from what is stored."""
     from onecycle.reports import figures
-    from onecycle.tracking import lifecycle
 
     found = collect(scenarios)
     if not found:
@@ -675,7 +674,7 @@ def report(scenarios: list[Scenario], out: Path = OUT) -> Path:
         )
         + "\n"
     )
-    text = markdown(scores, found, best, held_out, lifecycle.cpu_name(), confirm=confirm)
+    text = markdown(scores, found, best, held_out, provenance.cpu_name(), confirm=confirm)
     (out / "report.md").write_text(text)
     return out / "report.md"
 

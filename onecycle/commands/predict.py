@@ -24,6 +24,7 @@ from onecycle import paths
 from onecycle.config import DataConfig
 from onecycle.errors import UserError
 from onecycle.redact import redact
+from onecycle.tracking import connect
 
 MAX_PIXELS = DataConfig.model_fields["max_image_pixels"].default  # the data stage's default
 
@@ -85,13 +86,13 @@ def load_mlflow_model(uri: str) -> Model:
     import mlflow
     import torch
 
-    from onecycle.tracking import lifecycle, mlmodel
+    from onecycle.tracking import mlmodel
 
     with tempfile.TemporaryDirectory(prefix="onecycle-predict-") as tmp:
         if Path(uri).exists():
             folder = Path(uri)
         else:
-            lifecycle.setup()
+            connect.setup()
             try:  # files only: nothing is loaded yet
                 folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
             except Exception as exc:

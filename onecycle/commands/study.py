@@ -28,6 +28,7 @@ from onecycle import progress
 from onecycle.config import SUGGESTIONS
 from onecycle.errors import UserError
 from onecycle.redact import redact, redact_values
+from onecycle.tracking import connect, provenance
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 LABEL = re.compile(r"^[a-z0-9]([a-z0-9_-]|\.(?!\.))*$")  # a Git ref part: no "..", e.g. lr-0.03
@@ -448,9 +449,7 @@ def latest_train_runs(repo: Path, names: set[str]):
     the current commit, from the MLflow store."""
     import mlflow
 
-    from onecycle.tracking import lifecycle
-
-    exp_id = lifecycle.setup(repo.resolve())
+    exp_id = connect.setup(repo.resolve())
     client = mlflow.MlflowClient()
     query = (
         f"tags.`dvc.stage` = 'train' and attributes.status = 'FINISHED' and "
@@ -617,7 +616,6 @@ def report(study: Study, repo: Path = Path("."), out: Path | None = None) -> Pat
     """reports/<study>/report.md and its figure, from the store; also an MLflow parent run
     (``study <name>``) holding them, with the study's train runs as its children."""
     from onecycle.reports import figures
-    from onecycle.tracking import lifecycle
 
     results, missing = collect(study, repo)
     if not results:
@@ -630,7 +628,7 @@ def report(study: Study, repo: Path = Path("."), out: Path | None = None) -> Pat
     png = out / f"{study.name}.png"
     figures.save({png: fig}, dpi=120)
     source = source_line(study, repo) if study.source else None
-    text = markdown(study, rows, missing, png.name, lifecycle.machine_name(), source)
+    text = markdown(study, rows, missing, png.name, provenance.machine_name(), source)
     files_ = [png, out / "report.md"]
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(redact(text))
@@ -661,9 +659,8 @@ def _parent_run(study: Study, results: list[Result], attach: list[Path], rev: st
     import mlflow
 
     client = mlflow.MlflowClient()
-    from onecycle.tracking import lifecycle
 
-    exp_id = mlflow.get_experiment_by_name(lifecycle.EXPERIMENT).experiment_id
+    exp_id = mlflow.get_experiment_by_name(connect.EXPERIMENT).experiment_id
     query = f"tags.study = '{study.name}' and tags.`dvc.exp_baseline_rev` = '{rev}'"
     found = client.search_runs([exp_id], query, max_results=1)
     if found:
