@@ -285,12 +285,14 @@ def summarize(calls: list[Call], files_shown: int = 5) -> list[str]:
     return lines
 
 
-def report_unlogged(recorder: Recorder, stage: str) -> None:
-    """At a stage's end: send what waits, or say in a few lines what the run lacks and why."""
+def report_unlogged(recorder: Recorder, stage: str) -> bool:
+    """At a stage's end: send what waits (True), or say in a few lines what the run lacks and
+    why (False)."""
     if recorder.flush():
-        return
+        return True
     lines = "\n".join(f"  - {what}" for what in summarize(recorder.unlogged()))
     progress.say(
         f"{stage}: {_cause(recorder)}; run {recorder.run_id} is missing:\n"
         f"{lines}\nThe stage's own outputs hold all of it (metrics/, plots/, models/)."
     )
+    return False
