@@ -168,13 +168,15 @@ def test_the_report_is_written_from_stored_grids_and_sweeps(tmp_path, monkeypatc
 def test_a_grid_report_comes_from_stored_results_and_lists_what_is_missing(tmp_path, monkeypatch):
     """A grid resumed in another clone or session: its report is written from the stored
     results alone (no MLflow store), the runs not yet done named."""
-    from onecycle.commands import study
+    from onecycle.commands import study_report
 
     monkeypatch.chdir(tmp_path)
     scenario = lrbench.Scenario("made-up", "", {}, [0.1, 0.4], [0, 1])
     (scenario.out / "grid").mkdir(parents=True)
     stored = [
-        study.Result(f"lr-{lr:g}", seed, f"r{lr}{seed}", acc, lr, 10.0, [acc], [1], None, 100.0)
+        study_report.Result(
+            f"lr-{lr:g}", seed, f"r{lr}{seed}", acc, lr, 10.0, [acc], [1], None, 100.0
+        )
         for lr, seed, acc in ((0.1, 0, 0.70), (0.1, 1, 0.72), (0.4, 1, 0.80))
     ]
     text = lrbench.grid_report(scenario, scenario.study(), stored[::-1], tmp_path).read_text()

@@ -2,10 +2,11 @@
 DVC and MLflow is tests/test_pipeline.py's, marked long)."""
 
 import math
+from pathlib import Path
 
 import pytest
 
-from onecycle.commands import study
+from onecycle.commands import study, study_queue, study_report, study_spec
 from onecycle.tracking import connect
 
 GOOD = """
@@ -28,7 +29,7 @@ def _file(tmp_path, text):
 
 
 def test_a_study_file_is_read_with_its_runs_named_for_finding_them_again(tmp_path):
-    s = study.load(_file(tmp_path, GOOD))
+    s = study_spec.load(_file(tmp_path, GOOD))
     labels = ("lr-0.01", "lr-0.1", "pick-valley")
     assert s.runs() == [(lab, seed) for lab in labels for seed in (0, 1, 2)]
     assert s.exp_name("lr-0.1", 2) == "lr-lr-0.1-s2"
@@ -37,7 +38,7 @@ def test_a_study_file_is_read_with_its_runs_named_for_finding_them_again(tmp_pat
         "lr_find.suggestion": "valley",
         "train.max_lr": "auto",
     }
-    assert study._set_args({"lr_find.momentum_grid": [0.9, 0.95], "train.max_lr": 0.1}) == [
+    assert study_queue._set_args({"lr_find.momentum_grid": [0.9, 0.95], "train.max_lr": 0.1}) == [
         "-S", "lr_find.momentum_grid=[0.9, 0.95]", "-S", "train.max_lr=0.1",
     ]  # fmt: skip
 
@@ -56,13 +57,13 @@ def test_a_study_file_is_read_with_its_runs_named_for_finding_them_again(tmp_pat
 )
 def test_a_bad_study_file_is_refused_naming_the_file_and_key(tmp_path, change, message):
     path = _file(tmp_path, GOOD.replace(*change))
-    with pytest.raises(study.StudyError, match=message) as err:
-        study.load(path)
+    with pytest.raises(study_spec.StudyError, match=message) as err:
+        study_spec.load(path)
     assert str(path) in str(err.value)
 
 
 def test_the_transfer_study_trains_its_source_first_and_names_its_checkpoint_in_settings():
-    s = study.load(study.Path("studies/transfer.yaml"))
+    s = study_spec.load(Path("studies/transfer.yaml"))
     assert s.source_name == "transfer-source"
     checkpoint = s.source["checkpoint"]
     pretrained = {label: o.get("model.pretrained") for label, o in s.all_settings().items()}
@@ -85,7 +86,7 @@ def test_a_class_subset_is_an_image_folder_of_those_classes_only(tmp_path, share
 
 
 def _result(label, seed, acc, lr=0.1, seconds=10.0):
-    return study.Result(label, seed, f"{label}{seed}", acc, lr, seconds, [acc / 2, acc])
+    return study_report.Result(label, seed, f"{label}{seed}", acc, lr, seconds, [acc / 2, acc])
 
 
 def test_the_summary_is_mean_and_sample_std_per_setting():
@@ -95,11 +96,13 @@ def test_the_summary_is_mean_and_sample_std_per_setting():
         _result("a", 2, 0.84),
         _result("b", 0, 0.5),
     ]
-    a, b = study.summarize(results)
+    a, b = study_report.summarize(results)
     assert (a["setting"], a["runs"]) == ("a", 3)
     assert a["accuracy_mean"] == pytest.approx(0.82) and a["accuracy_std"] == pytest.approx(0.02)
     assert b["runs"] == 1 and math.isnan(b["accuracy_std"])
-    text = study.markdown(study.load_text(GOOD), [a, b], ["lr-lr-0.1-s2"], "lr.png", "a CPU")
+    text = study_report.markdown(
+        study_spec.load_text(GOOD), [a, b], ["lr-lr-0.1-s2"], "lr.png", "a CPU"
+    )
     assert "| a | 3 | 82.00 ± 2.00 % |" in text and "| b | 1 | 50.00 ± n/a % |" in text
     assert "Not finished (left out): lr-lr-0.1-s2" in text and "Measured on a CPU" in text
 
@@ -121,18 +124,20 @@ def test_both_study_figures_draw(kind):
 def test_the_epochs_figure_puts_each_test_look_at_its_epoch():
     from onecycle.reports import figures
 
-    looks = [study.Result("a", s, "r", 0.6, 0.1, 1.0, [0.3, 0.5, 0.6], [3, 6, 9]) for s in (0, 1)]
+    looks = [
+        study_report.Result("a", s, "r", 0.6, 0.1, 1.0, [0.3, 0.5, 0.6], [3, 6, 9]) for s in (0, 1)
+    ]
     line = figures.study_epochs_figure(looks, "t").axes[0].lines[0]
     assert list(line.get_xdata()) == [3, 6, 9]  # train.eval_every 3: not 1, 2, 3
 
 
 def test_queued_runs_share_the_cores_unless_told_otherwise(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(study.os, "cpu_count", lambda: 2)
-    assert study.threads_env(2)["OMP_NUM_THREADS"] == "1"
-    assert study.threads_env(1)["OMP_NUM_THREADS"] == "2"
+    monkeypatch.setattr(study_queue.os, "cpu_count", lambda: 2)
+    assert study_queue.threads_env(2)["OMP_NUM_THREADS"] == "1"
+    assert study_queue.threads_env(1)["OMP_NUM_THREADS"] == "2"
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert study.threads_env(2)["OMP_NUM_THREADS"] == "3"
+    assert study_queue.threads_env(2)["OMP_NUM_THREADS"] == "3"
 
 
 def test_a_report_reads_its_own_runs_from_a_real_store_and_nothing_else(tmp_path, monkeypatch):
@@ -152,12 +157,12 @@ def test_a_report_reads_its_own_runs_from_a_real_store_and_nothing_else(tmp_path
            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}  # fmt: skip
     for cmd in (["git", "init", "-q"], ["git", "commit", "-q", "--allow-empty", "-m", "x"]):
         subprocess.run(cmd, cwd=tmp_path, check=True, env=env)
-    rev = study.baseline_rev(tmp_path)
+    rev = study_queue.baseline_rev(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     exp_id = connect.setup(tmp_path)
     client = mlflow.MlflowClient()
-    s = study.load_text(GOOD.replace("seeds: [0, 1, 2]", "seeds: [0, 1]"))
+    s = study_spec.load_text(GOOD.replace("seeds: [0, 1, 2]", "seeds: [0, 1]"))
     rng = np.random.default_rng(0)
 
     def train_run(name, acc, lr, base=rev, stage="train", status="FINISHED"):
@@ -183,7 +188,7 @@ def test_a_report_reads_its_own_runs_from_a_real_store_and_nothing_else(tmp_path
     train_run("lr-lr-0.1-s1", 0.99, 0.1, stage="lr_find")  # not a train run
     train_run("lr-lr-0.1-s0", 0.99, 0.1, status="FAILED")  # not finished
 
-    path = study.report(s, tmp_path)
+    path = study_report.report(s, tmp_path)
     results = json.loads((tmp_path / "reports" / "lr" / "results.json").read_text())
     assert {s.exp_name(r["label"], r["seed"]): (r["accuracy"], r["max_lr"]) for r in results} == (
         expected
@@ -205,28 +210,32 @@ def test_a_report_reads_its_own_runs_from_a_real_store_and_nothing_else(tmp_path
 
 
 def test_a_setting_may_run_over_seeds_of_its_own_and_the_command_adds_overrides(tmp_path):
-    s = study.load(study.Path("studies/full.yaml"))
+    s = study_spec.load(Path("studies/full.yaml"))
     assert s.runs()[:5] == [("auto", seed) for seed in range(5)]
     assert [seed for label, seed in s.runs() if label == "lr-0.4"] == [0, 1]
     assert s.all_settings()["lr-0.4"] == {"train.max_lr": 0.4}  # seeds are not a param
-    local = study.with_common(s, ["data.source=/data/cifar-10-python.tar.gz", "train.epochs=2"])
+    local = study_spec.with_common(
+        s, ["data.source=/data/cifar-10-python.tar.gz", "train.epochs=2"]
+    )
     assert local.common["data.source"] == "/data/cifar-10-python.tar.gz"
     assert local.common["train.epochs"] == 2 and s.common == {"evaluate.register_as": None}
-    with pytest.raises(study.StudyError, match="KEY=VALUE"):
-        study.with_common(s, ["data.source"])
+    with pytest.raises(study_spec.StudyError, match="KEY=VALUE"):
+        study_spec.with_common(s, ["data.source"])
     bad = _file(tmp_path, GOOD.replace("lr-0.1: {train.max_lr: 0.1}", "lr-0.1: {seeds: [-1]}"))
-    with pytest.raises(study.StudyError, match=r"settings \['lr-0.1'\]: seeds"):
-        study.load(bad)
+    with pytest.raises(study_spec.StudyError, match=r"settings \['lr-0.1'\]: seeds"):
+        study_spec.load(bad)
 
 
 def test_the_report_gives_seconds_per_epoch_throughput_and_the_wall_time_split():
     results = [
-        study.Result("auto", s, f"r{s}", 0.9, 0.3 + s, 20.0, [0.9], [2], None, 500.0, 50.0, 2)
+        study_report.Result(
+            "auto", s, f"r{s}", 0.9, 0.3 + s, 20.0, [0.9], [2], None, 500.0, 50.0, 2
+        )
         for s in range(2)
     ]
-    (row,) = study.summarize(results)
+    (row,) = study_report.summarize(results)
     assert (row["epoch_seconds"], row["images_per_sec"], row["wall_seconds"]) == (10, 500, 50)
-    text = study.markdown(study.load_text(GOOD), [row], [], "x.png", "a GPU")
+    text = study_report.markdown(study_spec.load_text(GOOD), [row], [], "x.png", "a GPU")
     assert "| auto | 2 | 90.00 ± 0.00 % | 0.8; 0.3..1.3 | 20 | 10.00 | 500 | 50: 20 + 30 |" in text
 
 
@@ -243,14 +252,14 @@ def test_a_bad_setting_queues_nothing_and_names_itself(tmp_path, monkeypatch, ba
     from .tiny_repo import committed_params
 
     (tmp_path / "params.yaml").write_text(committed_params())
-    s = study.load_text(
+    s = study_spec.load_text(
         "name: t\nseeds: [0]\nsettings:\n  ok: {train.max_lr: 0.1}\n  zz: {}\n"
         "common: {train.epochs: 2}\n"
     )
     s.settings["zz"].update(bad)
     called = []
-    monkeypatch.setattr(study, "_dvc", lambda *a, **k: called.append(a))
-    with pytest.raises(study.StudyError) as err:
+    monkeypatch.setattr(study_queue, "_dvc", lambda *a, **k: called.append(a))
+    with pytest.raises(study_spec.StudyError) as err:
         study.run(s, tmp_path)
     assert message in str(err.value) and "nothing was queued" in str(err.value)
     assert not called
@@ -281,12 +290,12 @@ def test_runs_left_running_by_dead_workers_are_stopped_and_queued_again(tmp_path
             state["a"] = "Failed"
         return ""
 
-    monkeypatch.setattr(study, "_dvc", dvc)
-    monkeypatch.setattr(study, "finished", lambda repo: set())
-    monkeypatch.setattr(study, "start_queue", lambda repo, jobs: None)
-    monkeypatch.setattr(study.time, "sleep", lambda s: None)
-    s = study.load_text("name: t\nseeds: [0]\nsettings:\n  a: {}\n  b: {}\n")
-    waiting = study.enqueue(s, [("a", 0, {}), ("b", 0, {})], tmp_path)
+    monkeypatch.setattr(study_queue, "_dvc", dvc)
+    monkeypatch.setattr(study_queue, "finished", lambda repo: set())
+    monkeypatch.setattr(study_queue, "start_queue", lambda repo, jobs: None)
+    monkeypatch.setattr(study_queue.time, "sleep", lambda s: None)
+    s = study_spec.load_text("name: t\nseeds: [0]\nsettings:\n  a: {}\n  b: {}\n")
+    waiting = study_queue.enqueue(s, [("a", 0, {}), ("b", 0, {})], tmp_path)
     assert ("queue", "kill", "t-a-s0") in calls
     assert ("exp", "run", "--queue", "-n", "t-a-s0", "-S", "base.seed=0", "evaluate") in calls
     assert waiting == ["t-a-s0", "t-b-s0"] and not any(
@@ -294,15 +303,15 @@ def test_runs_left_running_by_dead_workers_are_stopped_and_queued_again(tmp_path
     )
 
     state.update(a="Running", workers=0)  # the queue started, then its workers died
-    monkeypatch.setattr(study, "POLL_SECONDS", 0)
+    monkeypatch.setattr(study_queue, "POLL_SECONDS", 0)
     clock = iter(range(0, 10_000, 5))
-    monkeypatch.setattr(study.time, "monotonic", lambda: next(clock))
-    with pytest.raises(study.StudyError, match=r"no worker left .* while t-a-s0, t-b-s0 wait"):
-        study.wait(waiting, tmp_path, 2)
+    monkeypatch.setattr(study_queue.time, "monotonic", lambda: next(clock))
+    with pytest.raises(study_spec.StudyError, match=r"no worker left .* while t-a-s0, t-b-s0 wait"):
+        study_queue.wait(waiting, tmp_path, 2)
 
     state.update(a="Running", workers=1)  # a live worker: nothing is touched
     calls.clear()
-    assert study.requeue_orphans(["t-a-s0"], tmp_path) == []
+    assert study_queue.requeue_orphans(["t-a-s0"], tmp_path) == []
     assert not [c for c in calls if c[:2] == ("queue", "kill")]
 
 
@@ -318,5 +327,5 @@ def test_a_name_queued_again_counts_by_its_live_task(tmp_path, monkeypatch):
         "2222222  t-b-s0    10:25 PM   Success\n"
         "\nWorker status: 1 active, 0 idle\n"
     )
-    monkeypatch.setattr(study, "_dvc", lambda *a, **k: text)
-    assert study.queue_status(tmp_path) == ({"t-a-s0": "Running", "t-b-s0": "Success"}, 1)
+    monkeypatch.setattr(study_queue, "_dvc", lambda *a, **k: text)
+    assert study_queue.queue_status(tmp_path) == ({"t-a-s0": "Running", "t-b-s0": "Success"}, 1)

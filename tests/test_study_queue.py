@@ -59,7 +59,7 @@ def test_a_study_trains_its_source_then_its_settings_and_reports_what_the_store_
     import torch
 
     from onecycle import paths
-    from onecycle.commands import study
+    from onecycle.commands import study_queue
     from onecycle.training import checkpoint
 
     results, report = _study(fork)
@@ -108,7 +108,7 @@ def test_a_study_trains_its_source_then_its_settings_and_reports_what_the_store_
     assert frozen.data.params["start.normalization"].startswith("checkpoint source.pt")
     width = 8 * TINY_PIPELINE["model"]["width"]  # the classifier's inputs
     assert int(frozen.data.params["trainable_parameters"]) == width * 10 + 10
-    rev = study.exp_commit("tiny-lr-0.2-s0", fork)
+    rev = study_queue.exp_commit("tiny-lr-0.2-s0", fork)
     run(fork, "dvc", "get", ".", "models/model.pt", "--rev", rev, "-o", str(fork / "frozen.pt"))
     trained = checkpoint.read_weights(fork / "frozen.pt")
     for k, v in source["model"].items():

@@ -56,10 +56,10 @@ class Scenario:
     path: Path = Path(".")
 
     def study(self):
-        from onecycle.commands import study
+        from onecycle.commands import study_spec
 
         settings = {f"lr-{lr:g}": {"train.max_lr": lr} for lr in self.grid}
-        return study.Study(
+        return study_spec.Study(
             f"lrc-{self.name}",
             self.description,
             self.common,
@@ -74,9 +74,9 @@ class Scenario:
         """The pipeline's own default (``train.max_lr: auto``: lr_find's defaults, median of
         its seeds' picks) on the scenario's longest sweep, over 3 seeds: the scoring's
         interpolation checked by training."""
-        from onecycle.commands import study
+        from onecycle.commands import study_spec
 
-        return study.Study(
+        return study_spec.Study(
             f"lrc-{self.name}-auto",
             f"{self.description} The default rule's own pick, trained.",
             {**self.common, "lr_find.num_iter": max(self.sweep_lengths), "train.max_lr": "auto"},
@@ -198,11 +198,11 @@ def run_sweeps(scenario: Scenario, repo: Path = Path(".")) -> list[dict]:
 
 def run_confirm(scenario: Scenario, repo: Path = Path(".")) -> Path:
     """The default's pick trained over 3 seeds (a study; resumes), reported into ``out/confirm``."""
-    from onecycle.commands import study
+    from onecycle.commands import study, study_report
 
     s = scenario.confirm_study()
     failed = study.run(s, repo)
-    report = study.report(s, repo, out=repo / scenario.out / "confirm")
+    report = study_report.report(s, repo, out=repo / scenario.out / "confirm")
     if failed:
         raise BenchError(f"{scenario.name}: confirm runs failed: {', '.join(failed)}")
     return report
@@ -215,7 +215,7 @@ def run_grid(scenario: Scenario, repo: Path = Path(".")) -> Path:
     (the study's report then covers the runs of this clone's store)."""
     from dataclasses import replace
 
-    from onecycle.commands import study
+    from onecycle.commands import study, study_report
 
     s = scenario.study()
     path = repo / scenario.out / "grid" / "results.json"
@@ -228,18 +228,18 @@ def run_grid(scenario: Scenario, repo: Path = Path(".")) -> Path:
             continue
         part = replace(s, settings={label: overrides}, seeds=seeds)
         failed += study.run(part, repo)
-        found, _ = study.collect(part, repo)
+        found, _ = study_report.collect(part, repo)
         stored += [r.__dict__ for r in found]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(stored, indent=2) + "\n")
     if failed:
         raise BenchError(f"{scenario.name}: grid runs failed: {', '.join(failed)}")
-    return grid_report(scenario, s, [study.Result(**r) for r in stored], repo)
+    return grid_report(scenario, s, [study_report.Result(**r) for r in stored], repo)
 
 
 def grid_report(scenario: Scenario, s, results: list, repo: Path) -> Path:
     """The grid's report.md and figure from its stored results (whichever clone ran them)."""
-    from onecycle.commands import study
+    from onecycle.commands import study_report
     from onecycle.reports import figures
 
     out = repo / scenario.out / "grid"
@@ -249,9 +249,9 @@ def grid_report(scenario: Scenario, s, results: list, repo: Path) -> Path:
     missing = [s.exp_name(label, seed) for label, seed in order if (label, seed) not in done]
     png = out / f"{s.name}.png"
     figures.save({png: figures.study_lr_figure(results, s.name)}, dpi=120)
-    source = study.source_line(s, repo) if s.source else None
-    text = study.markdown(
-        s, study.summarize(results), missing, png.name, provenance.machine_name(), source
+    source = study_report.source_line(s, repo) if s.source else None
+    text = study_report.markdown(
+        s, study_report.summarize(results), missing, png.name, provenance.machine_name(), source
     )
     (out / "report.md").write_text(text)
     return out / "report.md"
