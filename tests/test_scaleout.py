@@ -20,8 +20,6 @@ import subprocess
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -29,7 +27,7 @@ import pytest
 from onecycle import paths
 from onecycle.tracking import connect
 
-from .tiny_repo import ROOT, TINY_PIPELINE, env, fork, free_port, run
+from .tiny_repo import ROOT, TINY_PIPELINE, env, fork, free_port, run, wait_until_healthy
 
 pytestmark = [pytest.mark.scaleout, pytest.mark.slow, pytest.mark.long]
 
@@ -160,16 +158,8 @@ def server(postgres, ps_watch, tmp_path_factory):
         )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120  # creating the schema on a new database takes a while
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    log_tail = log.read_text()[-3000:]
-                    raise AssertionError(f"mlflow server did not start:\n{log_tail}") from None
-                time.sleep(1)
+        # creating the schema on a new database takes a while
+        wait_until_healthy(url, proc, 120, lambda: ":\n" + log.read_text()[-3000:])
         yield SimpleServer(url, artifacts, log, proc.pid)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

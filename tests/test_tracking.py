@@ -532,9 +532,8 @@ def real_server(tmp_path):
     import os
     import signal
     import subprocess
-    import urllib.request
 
-    from .tiny_repo import free_port
+    from .tiny_repo import free_port, wait_until_healthy
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
@@ -548,15 +547,7 @@ def real_server(tmp_path):
         start_new_session=True,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError("mlflow server did not start within 90 s") from None
-                time.sleep(0.3)
+        wait_until_healthy(f"http://127.0.0.1:{port}", proc, 90)
         yield port
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

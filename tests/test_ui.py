@@ -17,7 +17,7 @@ import pytest
 
 from onecycle import paths
 
-from .tiny_repo import ROOT, env, free_port, runs
+from .tiny_repo import ROOT, env, free_port, runs, wait_until_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -40,14 +40,7 @@ def ui(pipeline):
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(120):  # up to 60 s to start
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5):
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            raise AssertionError("mlflow ui did not answer within 60 s")
+        wait_until_healthy(url, server, 60)
         yield url
     finally:
         os.killpg(server.pid, signal.SIGTERM)

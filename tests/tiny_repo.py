@@ -16,6 +16,8 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -53,6 +55,22 @@ GIT_ID = {
     "GIT_COMMITTER_EMAIL": "t@t",
 }
 DONE, FAILED, LOG = ".tiny-done", ".tiny-failed", ".tiny-build.log"  # beside the repository
+
+
+def wait_until_healthy(
+    url: str, proc: subprocess.Popen, seconds: float, why: Callable[[], str] = lambda: ""
+) -> None:
+    """Until the MLflow server at ``url`` answers /health; an AssertionError (with ``why()``,
+    e.g. its log's tail) if it exits first or takes more than ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5):
+                return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"mlflow server at {url} did not start{why()}") from None
+            time.sleep(0.3)
 
 
 def env(repo: Path, **extra: str) -> dict:
