@@ -587,8 +587,8 @@ def test_a_real_server_that_stops_answering_mid_run_leaves_the_epochs_at_full_sp
     """test_a_store_that_hangs_mid_run_never_holds_up_the_work for real: MLflow's own REST
     client, a real `mlflow server`, and a TCP proxy that stops forwarding mid-run (it accepts and
     reads, never answers); a proxy like that stalled training 38 s, 47 s and about 45 s at a time
-    (issue 26, item 3). While it hangs, an epoch that logs takes as long as the same epoch logging
-    nothing (within 10 %); the stage's end waits FLUSH_SECONDS for the queue and one short
+    (issue 26, item 3). While it hangs, logging adds under 10 % to an epoch and the epochs keep
+    the pace of the same epochs logging nothing; the stage's end waits FLUSH_SECONDS for the queue and one short
     try to mark the run ended (it waited 48 s: MLflow's 3 tries of 15 s), then names what the run
     lacks."""
     import statistics
@@ -599,11 +599,15 @@ def test_a_real_server_that_stops_answering_mid_run_leaves_the_epochs_at_full_sp
     monkeypatch.setattr(lifecycle, "END_SECONDS", 1)
     alone, hung = [], []  # seconds per epoch: no logging at all; logging into the hung server
 
+    logging = []  # seconds each epoch's logging took
+
     def epoch(step=None):
         t = time.perf_counter()
         loss = _epoch_of_work()
         if step is not None:
+            t_log = time.perf_counter()
             run.log_metrics({"loss": loss, "lr": 0.1}, step=step)  # as the train stage does
+            logging.append(time.perf_counter() - t_log)
         return time.perf_counter() - t
 
     try:
@@ -623,11 +627,16 @@ def test_a_real_server_that_stops_answering_mid_run_leaves_the_epochs_at_full_sp
         ended = time.monotonic() - t_end
     finally:
         proxy.close()  # the sender's request, still waiting, fails: nothing is left hanging
-    seconds = f"epochs alone {alone}, logging into the hung server {hung}"
-    # Paired epochs' ratios, not two medians: measured at a load of 8 on the 2 cores, the median
-    # ratio of two sets of the same 8 epochs stayed within 3 %, two sets' medians within 10 %.
-    assert statistics.median(h / a for h, a in zip(hung, alone, strict=True)) <= 1.1, seconds
-    assert max(hung) < 2 * max(alone), seconds  # no epoch stalled (a stall: 15 s or more)
+    seconds = f"epochs alone {alone}, logging into the hung server {hung}, logging {logging}"
+    # What logging adds to an epoch stays under 10 % of one (it queues; sending took 15 s or more
+    # a call when it blocked): measured inside the epoch, so the load of other jobs on the cores
+    # does not blur it.
+    assert max(logging) < 0.1 * statistics.median(alone), seconds
+    # Whole epochs, paired (each beside the same epoch logging nothing): alone on the 2-core Intel
+    # Xeon the median ratio was 0.95-1.03; inside the full suite (3 workers on 2 cores) once 1.24,
+    # so the bound here only catches a stall, which the check above pins down to 10 %.
+    assert statistics.median(h / a for h, a in zip(hung, alone, strict=True)) <= 1.5, seconds
+    assert max(hung) < max(alone) + 5, seconds  # no epoch stalled (a stall: 15 s or more)
     # the queue's wait, then one short try to mark the run ended: not MLflow's 48 s of retries
     assert ended < recorder.FLUSH_SECONDS + lifecycle.END_SECONDS + 3, ended
     text = "".join(capsys.readouterr())
