@@ -16,7 +16,7 @@ def main() -> None:
     cfg, tcfg = params.lr_find, params.train
     # An unusable MLflow store stops the stage here, before any work. With base.devices > 1 this
     # process runs the stage as that many data-parallel ranks (torchrun) and returns.
-    started = distributed.start(params, "stages.lr_find", connect.setup)
+    started = distributed.setup_stage(params, "stages.lr_find", connect.setup)
     if started is None:
         return
     dev, ranks = started

@@ -16,7 +16,7 @@ def main() -> None:
     params = load_params()
     # An unusable MLflow store stops the stage here, before any work. With base.devices > 1 this
     # process runs the stage as that many data-parallel ranks (torchrun) and returns.
-    started = distributed.start(params, "stages.train", connect.setup)
+    started = distributed.setup_stage(params, "stages.train", connect.setup)
     if started is None:
         return
     dev, ranks = started

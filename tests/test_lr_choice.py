@@ -174,7 +174,7 @@ def test_a_grid_report_comes_from_stored_results_and_lists_what_is_missing(tmp_p
     scenario = lrbench.Scenario("made-up", "", {}, [0.1, 0.4], [0, 1])
     (scenario.out / "grid").mkdir(parents=True)
     stored = [
-        study_report.Result(
+        study_report.RunResult(
             f"lr-{lr:g}", seed, f"r{lr}{seed}", acc, lr, 10.0, [acc], [1], None, 100.0
         )
         for lr, seed, acc in ((0.1, 0, 0.70), (0.1, 1, 0.72), (0.4, 1, 0.80))

@@ -86,7 +86,7 @@ def test_a_class_subset_is_an_image_folder_of_those_classes_only(tmp_path, share
 
 
 def _result(label, seed, acc, lr=0.1, seconds=10.0):
-    return study_report.Result(label, seed, f"{label}{seed}", acc, lr, seconds, [acc / 2, acc])
+    return study_report.RunResult(label, seed, f"{label}{seed}", acc, lr, seconds, [acc / 2, acc])
 
 
 def test_the_summary_is_mean_and_sample_std_per_setting():
@@ -125,7 +125,8 @@ def test_the_epochs_figure_puts_each_test_look_at_its_epoch():
     from onecycle.reports import figures
 
     looks = [
-        study_report.Result("a", s, "r", 0.6, 0.1, 1.0, [0.3, 0.5, 0.6], [3, 6, 9]) for s in (0, 1)
+        study_report.RunResult("a", s, "r", 0.6, 0.1, 1.0, [0.3, 0.5, 0.6], [3, 6, 9])
+        for s in (0, 1)
     ]
     line = figures.study_epochs_figure(looks, "t").axes[0].lines[0]
     assert list(line.get_xdata()) == [3, 6, 9]  # train.eval_every 3: not 1, 2, 3
@@ -228,7 +229,7 @@ def test_a_setting_may_run_over_seeds_of_its_own_and_the_command_adds_overrides(
 
 def test_the_report_gives_seconds_per_epoch_throughput_and_the_wall_time_split():
     results = [
-        study_report.Result(
+        study_report.RunResult(
             "auto", s, f"r{s}", 0.9, 0.3 + s, 20.0, [0.9], [2], None, 500.0, 50.0, 2
         )
         for s in range(2)

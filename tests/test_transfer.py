@@ -151,7 +151,7 @@ def test_a_checkpoint_of_this_pipeline_starts_another_dataset_with_its_normaliza
         0.3,
     ]
     assert start.warning(data) is None
-    at_64 = init_weights.Start(None, init_weights.Inputs((0,), (1,), "x", 64), "w")
+    at_64 = init_weights.InitialWeights(None, init_weights.Inputs((0,), (1,), "x", 64), "w")
     assert "data.image_size: 64" in at_64.warning(data)
 
     wider = params_with({"width": 8, "pretrained": str(path)})

@@ -234,7 +234,7 @@ def run_grid(scenario: Scenario, repo: Path = Path(".")) -> Path:
         path.write_text(json.dumps(stored, indent=2) + "\n")
     if failed:
         raise BenchError(f"{scenario.name}: grid runs failed: {', '.join(failed)}")
-    return grid_report(scenario, s, [study_report.Result(**r) for r in stored], repo)
+    return grid_report(scenario, s, [study_report.RunResult(**r) for r in stored], repo)
 
 
 def grid_report(scenario: Scenario, s, results: list, repo: Path) -> Path:

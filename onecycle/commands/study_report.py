@@ -13,7 +13,7 @@ from onecycle.tracking import connect, provenance
 
 
 @dataclass
-class Result:
+class RunResult:
     label: str
     seed: int
     run_id: str
@@ -49,7 +49,7 @@ def latest_train_runs(repo: Path, names: set[str]):
     return client, latest
 
 
-def collect(study: study_spec.Study, repo: Path = Path(".")) -> tuple[list[Result], list[str]]:
+def collect(study: study_spec.Study, repo: Path = Path(".")) -> tuple[list[RunResult], list[str]]:
     """The study's train runs on the current commit from the MLflow store (the latest finished
     run of each experiment name), and the names that have none yet."""
     wanted = {study.exp_name(label, seed): (label, seed) for label, seed in study.runs()}
@@ -61,7 +61,7 @@ def collect(study: study_spec.Study, repo: Path = Path(".")) -> tuple[list[Resul
         seconds = client.get_metric_history(r.info.run_id, "speed/epoch_seconds")
         speed = client.get_metric_history(r.info.run_id, "speed/images_per_sec")
         results.append(
-            Result(
+            RunResult(
                 label,
                 seed,
                 r.info.run_id,
@@ -96,7 +96,7 @@ def _wall_seconds(client, train_run) -> float | None:
     return (end - start) / 1000 if end > start else None
 
 
-def summarize(results: list[Result]) -> list[dict]:
+def summarize(results: list[RunResult]) -> list[dict]:
     """Per setting, in first-seen order: runs, mean and sample std of the test accuracy, mean
     max LR and training seconds."""
     import numpy as np
@@ -242,7 +242,7 @@ def source_line(study: study_spec.Study, repo: Path) -> str:
 
 
 def _parent_run(
-    study: study_spec.Study, results: list[Result], attach: list[Path], rev: str
+    study: study_spec.Study, results: list[RunResult], attach: list[Path], rev: str
 ) -> str:
     import mlflow
 

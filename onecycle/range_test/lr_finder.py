@@ -57,7 +57,7 @@ def range_test(
     dev: Device,
     seed: int,
     desc: str = "lr_find",
-    start: init_weights.Start = init_weights.RANDOM,
+    start: init_weights.InitialWeights = init_weights.RANDOM,
 ) -> Sweep:
     """Sweep the LR over ``lr_find.num_iter`` mini-batches of the training data, in the session
     that training builds (same model, start, optimizer, loss and augmentation as
@@ -157,7 +157,7 @@ def grid(
     dev: Device,
     name: str,
     values: list[float],
-    start: init_weights.Start = init_weights.RANDOM,
+    start: init_weights.InitialWeights = init_weights.RANDOM,
 ) -> Grid:
     """One LR sweep per value, everything else equal (``base.seed``, the held-out split)."""
     where = {"momentum": "lr_find", "weight_decay": "train"}[name]
@@ -218,7 +218,10 @@ class Finding:
 
 
 def find(
-    params: Params, data: Prepared, dev: Device, start: init_weights.Start = init_weights.RANDOM
+    params: Params,
+    data: Prepared,
+    dev: Device,
+    start: init_weights.InitialWeights = init_weights.RANDOM,
 ) -> Finding:
     """The grids first (weight decay, then momentum), each choice taken where the train params
     say ``auto``; then the range test once per seed (``lr_find.seeds`` of them from

@@ -180,7 +180,7 @@ def init(dev):
     return dev
 
 
-def start(params: Params, module: str, setup) -> tuple[object, Ranks] | None:
+def setup_stage(params: Params, module: str, setup) -> tuple[object, Ranks] | None:
     """The start of a stage that trains: its device and ranks, or None when this process only
     launched the ranks (and they are done). ``setup`` (the MLflow check) runs before any work,
     once: in the launching process, or in rank 0."""

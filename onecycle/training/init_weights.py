@@ -53,7 +53,7 @@ class Inputs:
 
 
 @dataclass(frozen=True)
-class Start:
+class InitialWeights:
     """Where training starts: the backbone's weights (None: random init) and their inputs."""
 
     state: dict[str, torch.Tensor] | None
@@ -92,10 +92,10 @@ class Start:
         return dataclasses.replace(data, mean=self.inputs.mean, std=self.inputs.std)
 
 
-RANDOM = Start(None, None, "random init")
+RANDOM = InitialWeights(None, None, "random init")
 
 
-def load(cfg: ModelConfig) -> Start:
+def load(cfg: ModelConfig) -> InitialWeights:
     """``model.pretrained``'s weights: none, torchvision's default, or a file (checked here:
     it loads, and a checkpoint of this pipeline has the same architecture)."""
     if cfg.pretrained == "none":
@@ -110,7 +110,7 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _torchvision_default(arch: str) -> Start:
+def _torchvision_default(arch: str) -> InitialWeights:
     """torchvision's default weights for ``arch``, from ``$TORCH_HOME/hub/checkpoints`` or
     downloaded there (torch.hub checks the download's hash; a file put there by hand is checked
     here against the same hash)."""
@@ -139,10 +139,12 @@ def _torchvision_default(arch: str) -> Start:
     mean, std = (HALF, HALF) if arch in TRANSFORM_INPUT else (preprocess.mean, preprocess.std)
     inputs = Inputs(tuple(mean), tuple(std), f"torchvision {weights}", preprocess.crop_size[0])
     state = {k: v for k, v in net.state_dict().items() if not k.startswith(AUX_PREFIXES)}
-    return Start(state, inputs, f"torchvision {weights}", _sha256(path) if path.exists() else None)
+    return InitialWeights(
+        state, inputs, f"torchvision {weights}", _sha256(path) if path.exists() else None
+    )
 
 
-def _from_file(path: Path, cfg: ModelConfig) -> Start:
+def _from_file(path: Path, cfg: ModelConfig) -> InitialWeights:
     if not path.is_file():
         raise PretrainedError(
             f"model.pretrained: {path} not found; give a weights file (a torchvision state dict, "
@@ -175,10 +177,10 @@ def _from_file(path: Path, cfg: ModelConfig) -> Start:
     state = {k: v for k, v in state.items() if not k.startswith(AUX_PREFIXES)}
     mean, std = (HALF, HALF) if cfg.arch in TRANSFORM_INPUT else (IMAGENET_MEAN, IMAGENET_STD)
     inputs = Inputs(mean, std, "ImageNet's (torchvision's convention; the file names none)")
-    return Start(state, inputs, str(path), digest)
+    return InitialWeights(state, inputs, str(path), digest)
 
 
-def _from_checkpoint(path: Path, ckpt: dict, cfg: ModelConfig, digest: str) -> Start:
+def _from_checkpoint(path: Path, ckpt: dict, cfg: ModelConfig, digest: str) -> InitialWeights:
     """A models/model.pt of this pipeline: same architecture, its own inputs."""
     bad = checkpoint.nonfinite(ckpt["model"])
     if bad:
@@ -201,13 +203,13 @@ def _from_checkpoint(path: Path, ckpt: dict, cfg: ModelConfig, digest: str) -> S
         classes = ckpt.get("classes") or []
         source = f"checkpoint {path.name} ({len(classes)} classes: {', '.join(classes[:6])})"
         inputs = Inputs(tuple(got["mean"]), tuple(got["std"]), source, got.get("image_size"))
-    return Start(ckpt["model"], inputs, str(path), digest)
+    return InitialWeights(ckpt["model"], inputs, str(path), digest)
 
 
 # ---------------------------------------------------------------- on the model
 
 
-def initialize(model: nn.Module, start: Start, head: set[str]) -> None:
+def initialize(model: nn.Module, start: InitialWeights, head: set[str]) -> None:
     """The backbone's weights from ``start`` (the head keeps its fresh init); weights that do
     not fit stop with the keys that differ."""
     if start.state is None:

@@ -83,12 +83,12 @@ def build_session(
     seed: int,
     momentum: float,
     indices: np.ndarray | None = None,
-    start: init_weights.Start = init_weights.RANDOM,
+    start: init_weights.InitialWeights = init_weights.RANDOM,
 ) -> Session:
     """Everything one run trains with; ``indices`` restricts the training images (the range
     test's held-out split). ``momentum`` is the optimizer's first (it decides Nesterov).
     ``start``: the pretrained backbone (``data`` normalized as its weights expect: see
-    :meth:`init_weights.Start.normalize`); ``model.freeze`` and ``model.backbone_lr_mult`` apply."""
+    :meth:`init_weights.InitialWeights.normalize`); ``model.freeze`` and ``model.backbone_lr_mult`` apply."""
     seed_everything(seed)
     x, y = data.x_train, data.y_train
     if indices is not None:
