@@ -287,9 +287,7 @@ def test_runs_left_running_by_dead_workers_are_stopped_and_queued_again(tmp_path
         calls.append(args)
         if args[:2] == ("queue", "status"):
             return STATUS.format(**state)
-        if args[:2] == ("queue", "kill"):
-            state["a"] = "Failed"
-        return ""
+        return ""  # `dvc queue kill` returns before the task reads Failed (seen on the benchmark)
 
     monkeypatch.setattr(study_queue, "_dvc", dvc)
     monkeypatch.setattr(study_queue, "finished", lambda repo: set())

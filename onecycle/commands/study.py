@@ -25,8 +25,8 @@ def train_source(study: study_spec.Study, repo: Path) -> Path:
     ``source.checkpoint`` (``dvc get --rev <its commit>``); returns that path."""
     name = study.source_name
     if name not in study_queue.finished(repo):
-        study_queue.requeue_orphans([name], repo)
-        if study_queue.queue_states(repo).get(name) not in ("Queued", "Running"):
+        killed = study_queue.requeue_orphans([name], repo)  # may still read Running: queue anew
+        if killed or study_queue.queue_states(repo).get(name) not in ("Queued", "Running"):
             sets = study_queue._set_args(study.source["overrides"])
             study_queue._dvc("exp", "run", "--queue", "-n", name, *sets, study.target, cwd=repo)
         if study_queue.wait([name], repo, 1):  # alone: every core to it

@@ -108,14 +108,15 @@ def finished(repo: Path) -> set[str]:
 
 def enqueue(study: study_spec.Study, runs: list[tuple[str, int, dict]], repo: Path) -> list[str]:
     """Queue the runs not finished nor queued yet; returns the names now waiting."""
-    requeue_orphans([study.exp_name(label, seed) for label, seed, _ in runs], repo)
+    # queued anew whatever DVC shows: right after `dvc queue kill` a task can still read Running
+    killed = set(requeue_orphans([study.exp_name(label, seed) for label, seed, _ in runs], repo))
     done, states = finished(repo), queue_states(repo)
     waiting = []
     for label, seed, overrides in runs:
         name = study.exp_name(label, seed)
         if name in done:
             continue
-        if states.get(name) not in ("Queued", "Running"):
+        if name in killed or states.get(name) not in ("Queued", "Running"):
             sets = _set_args({**study.common, **overrides, "base.seed": seed})
             _dvc("exp", "run", "--queue", "-n", name, *sets, study.target, cwd=repo)
         waiting.append(name)
