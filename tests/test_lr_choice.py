@@ -4,11 +4,12 @@ log LR, spread, the median of several sweeps, the choice and its leave-one-scena
 The benchmark itself (hours of CPU) is `make bench-lr`, never run here."""
 
 import json
+import re
 
 import numpy as np
 import pytest
 
-from onecycle.commands import lrbench
+from onecycle.commands import lrbench_report, lrbench_score, lrbench_spec
 from onecycle.range_test import curves
 
 from .test_lr_finder import LRS, _curve
@@ -59,7 +60,7 @@ def _results(table: dict[float, list[float]]) -> list[dict]:
     ]
 
 
-CURVE = lrbench.Curve.from_results(
+CURVE = lrbench_score.Curve.from_results(
     _results({0.1: [0.70, 0.72], 0.4: [0.80, 0.84], 1.6: [0.60, 0.60]})
 )
 
@@ -72,15 +73,15 @@ def test_the_grid_curve_is_the_mean_over_seeds_interpolated_on_log_lr():
     assert CURVE.at(0.8, "test") == pytest.approx((0.81 + 0.59) / 2)
     assert CURVE.at(0.01) == pytest.approx(0.71)  # beyond the grid: its end point
     assert CURVE.regret(0.4) == 0 and CURVE.regret(0.2) == pytest.approx(5.5)
-    assert lrbench.tolerance(CURVE) == pytest.approx(100 * np.std([0.80, 0.84], ddof=1))
+    assert lrbench_score.tolerance(CURVE) == pytest.approx(100 * np.std([0.80, 0.84], ddof=1))
 
 
 def test_a_rule_is_scored_by_its_picks_spread_and_regret():
-    got = lrbench.score_rule(CURVE, [0.2, 0.4, 0.8])
+    got = lrbench_score.score_rule(CURVE, [0.2, 0.4, 0.8])
     assert got["spread"] == pytest.approx(4.0) and got["median_pick"] == 0.4
     assert got["regret_mean"] == pytest.approx((5.5 + 0 + 11.0) / 3)
     assert got["regret_max"] == pytest.approx(11.0) and got["failed"] == 0
-    failed = lrbench.score_rule(CURVE, [0.4, float("nan")])
+    failed = lrbench_score.score_rule(CURVE, [0.4, float("nan")])
     assert failed["failed"] == 1 and failed["regret_mean"] == float("inf")
 
 
@@ -91,7 +92,7 @@ def test_the_defaults_own_runs_are_set_against_the_grid():
         {"max_lr": 0.4, "val_accuracy": 0.80, "accuracy": 0.81},
     ]
     grid = _results({0.1: [0.70, 0.72], 0.4: [0.80, 0.84], 1.6: [0.60, 0.60]})
-    got = lrbench.confirmed(CURVE, [r | {"seed": s} for s, r in enumerate(runs)], grid)
+    got = lrbench_score.confirmed(CURVE, [r | {"seed": s} for s, r in enumerate(runs)], grid)
     assert got["picks"] == [0.2, 0.4, 0.4] and got["runs"] == 3
     assert got["val_mean"] == pytest.approx(80.0) and got["val_std"] == pytest.approx(2.0)
     assert got["test_mean"] == pytest.approx(79.333, abs=1e-3)
@@ -111,11 +112,11 @@ def test_picks_read_each_stored_sweep_and_take_medians_of_groups():
         for s in range(4)
     ]
     sweeps.append({"seed": 0, "num_iter": 50, "lrs": LRS[:50], "losses": [1.0] * 50})
-    rule = lrbench.rule(curves.suggest_min, "centered", 0.1, divisor=2)
-    assert lrbench.picks(sweeps, rule, 101) == pytest.approx([LRS[60] / 2] * 4)
-    assert lrbench.picks(sweeps, rule, 101, median_of=3) == pytest.approx([LRS[60] / 2])
-    lagging = lrbench.legacy(curves.suggest_min_div10)  # EMA 0.98: its minimum comes late
-    assert lrbench.picks(sweeps, lagging, 101)[0] > LRS[60] / 10
+    rule = lrbench_score.rule(curves.suggest_min, "centered", 0.1, divisor=2)
+    assert lrbench_score.picks(sweeps, rule, 101) == pytest.approx([LRS[60] / 2] * 4)
+    assert lrbench_score.picks(sweeps, rule, 101, median_of=3) == pytest.approx([LRS[60] / 2])
+    lagging = lrbench_score.legacy(curves.suggest_min_div10)  # EMA 0.98: its minimum comes late
+    assert lrbench_score.picks(sweeps, lagging, 101)[0] > LRS[60] / 10
 
 
 def test_the_default_is_the_lowest_worst_case_regret_and_each_scenario_is_held_out():
@@ -123,7 +124,7 @@ def test_the_default_is_the_lowest_worst_case_regret_and_each_scenario_is_held_o
         "a": {"s1": {"regret_mean": 0.1}, "s2": {"regret_mean": 2.0}, "s3": {"regret_mean": 0.1}},
         "b": {"s1": {"regret_mean": 0.6}, "s2": {"regret_mean": 0.7}, "s3": {"regret_mean": 0.5}},
     }
-    best, held_out = lrbench.choose_default(scores)
+    best, held_out = lrbench_score.choose_default(scores)
     assert best == "b"  # a is better on average, but 2 points off on s2
     assert held_out == {"s1": "b", "s2": "a", "s3": "b"}
 
@@ -134,29 +135,40 @@ def test_a_scenario_file_becomes_a_study_of_its_grid(tmp_path):
         "name: quick\ncommon: {model.width: 16}\ngrid: [0.1, 0.2]\nseeds: [0, 1]\n"
         "sweeps: {seeds: 3, lengths: [50]}\n"
     )
-    scenario = lrbench.load(path)
+    scenario = lrbench_spec.load(path)
     s = scenario.study()
     assert s.name == "lrc-quick" and s.runs() == [
         (lab, seed) for lab in ("lr-0.1", "lr-0.2") for seed in (0, 1)
     ]
     assert s.all_settings()["lr-0.2"] == {"train.max_lr": 0.2} and s.figure == "max_lr"
     path.write_text("name: x\ngrid: [0.2, 0.1]\n")
-    with pytest.raises(lrbench.BenchError, match="increasing"):
-        lrbench.load(path)
-    path.write_text("name: x\ngrid: [0.1, 0.2]\nsweep: {}\n")
-    with pytest.raises(lrbench.BenchError, match="unknown key"):
-        lrbench.load(path)
+    with pytest.raises(lrbench_spec.BenchError, match="increasing"):
+        lrbench_spec.load(path)
+    for text, message in (
+        ("sweep: {}", "sweep: unknown key; the keys here are name, description, common, grid"),
+        ("sweeps: {length: [50]}", "sweeps.length: unknown key; the keys here are seeds, lengths"),
+        ("sweeps: {seeds: 0}", "sweeps.seeds: Input should be greater than or equal to 1"),
+        ("seeds: [0, -1]", "seeds.1: Input should be greater than or equal to 0"),
+    ):
+        path.write_text(f"name: x\ngrid: [0.1, 0.2]\n{text}\n")
+        with pytest.raises(lrbench_spec.BenchError, match=re.escape(message)) as err:
+            lrbench_spec.load(path)
+        assert str(path) in str(err.value)
 
 
 def test_the_report_is_written_from_stored_grids_and_sweeps(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    scenario = lrbench.Scenario("made-up", "", {"lr_find.num_iter": 101}, [0.1, 0.4, 1.6], [0, 1])
+    scenario = lrbench_spec.Scenario(
+        name="made-up", common={"lr_find.num_iter": 101}, grid=[0.1, 0.4, 1.6]
+    )
     (scenario.out / "grid").mkdir(parents=True)
     grid = _results({0.0001: [0.5, 0.5], 0.01: [0.7, 0.7], 1.0: [0.6, 0.6]})
     (scenario.out / "grid" / "results.json").write_text(json.dumps(grid))
     sweep = {"num_iter": 101, "lrs": LRS, "losses": PARABOLA, "val_losses": PARABOLA}
-    lrbench.sweeps_path(scenario).write_text(json.dumps([sweep | {"seed": s} for s in range(3)]))
-    text = lrbench.report([scenario], tmp_path / "out").read_text()
+    lrbench_spec.sweeps_path(scenario).write_text(
+        json.dumps([sweep | {"seed": s} for s in range(3)])
+    )
+    text = lrbench_report.report([scenario], tmp_path / "out").read_text()
     assert "| made-up | 3 LRs x 2 | 0.01 | 70.00 ± 0.00 % | 0.50 |" in text
     scores = json.loads((tmp_path / "out" / "scores.json").read_text())
     smith = scores["scores"]["min/1 (centered 0.05)"]["made-up"]
@@ -171,7 +183,7 @@ def test_a_grid_report_comes_from_stored_results_and_lists_what_is_missing(tmp_p
     from onecycle.commands import study_report
 
     monkeypatch.chdir(tmp_path)
-    scenario = lrbench.Scenario("made-up", "", {}, [0.1, 0.4], [0, 1])
+    scenario = lrbench_spec.Scenario(name="made-up", grid=[0.1, 0.4])
     (scenario.out / "grid").mkdir(parents=True)
     stored = [
         study_report.RunResult(
@@ -179,7 +191,9 @@ def test_a_grid_report_comes_from_stored_results_and_lists_what_is_missing(tmp_p
         )
         for lr, seed, acc in ((0.1, 0, 0.70), (0.1, 1, 0.72), (0.4, 1, 0.80))
     ]
-    text = lrbench.grid_report(scenario, scenario.study(), stored[::-1], tmp_path).read_text()
+    text = lrbench_report.grid_report(
+        scenario, scenario.study(), stored[::-1], tmp_path
+    ).read_text()
     assert "| lr-0.1 | 2 | 71.00 ± 1.41 % |" in text and "| lr-0.4 | 1 | 80.00 ± n/a % |" in text
     assert text.index("| lr-0.1 |") < text.index("| lr-0.4 |")
     assert "Not finished (left out): lrc-made-up-lr-0.4-s0" in text
@@ -194,5 +208,5 @@ def test_the_rule_the_report_calls_the_default_is_params_yamls():
     d = LRFindConfig()
     seeds = "median of 3" if d.seeds == 3 else f"{d.seeds} seeds"
     want = f"{d.suggestion}/1 ({d.smooth} {d.smooth_window:g}), long sweep, {seeds}"
-    assert lrbench.PIPELINE_DEFAULT == want
-    assert want.rsplit(", ", 2)[0] in lrbench.candidates()
+    assert lrbench_score.PIPELINE_DEFAULT == want
+    assert want.rsplit(", ", 2)[0] in lrbench_score.candidates()

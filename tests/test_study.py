@@ -46,13 +46,18 @@ def test_a_study_file_is_read_with_its_runs_named_for_finding_them_again(tmp_pat
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (("name: lr", "name: LR study"), "name 'LR study' must be"),
-        (("seeds: [0, 1, 2]", "seeds: []"), "seeds must be a list"),
-        (("picks: [valley]", "picks: [fastest]"), "not suggestion methods"),
-        (("figure: max_lr", "figure: pie"), "figure 'pie'"),
-        (("  lr-0.1:", "  lr..1:"), "settings must map labels"),
-        (("figure: max_lr", "figur: max_lr"), "unknown key"),
-        (("figure: max_lr", "figure: max_lr\nsource: {checkpoint: a.pt}"), "source must map"),
+        (("name: lr", "name: LR study"), "name: 'LR study' must be"),
+        (("seeds: [0, 1, 2]", "seeds: []"), "seeds: List should have at least 1 item"),
+        (("seeds: [0, 1, 2]", "seeds: [0, true]"), "seeds.1: Input should be a valid integer"),
+        (("picks: [valley]", "picks: [fastest]"), "picks.0: Input should be 'min', 'min_div10'"),
+        (("figure: max_lr", "figure: pie"), "figure: Input should be 'epochs' or 'max_lr'"),
+        (("  lr-0.1:", "  lr..1:"), r"settings: labels \['lr..1'\]"),
+        (("figure: max_lr", "figur: max_lr"), "figur: unknown key; the keys here are name, desc"),
+        (
+            ("figure: max_lr", "figure: max_lr\nsource: {checkpoint: a.pt}"),
+            "source.overrides: Field",
+        ),
+        (("figure: max_lr", "figure: max_lr\njobs: 0"), "jobs: Input should be greater than or"),
     ],
 )
 def test_a_bad_study_file_is_refused_naming_the_file_and_key(tmp_path, change, message):
@@ -65,10 +70,10 @@ def test_a_bad_study_file_is_refused_naming_the_file_and_key(tmp_path, change, m
 def test_the_transfer_study_trains_its_source_first_and_names_its_checkpoint_in_settings():
     s = study_spec.load(Path("studies/transfer.yaml"))
     assert s.source_name == "transfer-source"
-    checkpoint = s.source["checkpoint"]
+    checkpoint = s.source.checkpoint
     pretrained = {label: o.get("model.pretrained") for label, o in s.all_settings().items()}
     assert {v for k, v in pretrained.items() if not k.startswith("scratch")} == {checkpoint}
-    assert s.common["data.source"] != s.source["overrides"]["data.source"]
+    assert s.common["data.source"] != s.source.overrides["data.source"]
 
 
 def test_a_class_subset_is_an_image_folder_of_those_classes_only(tmp_path, shared_cifar):
@@ -223,7 +228,9 @@ def test_a_setting_may_run_over_seeds_of_its_own_and_the_command_adds_overrides(
     with pytest.raises(study_spec.StudyError, match="KEY=VALUE"):
         study_spec.with_common(s, ["data.source"])
     bad = _file(tmp_path, GOOD.replace("lr-0.1: {train.max_lr: 0.1}", "lr-0.1: {seeds: [-1]}"))
-    with pytest.raises(study_spec.StudyError, match=r"settings \['lr-0.1'\]: seeds"):
+    with pytest.raises(
+        study_spec.StudyError, match=r"settings: lr-0.1.seeds: a list of integers >= 0"
+    ):
         study_spec.load(bad)
 
 

@@ -27,13 +27,13 @@ def train_source(study: study_spec.Study, repo: Path) -> Path:
     if name not in study_queue.finished(repo):
         killed = study_queue.requeue_orphans([name], repo)  # may still read Running: queue anew
         if killed or study_queue.queue_states(repo).get(name) not in ("Queued", "Running"):
-            sets = study_queue._set_args(study.source["overrides"])
+            sets = study_queue._set_args(study.source.overrides)
             study_queue._dvc("exp", "run", "--queue", "-n", name, *sets, study.target, cwd=repo)
         if study_queue.wait([name], repo, 1):  # alone: every core to it
             raise study_spec.StudyError(
                 f"study {study.name}: the source run failed; see `dvc queue logs {name}`"
             )
-    out = repo / study.source["checkpoint"]
+    out = repo / study.source.checkpoint
     out.parent.mkdir(parents=True, exist_ok=True)
     rev = study_queue.exp_commit(name, repo)
     study_queue._dvc(
@@ -50,7 +50,7 @@ def check_overrides(study: study_spec.Study, repo: Path) -> None:
     from onecycle.config import ConfigError, parse_params, read_yaml, with_overrides
 
     base = read_yaml(repo / "params.yaml") or {}
-    runs = [("source", study.source["overrides"])] if study.source else []
+    runs = [("source", study.source.overrides)] if study.source else []
     runs += [
         (f"setting {label}", {**study.common, **settings, "base.seed": 0})
         for label, settings in study.all_settings().items()

@@ -229,7 +229,7 @@ def source_line(study: study_spec.Study, repo: Path) -> str:
     """The source run in one line: its settings and its own test accuracy, from the store."""
     _, found = latest_train_runs(repo, {study.source_name})
     run = found.get(study.source_name)
-    sets = ", ".join(f"`{k}={v}`" for k, v in study.source["overrides"].items())
+    sets = ", ".join(f"`{k}={v}`" for k, v in study.source.overrides.items())
     shown = (
         f"{100 * run.data.metrics['eval/accuracy']:.2f} % on its own test split"
         if run
@@ -237,7 +237,7 @@ def source_line(study: study_spec.Study, repo: Path) -> str:
     )
     return (
         f"Source model `{study.source_name}` ({sets}): {shown}; its checkpoint "
-        f"`{study.source['checkpoint']}` is what `model.pretrained` names."
+        f"`{study.source.checkpoint}` is what `model.pretrained` names."
     )
 
 

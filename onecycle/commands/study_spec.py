@@ -3,49 +3,110 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+import typing
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from onecycle.config import SUGGESTIONS
 from onecycle.errors import UserError
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
-
-
 LABEL = re.compile(r"^[a-z0-9]([a-z0-9_-]|\.(?!\.))*$")  # a Git ref part: no "..", e.g. lr-0.03
+
+Seeds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+_SEEDS = TypeAdapter(Seeds, config=ConfigDict(strict=True))
+
+
+def checked_name(name: str) -> str:
+    """A study's or scenario's name, which names its experiments and reports."""
+    if not NAME.match(name):
+        raise ValueError(f"{name!r} must be lower-case letters, digits, - or _")
+    return name
 
 
 class StudyError(UserError):
     """A study file or a study run is not usable; the message says which and why."""
 
 
-@dataclass(frozen=True)
-class Study:
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class Source(_Strict):
+    """A run trained before the settings (``source:``), its checkpoint where they name it."""
+
+    overrides: dict[str, Any]  # the source run's params (dotted keys)
+    checkpoint: str  # where its models/model.pt goes: what `model.pretrained` names
+
+
+class Study(_Strict):
+    """``studies/<name>.yaml``: runs of the pipeline, each a setting (params overrides) at a
+    seed, queued as DVC experiments and reported from MLflow."""
+
     name: str
-    description: str
-    common: dict[str, object]
-    settings: dict[str, dict[str, object]]  # label -> overrides
-    seeds: list[int]
-    picks: list[str] = field(default_factory=list)  # suggestion methods run at their pick
+    description: str = ""
+    common: dict[str, Any] = {}  # overrides of every run
+    # label -> overrides; a setting's own `seeds:` replaces the study's for it
+    settings: dict[str, dict[str, Any]] = Field(min_length=1)
+    seeds: Seeds
+    picks: list[Literal[SUGGESTIONS]] = []  # suggestion methods run at their pick
     target: str = "evaluate"  # the stage each run goes up to
-    jobs: int = 2  # experiments at a time (`dvc queue start -j`)
-    figure: str = "epochs"  # epochs: test accuracy per epoch | max_lr: accuracy against max LR
-    source: dict | None = None  # {"overrides": {...}, "checkpoint": path}: trained first
-    setting_seeds: dict[str, list[int]] = field(default_factory=dict)  # a setting's own seeds
+    jobs: int = Field(2, ge=1)  # experiments at a time (`dvc queue start -j`)
+    figure: Literal["epochs", "max_lr"] = "epochs"  # accuracy per epoch, or against max LR
+    source: Source | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return checked_name(v)
+
+    @field_validator("settings", mode="before")
+    @classmethod
+    def _labels(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            return v  # (pydantic says what it wanted)
+        bad = [str(k) for k in v if not LABEL.match(str(k))]
+        if bad:
+            raise ValueError(f"labels {bad}: use a-z, 0-9, -, _ and single dots, e.g. lr-0.1")
+        taken = [k for k in v if str(k).startswith("pick-")]
+        if taken:
+            raise ValueError(f"labels {taken}: pick-* are the picks' own")
+        return {str(k): dict(o or {}) for k, o in v.items()}  # `label:` alone: no overrides
+
+    @field_validator("settings")
+    @classmethod
+    def _setting_seeds(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for label, overrides in v.items():
+            if "seeds" in overrides:
+                try:
+                    _SEEDS.validate_python(overrides["seeds"])
+                except ValidationError:
+                    raise ValueError(
+                        f"{label}.seeds: a list of integers >= 0, e.g. [0, 1]"
+                    ) from None
+        return v
 
     @property
     def source_name(self) -> str:
         return f"{self.name}-source"
 
+    @property
+    def setting_seeds(self) -> dict[str, list[int]]:
+        """A setting's own seeds, where it gives them."""
+        return {k: o["seeds"] for k, o in self.settings.items() if "seeds" in o}
+
     def exp_name(self, label: str, seed: int) -> str:
         return f"{self.name}-{label}-s{seed}"
 
     def all_settings(self) -> dict[str, dict[str, object]]:
-        """The settings, then one per pick: the pipeline's own choice with that method."""
+        """The settings' overrides, then one per pick: the pipeline's own choice with that
+        method."""
+        own = {k: {p: v for p, v in o.items() if p != "seeds"} for k, o in self.settings.items()}
         picks = {f"pick-{m}": {"lr_find.suggestion": m, "train.max_lr": "auto"} for m in self.picks}
-        return {**self.settings, **picks}
+        return {**own, **picks}
 
     def runs(self) -> list[tuple[str, int]]:
         """(label, seed) of every run: each setting over its own ``seeds`` or the study's."""
@@ -69,86 +130,46 @@ def load_text(text: str, path: str = "<study>") -> Study:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise StudyError(f"{path}: not valid YAML ({exc})") from None
-    allowed = {
-        "name",
-        "description",
-        "common",
-        "settings",
-        "seeds",
-        "picks",
-        "target",
-        "jobs",
-        "figure",
-        "source",
-    }
-    unknown = sorted(set(raw) - allowed)
-    if unknown:
-        raise StudyError(f"{path}: unknown key(s) {unknown}; a study has {sorted(allowed)}")
-    name = str(raw.get("name", ""))
-    if not NAME.match(name):
-        raise StudyError(f"{path}: name {name!r} must be lower-case letters, digits, - or _")
-    settings = raw.get("settings") or {}
-    seeds = raw.get("seeds") or []
-    if (
-        not isinstance(settings, dict)
-        or not settings
-        or not all(LABEL.match(str(k)) for k in settings)
-    ):
-        raise StudyError(f"{path}: settings must map labels (a-z, 0-9, -, _, .) to overrides")
-    if not _seed_list(seeds):
-        raise StudyError(f"{path}: seeds must be a list of integers >= 0, e.g. [0, 1, 2]")
-    settings = {str(k): dict(v or {}) for k, v in settings.items()}
-    setting_seeds = {k: v.pop("seeds") for k, v in settings.items() if "seeds" in v}
-    bad_seeds = [k for k, v in setting_seeds.items() if not _seed_list(v)]
-    if bad_seeds:
-        raise StudyError(f"{path}: settings {bad_seeds}: seeds must be a list of integers >= 0")
-    picks = list(raw.get("picks") or [])
-    taken = [k for k in settings if str(k).startswith("pick-")]
-    if picks and taken:
-        raise StudyError(f"{path}: settings {taken}: labels pick-* are the picks' own")
-    bad = [p for p in picks if p not in SUGGESTIONS]
-    if bad:
-        raise StudyError(
-            f"{path}: picks {bad} are not suggestion methods ({', '.join(SUGGESTIONS)})"
-        )
-    source = raw.get("source")
-    if source is not None and (
-        not isinstance(source, dict)
-        or set(source) != {"overrides", "checkpoint"}
-        or not isinstance(source["overrides"], dict)
-    ):
-        raise StudyError(
-            f"{path}: source must map overrides (the source run's params) and checkpoint "
-            "(where its models/model.pt goes)"
-        )
-    return Study(
-        name,
-        str(raw.get("description", "")),
-        dict(raw.get("common") or {}),
-        settings,
-        list(seeds),
-        picks,
-        str(raw.get("target", "evaluate")),
-        int(raw.get("jobs", 2)),
-        _figure(path, raw.get("figure", "epochs")),
-        source,
-        setting_seeds,
-    )
+    if not isinstance(raw, dict):
+        raise StudyError(f"{path}: a study is a mapping of keys, got {type(raw).__name__}")
+    try:
+        return Study.model_validate(raw)
+    except ValidationError as exc:
+        raise StudyError(f"{path} is not a usable study:\n" + "\n".join(problems(exc))) from None
 
 
-def _seed_list(seeds) -> bool:
-    return (
-        isinstance(seeds, list)
-        and bool(seeds)
-        and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
-    )
+def problems(exc: ValidationError, model: type[BaseModel] = Study) -> list[str]:
+    """One line per bad key of a ``model`` file (``  settings: ...``); an unknown key lists the
+    keys its section takes."""
+    lines = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"] if not str(p).startswith(("literal[", "function-"))]
+        if err["type"] == "extra_forbidden":
+            keys = [k for k in _section(model, loc[:-1]).model_fields if k != "path"]
+            msg = f"unknown key; the keys here are {', '.join(keys)}"
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+        line = f"  {'.'.join(loc) or '<top level>'}: {msg}"
+        if line not in lines:
+            lines.append(line)
+    return lines
+
+
+def _section(model: type[BaseModel], loc: list[str]) -> type[BaseModel]:
+    """The model that holds the keys at ``loc`` (``["source"]``: Source)."""
+    for part in loc:
+        field = model.model_fields.get(part)
+        inner = typing.get_args(field.annotation) or (field.annotation,) if field else ()
+        found = [a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not found:
+            break
+        model = found[0]
+    return model
 
 
 def with_common(study: Study, pairs: list[str]) -> Study:
     """``study`` with ``KEY=VALUE`` overrides (YAML values) added to its common ones: a local
     data copy, say, on a machine with no network. A changed override makes new runs."""
-    import dataclasses
-
     extra = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -157,10 +178,4 @@ def with_common(study: Study, pairs: list[str]) -> Study:
                 f"--set {pair!r}: give KEY=VALUE, e.g. --set data.source=/data/x.tar.gz"
             )
         extra[key.strip()] = yaml.safe_load(value)
-    return dataclasses.replace(study, common={**study.common, **extra}) if extra else study
-
-
-def _figure(path: str, kind) -> str:
-    if kind not in ("epochs", "max_lr"):
-        raise StudyError(f"{path}: figure {kind!r} must be epochs or max_lr")
-    return kind
+    return study.model_copy(update={"common": {**study.common, **extra}}) if extra else study

@@ -1,0 +1,105 @@
+"""A scenario of the LR-choice benchmark (``studies/lr-choice/<name>.yaml``): its schema and
+loading, checked when read, and the studies it runs (the grid, the confirmation)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+
+from onecycle.commands import study_spec
+from onecycle.errors import UserError
+
+OUT = Path("reports/lr-choice")
+
+
+class BenchError(UserError):
+    """A scenario file or the stored data cannot be used; the message says which and why."""
+
+
+class Sweeps(study_spec._Strict):
+    """``sweeps:``: the range tests stored as data, per seed and length."""
+
+    seeds: int = Field(10, ge=1)  # sweeps 0 .. seeds-1 per length
+    lengths: list[int] = Field([100], min_length=1)  # lr_find.num_iter of each
+    val_images: int = Field(512, ge=0)  # held-out loss per step, from the validation split
+
+
+class Scenario(study_spec._Strict):
+    name: str
+    description: str = ""
+    common: dict[str, Any] = {}  # params overrides for every run and sweep
+    grid: list[float] = Field(min_length=2)  # fixed max LRs, increasing
+    seeds: study_spec.Seeds = [0, 1]  # of the grid runs
+    sweeps: Sweeps = Sweeps()
+    source: study_spec.Source | None = None  # as a study's: trained first
+    jobs: int = Field(2, ge=1)
+    path: Path = Path(".")  # the file it was read from (not a key of it)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return study_spec.checked_name(v)
+
+    @field_validator("grid", mode="before")
+    @classmethod
+    def _increasing(cls, v: Any) -> Any:
+        if isinstance(v, list) and v != sorted(v):
+            raise ValueError(f"{v}: list the max LRs in increasing order")
+        return [float(x) if isinstance(x, int) else x for x in v] if isinstance(v, list) else v
+
+    def study(self) -> study_spec.Study:
+        """The grid: one setting per max LR over the scenario's seeds."""
+        return study_spec.Study(
+            name=f"lrc-{self.name}",
+            description=self.description,
+            common=self.common,
+            settings={f"lr-{lr:g}": {"train.max_lr": lr} for lr in self.grid},
+            seeds=self.seeds,
+            jobs=self.jobs,
+            figure="max_lr",
+            source=self.source,
+        )
+
+    def confirm_study(self) -> study_spec.Study:
+        """The pipeline's own default (``train.max_lr: auto``: lr_find's defaults, median of
+        its seeds' picks) on the scenario's longest sweep, over 3 seeds: the scoring's
+        interpolation checked by training."""
+        return study_spec.Study(
+            name=f"lrc-{self.name}-auto",
+            description=f"{self.description} The default rule's own pick, trained.",
+            common={
+                **self.common,
+                "lr_find.num_iter": max(self.sweeps.lengths),
+                "train.max_lr": "auto",
+            },
+            settings={"auto": {}},
+            seeds=[0, 1, 2],
+            jobs=self.jobs,
+            source=self.source,
+        )
+
+    @property
+    def out(self) -> Path:
+        return OUT / self.name
+
+
+def load(path: Path) -> Scenario:
+    """Read and check ``path``; every problem names the file and the key."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise BenchError(f"{path}: cannot read the scenario ({exc})") from None
+    if not isinstance(raw, dict) or "path" in raw:
+        raise BenchError(f"{path}: a scenario is a mapping of its keys (see studies/lr-choice/)")
+    try:
+        return Scenario.model_validate({**raw, "path": Path(path)})
+    except ValidationError as exc:
+        lines = study_spec.problems(exc, Scenario)
+        raise BenchError(f"{path} is not a usable scenario:\n" + "\n".join(lines)) from None
+
+
+def sweeps_path(scenario: Scenario) -> Path:
+    return scenario.out / "sweeps.json"
