@@ -14,7 +14,8 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -44,6 +45,38 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
         raise error from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_folder(out_dir: Path) -> Iterator[Path]:
+    """A new folder beside ``out_dir`` to fill; once the block ends without an error it takes
+    ``out_dir``'s place in one rename (the old one, if any, put aside first and removed after;
+    back in place if the rename fails). On an error nothing of it is left."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Not tempfile.mkdtemp: its folder is mode 0700, and the rename would keep that mode. Named
+    # like atomic_write's temporaries: git ignores them and remove_stale_temps finds them.
+    tag = uuid.uuid4().hex[:8]
+    tmp = out_dir.parent / f".{out_dir.name}.{tag}{TMP_SUFFIX}"
+    old = out_dir.parent / f".{out_dir.name}.{tag}-old{TMP_SUFFIX}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        # Move the old output aside rather than delete it first: an interrupted rmtree would
+        # leave half of it, and a failed rename puts it back.
+        if out_dir.exists() or out_dir.is_symlink():
+            os.replace(out_dir, old)
+        try:
+            os.replace(tmp, out_dir)
+        except BaseException:
+            if old.exists() or old.is_symlink():
+                os.replace(old, out_dir)
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.is_symlink():
+            old.unlink()
+        else:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 NO_SPACE = {errno.ENOSPC, errno.EDQUOT}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from tqdm import tqdm
@@ -10,7 +11,6 @@ from onecycle.redact import redact
 
 LONG_RUN_SECONDS = 3600  # a run projected past this is worth a word in its first minute
 HINT_AFTER_SECONDS = 20  # enough steps to project from
-QUIET = False  # set in data-parallel ranks other than 0: one bar and one set of lines on screen
 
 
 def bar(total: int, desc: str, unit: str = "batch", initial: int = 0) -> tqdm:
@@ -21,14 +21,20 @@ def bar(total: int, desc: str, unit: str = "batch", initial: int = 0) -> tqdm:
         unit=unit,
         dynamic_ncols=True,
         mininterval=1.0,
-        disable=QUIET,
+        disable=quiet(),
     )
 
 
 def say(message: str) -> None:
     """Print a line without breaking an open bar; a URL's password or signed query hidden."""
-    if not QUIET:
+    if not quiet():
         tqdm.write(redact(message))
+
+
+def quiet() -> bool:
+    """In a data-parallel rank other than 0 (torchrun sets RANK): nothing on screen, so one bar
+    and one set of lines show, rank 0's."""
+    return "TORCHELASTIC_RUN_ID" in os.environ and os.environ.get("RANK", "0") != "0"
 
 
 def duration(seconds: float) -> str:

@@ -37,6 +37,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from onecycle import files
 from onecycle.config import ConfigError, DataConfig, load_params, parse_params
 from onecycle.data import archives, imagefolder, prepared, sources
 from onecycle.errors import DataError
@@ -1283,7 +1284,7 @@ def test_failed_rename_puts_the_old_output_back(tmp_path, monkeypatch):
                 raise OSError("rename failed")
         real_replace(src, dst)
 
-    monkeypatch.setattr(prepared.os, "replace", replace)
+    monkeypatch.setattr(files.os, "replace", replace)  # files.atomic_folder's rename
     with pytest.raises(OSError, match="rename failed"):
         prepared.save_prepared(stats_dataset(), out, "second")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -162,21 +162,7 @@ def markdown(
         "img/s | wall s: training + other |",
         "| --- | --- | " + ("--- | " if val else "") + "--- | --- | --- | --- | --- | --- |",
     ]
-    for r in rows:
-        val_cell = f"{_pct(r['val_accuracy_mean'], r['val_accuracy_std'])} | " if val else ""
-        lrs = f"{r['max_lr_mean']:.3g}"
-        if r.get("max_lr_min", r["max_lr_mean"]) != r.get("max_lr_max", r["max_lr_mean"]):
-            lrs += f"; {r['max_lr_min']:.3g}..{r['max_lr_max']:.3g}"
-        wall = r.get("wall_seconds")
-        split = "n/a" if wall is None else (
-            f"{wall:.0f}: {r['seconds_mean']:.0f} + {wall - r['seconds_mean']:.0f}"
-        )  # fmt: skip
-        lines.append(
-            f"| {r['setting']} | {r['runs']} | {val_cell}"
-            f"{_pct(r['accuracy_mean'], r['accuracy_std'])} | "
-            f"{lrs} | {r['seconds_mean']:.0f} | {_num(r.get('epoch_seconds'), '.2f')} | "
-            f"{_num(r.get('images_per_sec'), '.0f')} | {split} |"
-        )
+    lines += [_row(r, val) for r in rows]
     lines += [
         "",
         "Wall s: from the run's range test (or its training, when DVC's run cache supplied the "
@@ -187,6 +173,24 @@ def markdown(
         lines += ["", f"Not finished (left out): {', '.join(missing)}."]
     lines += ["", f"![{study.name}]({figure})", ""]
     return "\n".join(lines)
+
+
+def _row(r: dict, val: bool) -> str:
+    """One setting's line of the table (``val``: with its validation accuracy)."""
+    val_cell = f"{_pct(r['val_accuracy_mean'], r['val_accuracy_std'])} | " if val else ""
+    lrs = f"{r['max_lr_mean']:.3g}"
+    if r.get("max_lr_min", r["max_lr_mean"]) != r.get("max_lr_max", r["max_lr_mean"]):
+        lrs += f"; {r['max_lr_min']:.3g}..{r['max_lr_max']:.3g}"
+    wall = r.get("wall_seconds")
+    split = "n/a" if wall is None else (
+        f"{wall:.0f}: {r['seconds_mean']:.0f} + {wall - r['seconds_mean']:.0f}"
+    )  # fmt: skip
+    return (
+        f"| {r['setting']} | {r['runs']} | {val_cell}"
+        f"{_pct(r['accuracy_mean'], r['accuracy_std'])} | "
+        f"{lrs} | {r['seconds_mean']:.0f} | {_num(r.get('epoch_seconds'), '.2f')} | "
+        f"{_num(r.get('images_per_sec'), '.0f')} | {split} |"
+    )
 
 
 def _pct(mean: float | None, std: float) -> str:

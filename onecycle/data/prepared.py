@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import uuid
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -21,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from onecycle import files
 from onecycle.errors import DataError
-from onecycle.files import TMP_SUFFIX
 from onecycle.redact import redact
 
 
@@ -168,13 +165,29 @@ def save_prepared(
     """Write ``out_dir/{train.npz,test.npz,meta.json}`` (and ``val.npz``: ``val`` is (x, y))
     atomically (temp folder, then rename)."""
     mean, std = channel_stats(ds.x_train)
+    meta = _meta(ds, source, val, mean, std)
+    with files.atomic_folder(out_dir) as tmp:
+        np.savez(tmp / "train.npz", x=ds.x_train, y=ds.y_train)
+        np.savez(tmp / "test.npz", x=ds.x_test, y=ds.y_test)
+        if val is not None:
+            np.savez(tmp / "val.npz", x=val[0], y=val[1])
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    x_val, y_val = val if val is not None else (None, None)
+    return Prepared(
+        ds.x_train, ds.y_train, ds.x_test, ds.y_test, ds.classes, mean, std, meta, x_val, y_val
+    )
+
+
+def _meta(ds: Dataset, source: str, val, mean: tuple, std: tuple) -> dict:
+    """meta.json: where the images came from, the classes and counts per split, the training
+    split's mean/std, and the fingerprint of it all."""
     val_meta = {}
     if val is not None:
         val_meta = {
             "num_val": int(len(val[1])),
             "val_per_class": np.bincount(val[1], minlength=len(ds.classes)).tolist(),
         }
-    meta = {
+    return {
         "source": redact(source),  # a signed URL's query is a secret
         "classes": ds.classes,
         "image_size": int(ds.x_train.shape[1]),
@@ -187,40 +200,6 @@ def save_prepared(
         "std": list(std),
         "fingerprint": fingerprint(ds, val, {"mean": mean, "std": std}),
     }
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Not tempfile.mkdtemp: its folder is mode 0700, and the rename would keep that mode.
-    # Named like files.atomic_write's temporaries, so git ignores them and the next stage start
-    # removes those a killed run left.
-    tag = uuid.uuid4().hex[:8]
-    tmp = out_dir.parent / f".{out_dir.name}.{tag}{TMP_SUFFIX}"
-    tmp.mkdir()
-    old = out_dir.parent / f".{out_dir.name}.{tag}-old{TMP_SUFFIX}"
-    try:
-        np.savez(tmp / "train.npz", x=ds.x_train, y=ds.y_train)
-        np.savez(tmp / "test.npz", x=ds.x_test, y=ds.y_test)
-        if val is not None:
-            np.savez(tmp / "val.npz", x=val[0], y=val[1])
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        # Move the old output aside rather than delete it first: an interrupted rmtree would
-        # leave half of it, and a failed rename puts it back.
-        if out_dir.exists() or out_dir.is_symlink():
-            os.replace(out_dir, old)
-        try:
-            os.replace(tmp, out_dir)
-        except BaseException:
-            if old.exists() or old.is_symlink():
-                os.replace(old, out_dir)
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.is_symlink():
-            old.unlink()
-        else:
-            shutil.rmtree(old, ignore_errors=True)
-    x_val, y_val = val if val is not None else (None, None)
-    return Prepared(
-        ds.x_train, ds.y_train, ds.x_test, ds.y_test, ds.classes, mean, std, meta, x_val, y_val
-    )
 
 
 # ---------------------------------------------------------------- loading, checked

@@ -27,6 +27,7 @@ from onecycle.range_test.curves import (
     window,
 )
 from onecycle.training import init_weights
+from onecycle.training.distributed import ONE, Ranks
 from onecycle.training.runtime import Device, predict
 from onecycle.training.schedule import sweep_lrs
 from onecycle.training.session import build_session
@@ -58,6 +59,7 @@ def range_test(
     seed: int,
     desc: str = "lr_find",
     start: init_weights.InitialWeights = init_weights.RANDOM,
+    ranks: Ranks = ONE,
 ) -> Sweep:
     """Sweep the LR over ``lr_find.num_iter`` mini-batches of the training data, in the session
     that training builds (same model, start, optimizer, loss and augmentation as
@@ -76,6 +78,7 @@ def range_test(
         momentum=lr_cfg.momentum,
         indices=train_idx,
         start=start,
+        ranks=ranks,
     )
     batches = session.stream()
     session.model.train()
@@ -158,6 +161,7 @@ def grid(
     name: str,
     values: list[float],
     start: init_weights.InitialWeights = init_weights.RANDOM,
+    ranks: Ranks = ONE,
 ) -> Grid:
     """One LR sweep per value, everything else equal (``base.seed``, the held-out split)."""
     where = {"momentum": "lr_find", "weight_decay": "train"}[name]
@@ -166,7 +170,7 @@ def grid(
         section = getattr(params, where).model_copy(update={name: value})
         varied = params.model_copy(update={where: section})
         sweep = range_test(
-            varied, data, dev, params.base.seed, desc=f"lr_find {name} {value:g}", start=start
+            varied, data, dev, params.base.seed, f"lr_find {name} {value:g}", start, ranks
         )
         check_curve(sweep, params.lr_find.start_lr, params.lr_find.num_iter)
         sweeps.append(sweep)
@@ -222,6 +226,7 @@ def find(
     data: Prepared,
     dev: Device,
     start: init_weights.InitialWeights = init_weights.RANDOM,
+    ranks: Ranks = ONE,
 ) -> Finding:
     """The grids first (weight decay, then momentum), each choice taken where the train params
     say ``auto``; then the range test once per seed (``lr_find.seeds`` of them from
@@ -229,18 +234,20 @@ def find(
     lr_cfg = params.lr_find
     grids = []
     if lr_cfg.weight_decay_grid:
-        grids.append(grid(params, data, dev, "weight_decay", lr_cfg.weight_decay_grid, start))
+        grids.append(
+            grid(params, data, dev, "weight_decay", lr_cfg.weight_decay_grid, start, ranks)
+        )
         if params.train.weight_decay == "auto":  # the LR sweeps below use the choice
             chosen = grids[-1].summary()["chosen"]
             train = params.train.model_copy(update={"weight_decay": chosen})
             params = params.model_copy(update={"train": train})
     if lr_cfg.momentum_grid:
-        grids.append(grid(params, data, dev, "momentum", lr_cfg.momentum_grid, start))
+        grids.append(grid(params, data, dev, "momentum", lr_cfg.momentum_grid, start, ranks))
     seeds = [params.base.seed + k for k in range(lr_cfg.seeds)]
     sweeps = []
     for k, s in enumerate(seeds):
         desc = f"lr_find seed {k + 1}/{len(seeds)}"
-        sweep = range_test(params, data, dev, s, desc=desc, start=start)
+        sweep = range_test(params, data, dev, s, desc, start, ranks)
         check_curve(sweep, lr_cfg.start_lr, lr_cfg.num_iter)
         sweeps.append(sweep)
     per_seed = [suggestions(sweep) for sweep in sweeps]

@@ -101,18 +101,7 @@ def stage_run(
         uri,
         lambda: close_stale_runs(stage, run_id),
     )
-    try:  # in this thread: MLflow keeps the active run per thread
-        run = mlflow.start_run(
-            run_id=run_id,
-            run_name=None if run_id else redact(provenance.run_name(stage)),
-            tags=run_tags,
-            log_system_metrics=True,  # CPU, memory, GPU: the run page's System tab
-        )
-    except Exception as exc:
-        raise connect.access_error(exc, uri, "starting a run") or connect.TrackingError(
-            f"MLflow store {redact(uri)} cannot be used (starting a run: "
-            f"{redact(short_error(exc))}): {connect.way_out(uri)}"
-        ) from None
+    run = _start_run(stage, run_id, run_tags, uri)
     recorder = Recorder(run.info.run_id, exp_id, uri)
     status = "FINISHED"
     try:
@@ -125,19 +114,44 @@ def stage_run(
         status = "FAILED"
         raise
     finally:
-        taken = report_unlogged(recorder, stage)
-        try:
-            with contextlib.nullcontext() if taken else _one_short_try(END_SECONDS):
-                _end_run(status)
-        except Exception as exc:  # noqa: BLE001 - the work is done; say what MLflow lacks
-            fate = (
-                "the next stage that logs into it marks it FINISHED"
-                if status == "FINISHED"
-                else f"the next run of {stage} here closes it as KILLED"
-            )
-            progress.say(
-                f"{stage}: could not mark run {recorder.run_id} {status} ({short_error(exc)}); {fate}"
-            )
+        _end(recorder, stage, status)
+
+
+def _start_run(stage: str, run_id: str | None, tags: dict, uri: str):
+    """``mlflow.start_run`` (a new run named for the stage, or ``run_id`` resumed), in this
+    thread: MLflow keeps the active run per thread."""
+    import mlflow
+
+    try:
+        return mlflow.start_run(
+            run_id=run_id,
+            run_name=None if run_id else redact(provenance.run_name(stage)),
+            tags=tags,
+            log_system_metrics=True,  # CPU, memory, GPU: the run page's System tab
+        )
+    except Exception as exc:
+        raise connect.access_error(exc, uri, "starting a run") or connect.TrackingError(
+            f"MLflow store {redact(uri)} cannot be used (starting a run: "
+            f"{redact(short_error(exc))}): {connect.way_out(uri)}"
+        ) from None
+
+
+def _end(recorder: Recorder, stage: str, status: str) -> None:
+    """What the store lacks said, then the run marked ``status``: at once where the store
+    took every record, else in one short try (the work is done; it does not wait long)."""
+    taken = report_unlogged(recorder, stage)
+    try:
+        with contextlib.nullcontext() if taken else _one_short_try(END_SECONDS):
+            _end_run(status)
+    except Exception as exc:  # noqa: BLE001 - the work is done; say what MLflow lacks
+        fate = (
+            "the next stage that logs into it marks it FINISHED"
+            if status == "FINISHED"
+            else f"the next run of {stage} here closes it as KILLED"
+        )
+        progress.say(
+            f"{stage}: could not mark run {recorder.run_id} {status} ({short_error(exc)}); {fate}"
+        )
 
 
 @contextlib.contextmanager

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from onecycle import progress
 from onecycle.config import ConfigError, Params
 from onecycle.errors import UserError
 
@@ -75,12 +74,7 @@ class Ranks:
         return bool(t.item())
 
 
-_current = Ranks()
-
-
-def current() -> Ranks:
-    """The ranks :func:`init` set up in this process (one process when it was not called)."""
-    return _current
+ONE = Ranks()  # one process, no group
 
 
 def under_torchrun() -> bool:
@@ -162,12 +156,11 @@ def check(params: Params) -> None:
             )
 
 
-def init(dev):
-    """In a rank: join the process group (NCCL on CUDA, gloo otherwise) and return the device
-    this rank trains on (its own GPU). With one process, ``dev`` unchanged."""
-    global _current
+def init(dev) -> tuple[object, Ranks]:
+    """In a rank: join the process group (NCCL on CUDA, gloo otherwise); returns the device this
+    rank trains on (its own GPU) and the ranks. With one process, ``dev`` and one rank."""
     if not under_torchrun():
-        return dev
+        return dev, ONE
     ranks = Ranks(
         int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     )
@@ -175,9 +168,7 @@ def init(dev):
         torch.cuda.set_device(ranks.local)
         dev = type(dev)(torch.device("cuda", ranks.local), dev.amp_dtype, dev.num_workers)
     dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    _current = ranks
-    progress.QUIET = not ranks.is_main  # one bar and one set of lines on screen
-    return dev
+    return dev, ranks
 
 
 def setup_stage(params: Params, module: str, setup) -> tuple[object, Ranks] | None:
@@ -191,16 +182,16 @@ def setup_stage(params: Params, module: str, setup) -> tuple[object, Ranks] | No
         setup()
         if launch(params, module):
             return None
-        return dev, current()
-    dev = init(dev)
-    if current().is_main:
+        return dev, ONE
+    dev, ranks = init(dev)
+    if ranks.is_main:
         setup()
-    return dev, current()
+    return dev, ranks
 
 
-def wrap(model: torch.nn.Module, dev) -> torch.nn.Module:
-    """The module that trains: ``model`` under DDP in a group, else ``model`` itself."""
-    if _current.world == 1:
+def wrap(model: torch.nn.Module, dev, ranks: Ranks) -> torch.nn.Module:
+    """The module that trains: ``model`` under DDP over ``ranks``, else ``model`` itself."""
+    if ranks.world == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
@@ -210,8 +201,6 @@ def wrap(model: torch.nn.Module, dev) -> torch.nn.Module:
 
 def shutdown() -> None:
     """Leave the process group (at the end of a rank's stage)."""
-    global _current
     if dist.is_available() and dist.is_initialized():
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
-    _current = Ranks()

@@ -84,6 +84,7 @@ def build_session(
     momentum: float,
     indices: np.ndarray | None = None,
     start: init_weights.InitialWeights = init_weights.RANDOM,
+    ranks: distributed.Ranks = distributed.ONE,
 ) -> Session:
     """Everything one run trains with; ``indices`` restricts the training images (the range
     test's held-out split). ``momentum`` is the optimizer's first (it decides Nesterov).
@@ -99,10 +100,9 @@ def build_session(
     if model_cfg.freeze == "backbone":
         init_weights.freeze(model, head)
     groups = init_weights.param_groups(model, head, model_cfg.backbone_lr_mult)
-    forward = distributed.wrap(model, dev)  # DDP over the ranks (rank 0's weights to all)
+    forward = distributed.wrap(model, dev, ranks)  # DDP over the ranks (rank 0's weights to all)
     forward = torch.compile(forward) if use_compile(train_cfg.compile, dev) else forward
     optimizer = build_optimizer(groups, 0.0, momentum, train_cfg.nesterov, train_cfg.weight_decay)
-    ranks = distributed.current()
     aug = train_cfg.augment
     stream = make_stream(x, y, train_cfg.batch_size, aug, data.mean, data.std, seed, dev, ranks)
     return Session(dev, model, forward, optimizer, make_scaler(dev), stream, ranks)
