@@ -320,6 +320,19 @@ def test_runs_left_running_by_dead_workers_are_stopped_and_queued_again(tmp_path
     assert study_queue.requeue_orphans(["t-a-s0"], tmp_path) == []
     assert not [c for c in calls if c[:2] == ("queue", "kill")]
 
+    # DVC's status reads 0 workers, but one is alive as a process (the first worker, stopping
+    # idle, cleared the broker the status is read from): its run is neither killed nor given up
+    state.update(a="Running", workers=0)
+    monkeypatch.setattr(study_queue, "live_workers", lambda repo: 1)
+    assert study_queue.requeue_orphans(["t-a-s0"], tmp_path) == []
+    assert not [c for c in calls if c[:2] == ("queue", "kill")]
+    started = []
+    monkeypatch.setattr(study_queue, "start_queue", lambda repo, jobs: started.append(jobs))
+    done = iter([set()] * 8 + [{"t-a-s0"}])
+    monkeypatch.setattr(study_queue, "finished", lambda repo: next(done))
+    assert study_queue.wait(["t-a-s0"], tmp_path, 2) == []
+    assert started == [1]  # one run, one worker: never a worker with nothing to run
+
 
 def test_a_name_queued_again_counts_by_its_live_task(tmp_path, monkeypatch):
     """A run stopped and queued again is listed twice by `dvc queue status`, its old task

@@ -1,7 +1,7 @@
 """A study through DVC's queue, for real (the file's checks and the report's numbers are
-tests/test_study.py's, in-process): one queue for a tiny studies/full.yaml (the range test's own
-max LR beside a fixed one) and a source run whose checkpoint starts the fixed one frozen; the report
-against the MLflow store; started again, it runs nothing."""
+tests/test_study.py's, in-process): one queue for a source run, then a tiny studies/full.yaml
+setting that starts frozen from the source's checkpoint at the max LR its own range test picks; the
+report against the MLflow store; started again, it runs nothing."""
 
 from __future__ import annotations
 
@@ -19,14 +19,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 
 def _tiny_full() -> str:
-    """studies/full.yaml at the tiny run's size (its settings auto and 0.2, one seed, one
-    epoch), plus a source run whose checkpoint starts the fixed-LR setting frozen: one queue,
-    one round of two settings after the source."""
+    """studies/full.yaml at the tiny run's size (its setting auto, one seed, one epoch), started
+    frozen from a source run's checkpoint: one queue, the source then the setting (each queued
+    run costs a minute of CPU here, so one setting checks both the range test's own pick and
+    the source)."""
     full = yaml.safe_load((ROOT / "studies" / "full.yaml").read_text())
-    settings = {
-        k: {**v, "seeds": [0]} for k, v in full["settings"].items() if k in ("auto", "lr-0.2")
-    }
-    settings["lr-0.2"] |= {  # a frozen width-4 backbone's loss falls little in 40 steps
+    settings = {"auto": {**full["settings"]["auto"], "seeds": [0]}}
+    settings["auto"] |= {  # a frozen width-4 backbone's loss falls little in 40 steps
         "model.pretrained": "weights/source.pt",
         "model.freeze": "backbone",
         "lr_find.smooth_window": 0.1,
@@ -63,11 +62,8 @@ def test_a_study_trains_its_source_then_its_settings_and_reports_what_the_store_
     from onecycle.training import checkpoint
 
     results, report = _study(fork)
-    assert [(r["label"], r["seed"]) for r in results] == [("auto", 0), ("lr-0.2", 0)]
-    by_label = {r["label"]: r for r in results}
-    picked = json.loads((fork / paths.LR_FIND_METRICS).read_text())["max_lr"]
-    assert by_label["auto"]["max_lr"] == picked  # the range test's own pick: the tiny run's
-    assert by_label["lr-0.2"]["max_lr"] == 0.2
+    assert [(r["label"], r["seed"]) for r in results] == [("auto", 0)]
+    (auto,) = results
 
     # the full study's report: per setting the accuracy, the picks, s/epoch, img/s and the
     # experiment's wall time split into training and the rest
@@ -98,17 +94,17 @@ def test_a_study_trains_its_source_then_its_settings_and_reports_what_the_store_
     assert client.get_run(parents.pop()).data.tags["study"] == "tiny" and not parents
 
     # the source: trained first, its checkpoint fetched from the DVC cache; the frozen run's own
-    # checkpoint (the fixed LR's) has the source's backbone bit for bit (BatchNorm too) and a
+    # checkpoint has the source's backbone bit for bit (BatchNorm too) and a
     # classifier of its own
     source = checkpoint.read_weights(fork / "weights" / "source.pt")
     assert "Source model `tiny-source`" in report and "% on its own test split" in report
-    frozen = by_id[by_label["lr-0.2"]["run_id"]]
+    frozen = by_id[auto["run_id"]]
     digest = hashlib.sha256((fork / "weights" / "source.pt").read_bytes()).hexdigest()
     assert frozen.data.params["start.weights_sha256"] == digest
     assert frozen.data.params["start.normalization"].startswith("checkpoint source.pt")
     width = 8 * TINY_PIPELINE["model"]["width"]  # the classifier's inputs
     assert int(frozen.data.params["trainable_parameters"]) == width * 10 + 10
-    rev = study_queue.exp_commit("tiny-lr-0.2-s0", fork)
+    rev = study_queue.exp_commit("tiny-auto-s0", fork)
     run(fork, "dvc", "get", ".", "models/model.pt", "--rev", rev, "-o", str(fork / "frozen.pt"))
     trained = checkpoint.read_weights(fork / "frozen.pt")
     for k, v in source["model"].items():
@@ -125,9 +121,12 @@ def test_a_study_trains_its_source_then_its_settings_and_reports_what_the_store_
         for exp in entry.get("experiments") or []
         if (rev := exp["revs"][0]).get("name")
     }
-    for r in results:
-        train = exps[f"tiny-{r['label']}-s{r['seed']}"]["metrics/train.json"]["data"]
-        assert train["max_lr"] == pytest.approx(r["max_lr"])
+    shown = exps["tiny-auto-s0"]
+    picked = shown[str(paths.LR_FIND_METRICS)]["data"]["max_lr"]  # its own range test's pick
+    assert shown["metrics/train.json"]["data"]["max_lr"] == pytest.approx(picked)
+    assert (
+        auto["max_lr"] == pytest.approx(picked) and frozen.data.params["max_lr_source"] == "lr_find"
+    )
     strays = [
         p
         for p in (fork / ".dvc" / "tmp").rglob("*")

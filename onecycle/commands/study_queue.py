@@ -73,7 +73,7 @@ def requeue_orphans(names: list[str], repo: Path) -> list[str]:
     they are queued again; returns them. Without this a restarted study waited for them forever."""
     states, workers = queue_status(repo)
     orphans = [n for n in names if states.get(n) == "Running"]
-    if not orphans or workers != 0:
+    if not orphans or workers != 0 or live_workers(repo):
         return []
     _dvc("queue", "kill", *orphans, cwd=repo)
     progress.say(
@@ -81,6 +81,21 @@ def requeue_orphans(names: list[str], repo: Path) -> list[str]:
         "stopped (`dvc queue kill`) and queued again"
     )
     return orphans
+
+
+def live_workers(repo: Path) -> int:
+    """The queue workers of ``repo`` alive as processes (``dvc exp queue-worker``, started in
+    the repository). `dvc queue status` counts workers through the queue's broker, which the
+    first worker clears (``--clean``) when it stops for want of tasks: another one still running
+    a task then reads 0 there (seen with one run on two workers)."""
+    import psutil
+
+    root, alive = repo.resolve(), 0
+    for proc in psutil.process_iter(["cmdline", "cwd"]):
+        cmd, cwd = proc.info["cmdline"] or [], proc.info["cwd"]
+        if "queue-worker" in cmd and cwd and Path(cwd).resolve() == root:
+            alive += 1
+    return alive
 
 
 def _exp_refs(repo: Path) -> str:
@@ -163,6 +178,7 @@ def wait(names: list[str], repo: Path, jobs: int) -> list[str]:
     suite's tiny study 30 of them took as much CPU as its training)."""
     if not names:
         return []
+    jobs = min(jobs, len(names))  # a worker with nothing to run stops and clears the broker
     start_queue(repo, jobs)
     started = time.monotonic()
     next_look, dead_looks = started + 2.0, 0
@@ -174,7 +190,8 @@ def wait(names: list[str], repo: Path, jobs: int) -> list[str]:
                 looked = True
                 states, workers = queue_status(repo)
                 stuck = [n for n in names if n not in ok and states.get(n) in ("Queued", "Running")]
-                dead_looks = dead_looks + 1 if stuck and workers == 0 else 0
+                gone = stuck and workers == 0 and not live_workers(repo)
+                dead_looks = dead_looks + 1 if gone else 0
                 if dead_looks >= DEAD_LOOKS:
                     raise study_spec.StudyError(
                         f"the queue has no worker left (`dvc queue status`: 0 active, 0 idle) "
