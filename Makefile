@@ -128,12 +128,12 @@ EXP_TABLE := dvc exp show --md --no-pager --drop '.*' \
 ci-pipeline: $(STAMP)
 	dvc exp run -n ci-quick-$$(date +%s) $(QUICK)
 	$(EXP_TABLE)
-	python ci/gate.py
+	python -m onecycle.commands.gate
 
 # Deliberately replace ci/baseline.json's metrics with a fresh quick run's (tolerances are kept).
 ci-baseline: $(STAMP)
 	dvc exp run $(QUICK)
-	python ci/gate.py --update
+	python -m onecycle.commands.gate --update
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from onecycle import config_errors, params_file
 from onecycle.errors import UserError
 from onecycle.redact import has_credentials, redact
 
@@ -187,8 +188,8 @@ class TrainConfig(_Section):
     max_momentum: Literal["auto"] | float = Field(0.95, validate_default=True)
     nesterov: bool = Field(True, validate_default=True)
     weight_decay: Literal["auto"] | float = 5e-4
-    step_size: int = Field(8, ge=1)
-    gamma: float = Field(0.1, gt=0, le=1)
+    step_epochs: int = Field(8, ge=1)  # schedule step: epochs between LR drops
+    step_gamma: float = Field(0.1, gt=0, le=1)  # schedule step: the LR's factor at each drop
     base_lr: Literal["auto"] | float = "auto"
     cycle_epochs: float = Field(4.0, gt=0)
     cyclic_mode: Literal["triangular", "triangular2", "exp_range"] = "triangular"
@@ -275,67 +276,6 @@ class Params(_Section):
     plots: PlotsConfig = PlotsConfig()
 
 
-def _key(loc: tuple) -> tuple[str, type[BaseModel] | None]:
-    """The dotted key of an error location, and the section model holding its last part.
-
-    Walks the models rather than filtering names, so that union-branch tags pydantic appends
-    (``literal['auto']``, ``float``) are dropped while an unknown key such as ``interval`` is kept.
-    """
-    model: type[BaseModel] | None = Params
-    parts: list[str] = []
-    parent = None
-    for p in loc:
-        if model is None:  # past a leaf field: what follows are union-branch tags
-            break
-        parts.append(str(p))
-        parent = model
-        field = model.model_fields.get(str(p))
-        if field is None:  # an unknown key
-            break
-        ann = field.annotation
-        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-    return ".".join(parts), parent
-
-
-REPLACED = {  # keys of older params.yaml files: what took their place
-    "lr_find.smooth_beta": (
-        "the curve is now smoothed over a fraction of the sweep, lr_find.smooth_window (0.2: a "
-        "fifth of its steps), centered so its minimum does not lag (lr_find.smooth: centered); "
-        "delete smooth_beta (make bench-lr chose the new smoothing, docs/method.md)"
-    ),
-}
-
-
-def _describe(err: dict[str, Any]) -> tuple[str, str, str]:
-    """(key, message, shown input) for one pydantic error."""
-    key, parent = _key(err["loc"])
-    msg = err["msg"]
-    if err["type"] == "value_error":
-        msg = msg.removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden" and key in REPLACED:
-        msg = f"no longer a key: {REPLACED[key]}"
-    elif err["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(
-            str(err["loc"][-1]), list(parent.model_fields), n=1, cutoff=0.75
-        )
-        hint = f"a typo of {close[0]!r}?" if close else "a typo?"
-        msg = f"unknown key ({hint}); see params.yaml for the keys each section takes"
-    got = err.get("input")
-    shown = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {redact(repr(got))})"
-    return key or "<top level>", msg, shown
-
-
-def _format(errors: list[dict[str, Any]]) -> list[str]:
-    # A union (e.g. 'auto' | number) reports one error per branch: join them on one line per key.
-    grouped: dict[tuple[str, str], list[str]] = {}
-    for err in errors:
-        key, msg, shown = _describe(err)
-        msgs = grouped.setdefault((key, shown), [])
-        if msg not in msgs:
-            msgs.append(msg)
-    return [f"  {key}: {', or '.join(msgs)}{shown}" for (key, shown), msgs in grouped.items()]
-
-
 def parse_params(raw: Any, source: str = "params.yaml") -> Params:
     """Validate a params mapping; raise ConfigError naming every bad key."""
     if raw is None:
@@ -345,7 +285,9 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
     try:
         params = Params.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"{source} is invalid:\n" + "\n".join(_format(exc.errors()))) from None
+        raise ConfigError(
+            f"{source} is invalid:\n" + "\n".join(config_errors.lines(exc.errors(), Params))
+        ) from None
     problems = _across_sections(params)
     if problems:
         raise ConfigError(f"{source} is invalid:\n" + "\n".join(problems))
@@ -367,66 +309,6 @@ def _across_sections(p: Params) -> list[str]:
     return problems
 
 
-def repo_root() -> Path:
-    """The repository root: $DVC_ROOT when DVC runs a stage, else the nearest folder with dvc.yaml."""
-    if os.environ.get("DVC_ROOT"):
-        return Path(os.environ["DVC_ROOT"]).resolve()
-    here = Path.cwd().resolve()
-    for folder in (here, *here.parents):
-        if (folder / "dvc.yaml").exists():
-            return folder
-    return here
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-05`` / ``5e-4`` as floats (YAML 1.2, as DVC does).
-
-    PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent, so ``5e-4`` would
-    load as a string; ``dvc exp run -S lr_find.start_lr=1e-5`` writes exactly ``1e-05``.
-    """
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """``{"train": {"epochs": 24}}`` -> ``{"train.epochs": 24}``: dotted keys, as MLflow's params
-    and ``dvc exp run -S`` name them."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat |= flatten(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def with_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
-    """A copy of params ``raw`` with ``overrides`` (dotted keys) set, as ``dvc exp run -S`` sets
-    them; a key params.yaml does not have is added, and :func:`parse_params` then names it."""
-    import copy
-
-    out = copy.deepcopy(raw or {})
-    for key, value in overrides.items():
-        *sections, last = key.split(".")
-        node = out
-        for part in sections:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}  # (a value where a section should be: parse_params says so)
-            node = node[part]
-        node[last] = value
-    return out
-
-
-def read_yaml(path: str | os.PathLike):
-    """A YAML file as DVC reads it (YAML 1.2 floats such as ``1e-05``)."""
-    return yaml.load(Path(path).read_text(), Loader=_Loader)
-
-
 def load_params(path: str | os.PathLike = "params.yaml") -> Params:
     """Load the stage's params.yaml from the working directory.
 
@@ -435,15 +317,9 @@ def load_params(path: str | os.PathLike = "params.yaml") -> Params:
     """
     path = Path(path)
     try:
-        raw = read_yaml(path)
+        raw = params_file.read_yaml(path)
     except FileNotFoundError:
         raise ConfigError(f"{path} not found: run from the repository root") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     return parse_params(raw, str(path))
-
-
-def resolve_path(value: str | os.PathLike, root: Path | None = None) -> Path:
-    """A relative path from params resolves against the repository root, not the cwd."""
-    p = Path(value).expanduser()
-    return p if p.is_absolute() else (root or repo_root()) / p

@@ -9,8 +9,9 @@ Its output never changes, so it makes nothing else rerun.
 from pathlib import Path
 
 from onecycle import files, paths
-from onecycle.config import load_params, repo_root
+from onecycle.config import load_params
 from onecycle.errors import UserError
+from onecycle.params_file import repo_root
 from onecycle.pipeline import precheck, runner
 
 

@@ -1,8 +1,9 @@
 """download: fetch data.source, check it, and write data/prepared (uint8 images, labels, stats)."""
 
 from onecycle import files, paths
-from onecycle.config import load_params, repo_root
+from onecycle.config import load_params
 from onecycle.data import prepared, sources
+from onecycle.params_file import repo_root
 from onecycle.pipeline import runner
 
 

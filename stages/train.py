@@ -25,7 +25,7 @@ def main() -> None:
     resume = checkpoint.ResumeFile(paths.RESUME_STATE, key)
     state = resume.load()
     session = build_session(
-        params.model, cfg, data, stage.dev, params.base.seed, cfg.max_momentum, start=weights,
+        params.model, cfg, data, stage.dev, params.base.seed, cfg.max_momentum, weights=weights,
         ranks=stage.ranks,
     )  # fmt: skip
     plan = make_plan(cfg, max_lr, session, data, hyper.base_lr)

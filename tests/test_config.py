@@ -10,14 +10,8 @@ import yaml
 from pydantic import ValidationError
 
 from onecycle import paths
-from onecycle.config import (
-    ConfigError,
-    Params,
-    load_params,
-    parse_params,
-    repo_root,
-    resolve_path,
-)
+from onecycle.config import ConfigError, Params, load_params, parse_params
+from onecycle.params_file import repo_root, resolve_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,6 +70,20 @@ def test_unknown_key_is_named_with_a_suggestion():
     msg = error({"train": {"max_lrr": 0.1}})
     assert "train.max_lrr: unknown key" in msg
     assert "'max_lr'" in msg
+
+
+@pytest.mark.parametrize(
+    ("key", "new"),
+    [
+        ("train.step_size", "renamed train.step_epochs"),
+        ("train.gamma", "renamed train.step_gamma"),
+        ("lr_find.smooth_beta", "lr_find.smooth_window"),
+    ],
+)
+def test_a_key_of_an_older_params_yaml_names_what_took_its_place(key, new):
+    section, name = key.split(".")
+    msg = error({section: {name: 2}})
+    assert f"{key}: no longer a key: " in msg and new in msg and "typo" not in msg
 
 
 def test_unknown_section_is_named():

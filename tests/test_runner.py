@@ -71,7 +71,7 @@ def _lock_check_params(workspace) -> None:
     """dvc.lock as DVC leaves it once check_params checked the workspace's params.yaml."""
     import yaml
 
-    from onecycle.config import read_yaml
+    from onecycle.params_file import read_yaml
 
     checked = read_yaml(workspace / "params.yaml")
     lock = {"schema": "2.0", "stages": {"check_params": {"params": {"params.yaml": checked}}}}

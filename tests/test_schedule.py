@@ -79,7 +79,7 @@ def test_constant_keeps_max_lr_and_max_momentum():
 
 
 def test_step_decay_equals_torchs_step_lr():
-    cfg = TrainConfig(schedule="step", epochs=6, step_size=2, gamma=0.1)
+    cfg = TrainConfig(schedule="step", epochs=6, step_epochs=2, step_gamma=0.1)
     f = schedule.for_training(cfg, 0.4, steps_per_epoch=5)
     opt = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.4, momentum=0.95)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.1)

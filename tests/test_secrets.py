@@ -23,7 +23,7 @@ import pytest
 
 from onecycle import files, progress
 from onecycle.config import ConfigError, DataConfig, parse_params
-from onecycle.data import prepared, sources
+from onecycle.data import download, prepared, sources
 from onecycle.errors import DataError, UserError
 from onecycle.pipeline import runner
 from onecycle.redact import has_credentials, redact
@@ -276,7 +276,7 @@ def basic_auth_http(tmp_path, monkeypatch):
         "HTTP_PROXY",
         "all_proxy",
         "ALL_PROXY",
-        *sources.CREDENTIAL_VARIABLES,
+        *download.CREDENTIAL_VARIABLES,
     ):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))

@@ -114,26 +114,26 @@ def test_the_summary_is_mean_and_sample_std_per_setting():
 
 @pytest.mark.parametrize("kind", ["epochs", "max_lr"])
 def test_both_study_figures_draw(kind):
-    from onecycle.reports import figures
+    from onecycle.reports import study_figures
 
     results = [
         _result(lab, s, 0.5 + 0.1 * s, lr)
         for lab, lr in (("lr-0.1", 0.1), ("pick-valley", 0.05))
         for s in range(2)
     ]
-    draw = figures.study_epochs_figure if kind == "epochs" else figures.study_lr_figure
+    draw = study_figures.study_epochs_figure if kind == "epochs" else study_figures.study_lr_figure
     fig = draw(results, "t")
     assert fig.axes and fig.axes[0].get_title().startswith("Study t")
 
 
 def test_the_epochs_figure_puts_each_test_look_at_its_epoch():
-    from onecycle.reports import figures
+    from onecycle.reports import study_figures
 
     looks = [
         study_report.RunResult("a", s, "r", 0.6, 0.1, 1.0, [0.3, 0.5, 0.6], [3, 6, 9])
         for s in (0, 1)
     ]
-    line = figures.study_epochs_figure(looks, "t").axes[0].lines[0]
+    line = study_figures.study_epochs_figure(looks, "t").axes[0].lines[0]
     assert list(line.get_xdata()) == [3, 6, 9]  # train.eval_every 3: not 1, 2, 3
 
 

@@ -55,7 +55,7 @@ def test_model_follows_class_count_and_width():
 @pytest.mark.parametrize("name", ["onecycle", "constant", "step"])
 def test_every_step_trains_at_the_scheduled_lr_and_momentum(tiny_data, tiny_params, tmp_path, name):
     params = tiny_params.model_copy(
-        update={"train": tiny_params.train.model_copy(update={"schedule": name, "step_size": 1})}
+        update={"train": tiny_params.train.model_copy(update={"schedule": name, "step_epochs": 1})}
     )
     cfg = params.train
     session = build_session(params.model, cfg, tiny_data, CPU, 0, cfg.max_momentum)

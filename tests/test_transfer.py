@@ -36,8 +36,8 @@ def resnet18_file(tmp_path_factory):
     return path, state
 
 
-def session_for(params, data, start):
-    return build_session(params.model, params.train, data, CPU, 0, momentum=0.9, start=start)
+def session_for(params, data, weights):
+    return build_session(params.model, params.train, data, CPU, 0, momentum=0.9, weights=weights)
 
 
 def one_step(session, lr=0.1, momentum=0.9):
@@ -70,11 +70,11 @@ def test_pretrained_weights_from_a_file_fill_the_backbone_and_the_head_is_sized_
 ):
     path, state = resnet18_file
     params = params_with({"arch": "resnet18", "pretrained": str(path)})
-    start = init_weights.load(params.model)
-    assert start.digest and start.inputs.mean == init_weights.IMAGENET_MEAN
-    data = start.normalize(tiny_data)
+    weights = init_weights.load(params.model)
+    assert weights.digest and weights.inputs.mean == init_weights.IMAGENET_MEAN
+    data = weights.normalize(tiny_data)
     assert data.mean == init_weights.IMAGENET_MEAN and tiny_data.mean != data.mean
-    session = session_for(params, data, start)
+    session = session_for(params, data, weights)
     loaded = session.model.state_dict()
     for k, v in state.items():
         if not k.startswith("fc."):
@@ -87,8 +87,8 @@ def test_pretrained_weights_from_a_file_fill_the_backbone_and_the_head_is_sized_
 def test_a_frozen_backbone_gets_no_gradient_and_stays_as_loaded(resnet18_file, tiny_data):
     path, state = resnet18_file
     params = params_with({"arch": "resnet18", "pretrained": str(path), "freeze": "backbone"})
-    start = init_weights.load(params.model)
-    session = session_for(params, start.normalize(tiny_data), start)
+    weights = init_weights.load(params.model)
+    session = session_for(params, weights.normalize(tiny_data), weights)
     model = session.model
     head_before = model.fc.weight.detach().clone()
     session.model.train()
@@ -115,8 +115,8 @@ def test_the_backbone_multiplier_scales_the_backbone_lr_in_every_step(resnet18_f
         weight_decay=0.0,
         nesterov=False,
     )
-    start = init_weights.load(params.model)
-    session = session_for(params, start.normalize(tiny_data), start)
+    weights = init_weights.load(params.model)
+    session = session_for(params, weights.normalize(tiny_data), weights)
     conv, fc = session.model.conv1.weight, session.model.fc.weight
     before = conv.detach().clone(), fc.detach().clone()
     one_step(session, lr=0.05, momentum=0.0)  # plain SGD: the update is lr x grad
@@ -136,21 +136,21 @@ def test_a_checkpoint_of_this_pipeline_starts_another_dataset_with_its_normaliza
     checkpoint.save_weights(source, src_cfg, [f"c{i}" for i in range(6)], path, inputs)
 
     params = params_with({"width": 4, "pretrained": str(path)})
-    start = init_weights.load(params.model)
-    assert start.inputs.mean == (0.1, 0.2, 0.3) and "6 classes" in start.inputs.source
-    data = start.normalize(tiny_data)
-    session = session_for(params, data, start)
+    weights = init_weights.load(params.model)
+    assert weights.inputs.mean == (0.1, 0.2, 0.3) and "6 classes" in weights.inputs.source
+    data = weights.normalize(tiny_data)
+    session = session_for(params, data, weights)
     for k, v in source.state_dict().items():
         if not k.startswith("fc."):
             assert torch.equal(session.model.state_dict()[k], v), k
     assert session.model.fc.weight.shape[0] == len(tiny_data.classes) == 10
-    record = start.record(data)
+    record = weights.record(data)
     assert record["normalization"].startswith("checkpoint animals.pt") and record["mean"] == [
         0.1,
         0.2,
         0.3,
     ]
-    assert start.warning(data) is None
+    assert weights.warning(data) is None
     at_64 = init_weights.InitialWeights(None, init_weights.Inputs((0,), (1,), "x", 64), "w")
     assert "data.image_size: 64" in at_64.warning(data)
 
@@ -162,9 +162,9 @@ def test_a_checkpoint_of_this_pipeline_starts_another_dataset_with_its_normaliza
 def test_weights_of_another_architecture_stop_with_the_keys_listed(resnet18_file, tiny_data):
     path, _ = resnet18_file
     params = params_with({"arch": "resnet34", "pretrained": str(path)})
-    start = init_weights.load(params.model)
+    weights = init_weights.load(params.model)
     with pytest.raises(init_weights.PretrainedError) as err:
-        session_for(params, start.normalize(tiny_data), start)
+        session_for(params, weights.normalize(tiny_data), weights)
     message = str(err.value)
     assert "missing" in message and "layer1.2.bn1.weight" in message and str(path) in message
 

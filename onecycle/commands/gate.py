@@ -1,8 +1,16 @@
-"""CI's metric gate: compare a fresh quick run with the committed baseline (ci/baseline.json)."""
+"""CI's metric gate: compare the workspace's pipeline results with the committed baseline
+(ci/baseline.json); exit 1 if a check fails.
+
+python -m onecycle.commands.gate                      # after the quick run
+python -m onecycle.commands.gate --expect-max-lr 0.2  # after `dvc exp run -S train.max_lr=0.2`
+python -m onecycle.commands.gate --update             # the current run's metrics into the baseline
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,3 +144,40 @@ def updated_baseline(baseline: dict, root: Path) -> dict:
             f"{paths.EVAL_METRICS} or {paths.LR_FIND_METRICS} missing: run the quick pipeline first"
         )
     return {**baseline, "metrics": {"accuracy": ev["accuracy"], "max_lr": lr["max_lr"]}}
+
+
+BASELINE = Path("ci/baseline.json")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m onecycle.commands.gate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--expect-max-lr", type=float, help="the train.max_lr override the run used")
+    ap.add_argument(
+        "--update", action="store_true", help="deliberately replace the baseline's metrics"
+    )
+    ap.add_argument(
+        "--root", type=Path, default=Path("."), help="the workspace to check (default: here)"
+    )
+    ap.add_argument("--baseline", type=Path, default=BASELINE, help=f"default: {BASELINE}")
+    args = ap.parse_args(argv)
+    baseline = json.loads(args.baseline.read_text())
+    if args.update:
+        new = updated_baseline(baseline, args.root)
+        args.baseline.write_text(json.dumps(new, indent=2) + "\n")
+        print(f"{args.baseline}: metrics {baseline['metrics']} -> {new['metrics']}; commit it")
+        return 0
+    checks = run_checks(args.root, baseline, args.expect_max_lr)
+    print(table(checks))
+    failed = [c for c in checks if not c.ok]
+    for c in failed:
+        print(f"gate: FAIL: {c.message}", file=sys.stderr)
+    print("gate: passed" if not failed else f"gate: {len(failed)} check(s) failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -31,7 +31,8 @@ from onecycle.commands import lrbench_report, lrbench_spec
 
 def params_for(scenario: lrbench_spec.Scenario, repo: Path, **overrides):
     """params.yaml of ``repo`` with the scenario's overrides and ``overrides`` (dotted keys)."""
-    from onecycle.config import parse_params, read_yaml, with_overrides
+    from onecycle.config import parse_params
+    from onecycle.params_file import read_yaml, with_overrides
 
     raw = with_overrides(read_yaml(repo / "params.yaml"), {**scenario.common, **overrides})
     return parse_params(raw, f"{scenario.path} over params.yaml")
@@ -62,7 +63,7 @@ def run_sweeps(scenario: lrbench_spec.Scenario, repo: Path = Path(".")) -> list[
         (seed, n) for seed in range(scenario.sweeps.seeds) for n in scenario.sweeps.lengths
         if (seed, n) not in have
     ]  # fmt: skip
-    data_seed, data, start = None, None, None
+    data_seed, data, weights = None, None, None
     for seed, n in todo:
         params = params_for(
             scenario,
@@ -75,11 +76,11 @@ def run_sweeps(scenario: lrbench_spec.Scenario, repo: Path = Path(".")) -> list[
             },
         )
         if data_seed != seed:  # the subsets and the validation split follow the seed
-            start = init_weights.load(params.model)
-            data, data_seed = start.normalize(prepare(params, repo)), seed
+            weights = init_weights.load(params.model)
+            data, data_seed = weights.normalize(prepare(params, repo)), seed
         dev = select_device(params.base.device, params.base.num_workers)
         sweep = lr_finder.range_test(
-            params, data, dev, seed, f"{scenario.name} sweep {seed}/{n}", start
+            params, data, dev, seed, f"{scenario.name} sweep {seed}/{n}", weights
         )
         done.append(
             {

@@ -162,7 +162,7 @@ def _confirm_table(confirm: dict) -> list[str]:
 
 def report(scenarios: list[lrbench_spec.Scenario], out: Path = lrbench_spec.OUT) -> Path:
     """reports/lr-choice/{report.md, scores.json, <scenario>.png} from what is stored."""
-    from onecycle.reports import figures
+    from onecycle.reports import figures, study_figures
 
     found = collect(scenarios)
     if not found:
@@ -181,7 +181,7 @@ def report(scenarios: list[lrbench_spec.Scenario], out: Path = lrbench_spec.OUT)
             f"{label}: {r}": lrbench_score.variant_picks(r, rules, sweeps, n)
             for label, r in shown.items()
         }
-        fig = figures.lr_choice_figure(
+        fig = study_figures.lr_choice_figure(
             sc, curve.lrs, 100 * curve.val_mean, 100 * curve.val_std, 100 * curve.test_mean,
             drawn, f"sweeps of {n} steps (long: {max(s['num_iter'] for s in sweeps)})",
         )  # fmt: skip
@@ -208,7 +208,7 @@ def report(scenarios: list[lrbench_spec.Scenario], out: Path = lrbench_spec.OUT)
 def grid_report(scenario: lrbench_spec.Scenario, s, results: list, repo: Path) -> Path:
     """The grid's report.md and figure from its stored results (whichever clone ran them)."""
     from onecycle.commands import study_report
-    from onecycle.reports import figures
+    from onecycle.reports import figures, study_figures
 
     out = repo / scenario.out / "grid"
     order = s.runs()
@@ -216,7 +216,7 @@ def grid_report(scenario: lrbench_spec.Scenario, s, results: list, repo: Path) -
     done = {(r.label, r.seed) for r in results}
     missing = [s.exp_name(label, seed) for label, seed in order if (label, seed) not in done]
     png = out / f"{s.name}.png"
-    figures.save({png: figures.study_lr_figure(results, s.name)}, dpi=120)
+    figures.save({png: study_figures.study_lr_figure(results, s.name)}, dpi=120)
     source = study_report.source_line(s, repo) if s.source else None
     text = study_report.markdown(
         s, study_report.summarize(results), missing, png.name, provenance.machine_name(), source

@@ -47,7 +47,8 @@ def check_overrides(study: study_spec.Study, repo: Path) -> None:
     seed) applied to the repository's params.yaml and checked as check_params would, before
     anything is queued: a typo in the last setting used to leave the earlier ones queued, with
     DVC's advice to add the misspelt key (``+trian.max_lr``)."""
-    from onecycle.config import ConfigError, parse_params, read_yaml, with_overrides
+    from onecycle.config import ConfigError, parse_params
+    from onecycle.params_file import read_yaml, with_overrides
 
     base = read_yaml(repo / "params.yaml") or {}
     runs = [("source", study.source.overrides)] if study.source else []

@@ -203,7 +203,7 @@ def _pct(mean: float | None, std: float) -> str:
 def report(study: study_spec.Study, repo: Path = Path("."), out: Path | None = None) -> Path:
     """reports/<study>/report.md and its figure, from the store; also an MLflow parent run
     (``study <name>``) holding them, with the study's train runs as its children."""
-    from onecycle.reports import figures
+    from onecycle.reports import figures, study_figures
 
     results, missing = collect(study, repo)
     if not results:
@@ -212,9 +212,11 @@ def report(study: study_spec.Study, repo: Path = Path("."), out: Path | None = N
         )
     out = out or repo / "reports" / study.name
     rows = summarize(results)
-    fig = (figures.study_epochs_figure if study.figure == "epochs" else figures.study_lr_figure)(
-        results, study.name
-    )
+    fig = (
+        study_figures.study_epochs_figure
+        if study.figure == "epochs"
+        else study_figures.study_lr_figure
+    )(results, study.name)
     png = out / f"{study.name}.png"
     figures.save({png: fig}, dpi=120)
     source = source_line(study, repo) if study.source else None

@@ -18,8 +18,8 @@ from pathlib import Path
 import yaml
 
 from onecycle import files, paths
-from onecycle.config import flatten, read_yaml
 from onecycle.errors import UserError
+from onecycle.params_file import flatten, read_yaml
 from onecycle.redact import redact
 
 DVC_YAML = Path("dvc.yaml")

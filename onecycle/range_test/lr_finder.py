@@ -58,11 +58,11 @@ def range_test(
     dev: Device,
     seed: int,
     desc: str = "lr_find",
-    start: init_weights.InitialWeights = init_weights.RANDOM,
+    weights: init_weights.InitialWeights = init_weights.RANDOM,
     ranks: Ranks = ONE,
 ) -> Sweep:
     """Sweep the LR over ``lr_find.num_iter`` mini-batches of the training data, in the session
-    that training builds (same model, start, optimizer, loss and augmentation as
+    that training builds (same model, initial weights, optimizer, loss and augmentation as
     ``params.train``: the LR swept is the head's, the backbone's is ``model.backbone_lr_mult``
     times it). The sweep stops on an EMA of the loss over ``lr_find.smooth_window`` of its steps
     (all that is known while it runs); the curve returned is smoothed by ``lr_find.smooth``
@@ -77,7 +77,7 @@ def range_test(
         seed,
         momentum=lr_cfg.momentum,
         indices=train_idx,
-        start=start,
+        weights=weights,
         ranks=ranks,
     )
     batches = session.stream()
@@ -160,7 +160,7 @@ def grid(
     dev: Device,
     name: str,
     values: list[float],
-    start: init_weights.InitialWeights = init_weights.RANDOM,
+    weights: init_weights.InitialWeights = init_weights.RANDOM,
     ranks: Ranks = ONE,
 ) -> Grid:
     """One LR sweep per value, everything else equal (``base.seed``, the held-out split)."""
@@ -170,7 +170,7 @@ def grid(
         section = getattr(params, where).model_copy(update={name: value})
         varied = params.model_copy(update={where: section})
         sweep = range_test(
-            varied, data, dev, params.base.seed, f"lr_find {name} {value:g}", start, ranks
+            varied, data, dev, params.base.seed, f"lr_find {name} {value:g}", weights, ranks
         )
         check_curve(sweep, params.lr_find.start_lr, params.lr_find.num_iter)
         sweeps.append(sweep)
@@ -225,7 +225,7 @@ def find(
     params: Params,
     data: Prepared,
     dev: Device,
-    start: init_weights.InitialWeights = init_weights.RANDOM,
+    weights: init_weights.InitialWeights = init_weights.RANDOM,
     ranks: Ranks = ONE,
 ) -> Finding:
     """The grids first (weight decay, then momentum), each choice taken where the train params
@@ -235,19 +235,19 @@ def find(
     grids = []
     if lr_cfg.weight_decay_grid:
         grids.append(
-            grid(params, data, dev, "weight_decay", lr_cfg.weight_decay_grid, start, ranks)
+            grid(params, data, dev, "weight_decay", lr_cfg.weight_decay_grid, weights, ranks)
         )
         if params.train.weight_decay == "auto":  # the LR sweeps below use the choice
             chosen = grids[-1].summary()["chosen"]
             train = params.train.model_copy(update={"weight_decay": chosen})
             params = params.model_copy(update={"train": train})
     if lr_cfg.momentum_grid:
-        grids.append(grid(params, data, dev, "momentum", lr_cfg.momentum_grid, start, ranks))
+        grids.append(grid(params, data, dev, "momentum", lr_cfg.momentum_grid, weights, ranks))
     seeds = [params.base.seed + k for k in range(lr_cfg.seeds)]
     sweeps = []
     for k, s in enumerate(seeds):
         desc = f"lr_find seed {k + 1}/{len(seeds)}"
-        sweep = range_test(params, data, dev, s, desc, start, ranks)
+        sweep = range_test(params, data, dev, s, desc, weights, ranks)
         check_curve(sweep, lr_cfg.start_lr, lr_cfg.num_iter)
         sweeps.append(sweep)
     per_seed = [suggestions(sweep) for sweep in sweeps]

@@ -11,8 +11,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from onecycle import files, paths
-from onecycle.config import repo_root
 from onecycle.errors import MissingInput, UserError
+from onecycle.params_file import repo_root
 from onecycle.redact import redact
 from onecycle.tracking.recorder import short_error
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from onecycle import progress
-from onecycle.config import flatten
 from onecycle.files import CANNOT_WRITE, NO_SPACE
+from onecycle.params_file import flatten
 from onecycle.redact import redact, redact_values
 
 RETRY_SECONDS = 60  # after a failed call, how long the sender waits before trying again

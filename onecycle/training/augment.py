@@ -89,13 +89,13 @@ class EpochSampler(torch.utils.data.Sampler):
     def __init__(self, batches_per_epoch: int):
         self.batches_per_epoch = batches_per_epoch
         self.epoch = 0
-        self.start = 0
+        self.first_batch = 0
 
     def __iter__(self):
-        return iter([(self.epoch, b) for b in range(self.start, self.batches_per_epoch)])
+        return iter([(self.epoch, b) for b in range(self.first_batch, self.batches_per_epoch)])
 
     def __len__(self) -> int:
-        return self.batches_per_epoch - self.start
+        return self.batches_per_epoch - self.first_batch
 
 
 def batch_loader(

@@ -46,9 +46,9 @@ class AlbumentationsStream:
     def __len__(self) -> int:
         return len(self.batches)
 
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
-        self.sampler.epoch, self.sampler.start = epoch, start
-        for b, (x, y) in enumerate(self.loader, start=start):
+    def epoch(self, epoch: int, first_batch: int = 0) -> Iterator[Batch]:
+        self.sampler.epoch, self.sampler.first_batch = epoch, first_batch
+        for b, (x, y) in enumerate(self.loader, start=first_batch):
             x = x.to(self.dev.device, non_blocking=True)
             yield b, x.contiguous(memory_format=torch.channels_last), y.to(self.dev.device)
 
@@ -77,12 +77,12 @@ class TensorStream:
     def __len__(self) -> int:
         return len(self.x) // self.batch_size  # the ragged last batch is dropped
 
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+    def epoch(self, epoch: int, first_batch: int = 0) -> Iterator[Batch]:
         """Batch ``b`` of the epoch's permutation; under data parallelism, this rank's slice of
         it, augmented with the draws one process would give those images."""
         order = torch.from_numpy(epoch_order(self.seed, epoch, len(self.x))).to(self.x.device)
         part = self.ranks.shard(self.batch_size) if self.ranks and self.ranks.world > 1 else None
-        for b in range(start, len(self)):
+        for b in range(first_batch, len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
             if part is not None:
                 idx = idx[part]

@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from onecycle.config import ModelConfig, resolve_path
+from onecycle.config import ModelConfig
 from onecycle.data.prepared import Prepared
 from onecycle.errors import UserError
+from onecycle.params_file import resolve_path
 from onecycle.training import checkpoint
 from onecycle.training.checkpoint import architecture_diff, state_dict_misfit
 from onecycle.training.model import AUX_PREFIXES, TORCHVISION_KWARGS, head_keys

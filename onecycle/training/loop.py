@@ -169,13 +169,13 @@ def train_epoch(
     session: Session,
     plan: Plan,
     epoch: int,
-    start: int,
+    first_batch: int,
     totals: Totals,
     stop: Stop,
     hooks: Hooks,
     bar: progress.RunBar,
 ) -> int:
-    """Batches ``start..`` of ``epoch``, each at its scheduled LR and momentum, summed into
+    """Batches ``first_batch..`` of ``epoch``, each at its scheduled LR and momentum, summed into
     ``totals``. Returns the batch it stopped before: ``steps_per_epoch`` unless ``stop`` was set.
 
     The sums stay on the device between syncs (every step on a CPU, where a sync costs nothing;
@@ -186,7 +186,7 @@ def train_epoch(
     sums = _DeviceSums(session.dev.device)
     next_batch = spe
     t0 = time.perf_counter()
-    for b, x, y in session.epoch(epoch, start):
+    for b, x, y in session.epoch(epoch, first_batch):
         step = epoch * spe + b
         lr, momentum = plan.schedule(step)
         loss, correct = session.step(x, y, lr, momentum)
@@ -194,7 +194,7 @@ def train_epoch(
         bar.update()
         if hooks.on_step:
             hooks.on_step(step)
-        at_sync = (b + 1 - start) % every == 0 or b == spe - 1
+        at_sync = (b + 1 - first_batch) % every == 0 or b == spe - 1
         stopping = stop.signum is not None
         if session.ranks.world > 1:  # every rank stops at the same step, or the others hang
             stopping = at_sync and session.ranks.any(stopping, session.dev.device)

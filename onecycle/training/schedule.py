@@ -177,7 +177,7 @@ def for_training(
             step_decay,
             max_lr=max_lr,
             momentum=cfg.max_momentum,
-            step_size=cfg.step_size * steps_per_epoch,
-            gamma=cfg.gamma,
+            step_size=cfg.step_epochs * steps_per_epoch,  # the one place epochs become steps
+            gamma=cfg.step_gamma,
         )
     raise ValueError(f"unknown schedule {cfg.schedule!r}")

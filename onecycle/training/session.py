@@ -41,9 +41,9 @@ class Session:
     def steps_per_epoch(self) -> int:
         return len(self.batches)
 
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
-        """``(batch index, images, labels)`` of ``epoch`` from batch ``start`` on, on the device."""
-        return self.batches.epoch(epoch, start)
+    def epoch(self, epoch: int, first_batch: int = 0) -> Iterator[Batch]:
+        """``(batch index, images, labels)`` of ``epoch`` from batch ``first_batch`` on, on the device."""
+        return self.batches.epoch(epoch, first_batch)
 
     def stream(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches without end, epoch after epoch (the range test's)."""
@@ -83,12 +83,12 @@ def build_session(
     seed: int,
     momentum: float,
     indices: np.ndarray | None = None,
-    start: init_weights.InitialWeights = init_weights.RANDOM,
+    weights: init_weights.InitialWeights = init_weights.RANDOM,
     ranks: distributed.Ranks = distributed.ONE,
 ) -> Session:
     """Everything one run trains with; ``indices`` restricts the training images (the range
     test's held-out split). ``momentum`` is the optimizer's first (it decides Nesterov).
-    ``start``: the pretrained backbone (``data`` normalized as its weights expect: see
+    ``weights``: the initial weights, a pretrained backbone (``data`` normalized as its weights expect: see
     :meth:`init_weights.InitialWeights.normalize`); ``model.freeze`` and ``model.backbone_lr_mult`` apply."""
     seed_everything(seed)
     x, y = data.x_train, data.y_train
@@ -96,7 +96,7 @@ def build_session(
         x, y = x[indices], y[indices]
     model = build_model(model_cfg, len(data.classes), dev)
     head = init_weights.head_of(model_cfg, len(data.classes))
-    init_weights.initialize(model, start, head)
+    init_weights.initialize(model, weights, head)
     if model_cfg.freeze == "backbone":
         init_weights.freeze(model, head)
     groups = init_weights.param_groups(model, head, model_cfg.backbone_lr_mult)
