@@ -23,6 +23,7 @@ from onecycle.redact import has_credentials, redact
 # lr_find.suggestion's choices (curves.SUGGESTERS reads each); the first is the default, chosen
 # by make bench-lr (docs/method.md)
 SUGGESTIONS = ("min", "min_div10", "valley", "steepest")
+RESNET9 = "resnet9"  # model.arch's default, the custom ResNet (training/model.py)
 
 
 class ConfigError(UserError):
@@ -78,7 +79,7 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    arch: str = Field("resnet9", min_length=1)  # or a torchvision classification model
+    arch: str = Field(RESNET9, min_length=1)  # or a torchvision classification model
     width: int = Field(64, ge=1, le=1024)  # resnet9 only
     logit_scale: float = Field(0.125, gt=0)  # resnet9 only
     pretrained: str = Field("none", min_length=1)  # none | default | a weights file
@@ -88,10 +89,10 @@ class ModelConfig(_Section):
     @field_validator("arch")
     @classmethod
     def _arch(cls, v):
-        from onecycle.training.model import RESNET9, torchvision_archs
-
-        if v == RESNET9:
+        if v == RESNET9:  # (without importing torch: every stage and check_params load params)
             return v
+        from onecycle.training.model import torchvision_archs
+
         known = torchvision_archs()
         if v not in known:
             close = difflib.get_close_matches(v, [RESNET9, *known], n=3, cutoff=0.6)

@@ -216,3 +216,16 @@ def test_a_stage_loads_only_what_it_uses(stage, heavy):
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "[]", f"stages.{stage} imports {out.stdout.strip()}"
+
+
+def test_check_params_on_the_defaults_loads_no_torch():
+    """check_params runs before every pipeline run; the default model (resnet9) is checked
+    without importing torch (2 s of CPU a run, most of the stage's time)."""
+    code = (
+        "import sys, stages.check_params; from onecycle.config import load_params; "
+        "load_params(); print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]", f"check_params imports {out.stdout.strip()}"

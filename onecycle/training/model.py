@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from onecycle.config import RESNET9
+
 
 @dataclass(frozen=True)
 class ResNetConfig:
@@ -56,7 +58,6 @@ class ResNet9(nn.Module):
         return self.fc(self.pool(x).flatten(1)) * self.cfg.logit_scale  # (N, classes) logits
 
 
-RESNET9 = "resnet9"
 # Built without their auxiliary classifiers (a training forward would return a tuple) and with
 # torchvision's fast init (the default warns and runs scipy's slow truncated normal).
 TORCHVISION_KWARGS = {
