@@ -19,7 +19,7 @@ class BenchError(UserError):
     """A scenario file or the stored data cannot be used; the message says which and why."""
 
 
-class Sweeps(study_spec._Strict):
+class Sweeps(study_spec.StrictModel):
     """``sweeps:``: the range tests stored as data, per seed and length."""
 
     seeds: int = Field(10, ge=1)  # sweeps 0 .. seeds-1 per length
@@ -27,7 +27,7 @@ class Sweeps(study_spec._Strict):
     val_images: int = Field(512, ge=0)  # held-out loss per step, from the validation split
 
 
-class Scenario(study_spec._Strict):
+class Scenario(study_spec.StrictModel):
     name: str
     description: str = ""
     common: dict[str, Any] = {}  # params overrides for every run and sweep

@@ -31,18 +31,20 @@ class StudyError(UserError):
     """A study file or a study run is not usable; the message says which and why."""
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """A file's section: unknown keys refused, no type coercion, frozen (as config.py's)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
-class Source(_Strict):
+class Source(StrictModel):
     """A run trained before the settings (``source:``), its checkpoint where they name it."""
 
     overrides: dict[str, Any]  # the source run's params (dotted keys)
     checkpoint: str  # where its models/model.pt goes: what `model.pretrained` names
 
 
-class Study(_Strict):
+class Study(StrictModel):
     """``studies/<name>.yaml``: runs of the pipeline, each a setting (params overrides) at a
     seed, queued as DVC experiments and reported from MLflow."""
 
