@@ -2,7 +2,7 @@
 
 from onecycle import files, paths
 from onecycle.config import load_params
-from onecycle.data import prepared, sources
+from onecycle.data import prepared, sources, splits
 from onecycle.params_file import repo_root
 from onecycle.pipeline import runner
 
@@ -12,7 +12,7 @@ def main() -> None:
     cfg = params.data
     root = repo_root()
     ds, source = sources.fetch(cfg, root, root / paths.RAW_DIR, params.base.seed)
-    ds, val = prepared.carve_validation(ds, cfg.val_images, params.base.seed)
+    ds, val = splits.carve_validation(ds, cfg.val_images, params.base.seed)
     meta = prepared.save_prepared(ds, paths.PREPARED_DIR, source, val).meta
     counts = {k: meta.get(k, 0) for k in ("num_train", "num_val", "num_test")}
     files.write_json(paths.DATA_METRICS, counts | {"num_classes": len(ds.classes)})

@@ -39,7 +39,7 @@ from PIL import Image
 
 from onecycle import files
 from onecycle.config import ConfigError, DataConfig, load_params, parse_params
-from onecycle.data import archives, imagefolder, prepared, sources
+from onecycle.data import archives, imagefolder, prepared, sources, splits
 from onecycle.errors import DataError
 
 OFFICIAL_NAME = "cifar-10-python.tar.gz"
@@ -1112,24 +1112,24 @@ def labels(per_class: list[int], seed: int = 0) -> np.ndarray:
 
 def test_stratified_subset_counts_balance_and_seed():
     y = labels([30] * 10)
-    idx = prepared.stratified_subset(y, 50, seed=0, key="data.train_subset")
+    idx = splits.stratified_subset(y, 50, seed=0, key="data.train_subset")
     assert len(idx) == 50 and len(np.unique(idx)) == 50
     assert (np.diff(idx) > 0).all()  # sorted: the subset keeps the split's order
     assert np.bincount(y[idx]).tolist() == [5] * 10
-    np.testing.assert_array_equal(idx, prepared.stratified_subset(y, 50, 0, "data.train_subset"))
-    assert not np.array_equal(idx, prepared.stratified_subset(y, 50, 1, "data.train_subset"))
+    np.testing.assert_array_equal(idx, splits.stratified_subset(y, 50, 0, "data.train_subset"))
+    assert not np.array_equal(idx, splits.stratified_subset(y, 50, 1, "data.train_subset"))
 
 
 def test_stratified_subset_keeps_class_proportions():
     y = labels([60, 30, 10])
-    idx = prepared.stratified_subset(y, 10, seed=0, key="data.train_subset")
+    idx = splits.stratified_subset(y, 10, seed=0, key="data.train_subset")
     assert np.bincount(y[idx]).tolist() == [6, 3, 1]
 
 
 def test_stratified_subset_none_or_everything_keeps_all_in_order():
     y = labels([3, 3])
-    np.testing.assert_array_equal(prepared.stratified_subset(y, None, 0, "k"), np.arange(6))
-    np.testing.assert_array_equal(prepared.stratified_subset(y, 6, 0, "k"), np.arange(6))
+    np.testing.assert_array_equal(splits.stratified_subset(y, None, 0, "k"), np.arange(6))
+    np.testing.assert_array_equal(splits.stratified_subset(y, 6, 0, "k"), np.arange(6))
 
 
 @pytest.mark.parametrize(
@@ -1140,11 +1140,11 @@ def test_stratified_subset_none_or_everything_keeps_all_in_order():
 def test_stratified_subset_edge_counts(per_class, count):
     # sklearn's train_test_split refuses these with a bare ValueError.
     y = labels(per_class)
-    idx = prepared.stratified_subset(y, count, seed=0, key="data.train_subset")
+    idx = splits.stratified_subset(y, count, seed=0, key="data.train_subset")
     assert len(idx) == count and len(np.unique(idx)) == count
     share = np.array(per_class) * count / len(y)
     assert (np.abs(np.bincount(y[idx], minlength=len(per_class)) - share) < 1).all()
-    np.testing.assert_array_equal(idx, prepared.stratified_subset(y, count, 0, "data.train_subset"))
+    np.testing.assert_array_equal(idx, splits.stratified_subset(y, count, 0, "data.train_subset"))
 
 
 def _dataset(per_class_train, per_class_test) -> prepared.Dataset:
@@ -1160,16 +1160,16 @@ def _dataset(per_class_train, per_class_test) -> prepared.Dataset:
 
 def test_subset_selects_images_with_their_labels():
     ds = _dataset([20] * 4, [10] * 4)
-    sub = prepared.subset(ds, 8, 4, seed=3)
+    sub = splits.subset(ds, 8, 4, seed=3)
     assert sub.x_train.shape == (8, 4, 4, 3) and sub.x_test.shape == (4, 4, 4, 3)
     np.testing.assert_array_equal(sub.x_train[:, 0, 0, 0], sub.y_train)
     np.testing.assert_array_equal(sub.x_test[:, 0, 0, 0], sub.y_test)
     assert np.bincount(sub.y_train).tolist() == [2] * 4
     assert np.bincount(sub.y_test).tolist() == [1] * 4
     assert sub.classes == ds.classes
-    again = prepared.subset(ds, 8, 4, seed=3)
+    again = splits.subset(ds, 8, 4, seed=3)
     np.testing.assert_array_equal(again.x_train, sub.x_train)
-    assert prepared.subset(ds, None, None, seed=3).y_train.tolist() == ds.y_train.tolist()
+    assert splits.subset(ds, None, None, seed=3).y_train.tolist() == ds.y_train.tolist()
 
 
 @pytest.mark.parametrize(
@@ -1183,7 +1183,7 @@ def test_subset_selects_images_with_their_labels():
 )
 def test_subset_errors_name_the_key(train, test, needles):
     with pytest.raises(DataError) as err:
-        prepared.subset(_dataset([20] * 4, [10] * 4), train, test, seed=0)
+        splits.subset(_dataset([20] * 4, [10] * 4), train, test, seed=0)
     for needle in needles:
         assert needle in str(err.value)
 
@@ -1346,11 +1346,11 @@ def test_a_subset_is_picked_before_decoding_and_equals_subsetting_after(
     source = _as(kind, root, tmp_path)
     full, _ = fetch(source, tmp_path)
     decoded = []
-    real = imagefolder._decode
+    real = imagefolder.decode
     monkeypatch.setattr(
-        imagefolder, "_decode", lambda data, name, *a: decoded.append(name) or real(data, name, *a)
+        imagefolder, "decode", lambda data, name, *a: decoded.append(name) or real(data, name, *a)
     )
     cfg = DataConfig(source=str(source), train_subset=9, test_subset=6)
     picked, _ = sources.fetch(cfg, tmp_path, tmp_path / "raw", seed=5)
     assert len(decoded) == 9 + 6
-    assert prepared.fingerprint(picked) == prepared.fingerprint(prepared.subset(full, 9, 6, 5))
+    assert prepared.fingerprint(picked) == prepared.fingerprint(splits.subset(full, 9, 6, 5))

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from onecycle.data import prepared
+from onecycle.data import prepared, splits
 from onecycle.errors import DataError, UserError
 
 RERUN = "rerun `dvc repro -f download`"
@@ -240,26 +240,26 @@ def _labelled(n_per_class: int, classes: int = 3) -> prepared.Dataset:
 
 
 def test_the_validation_split_is_stratified_and_held_out_of_training(tmp_path):
-    ds, (x_val, y_val) = prepared.carve_validation(_labelled(20), 12, seed=0)
+    ds, (x_val, y_val) = splits.carve_validation(_labelled(20), 12, seed=0)
     assert np.bincount(y_val).tolist() == [4, 4, 4] and len(ds.y_train) == 48
     assert not set(x_val[:, 0, 0, 0]) & set(ds.x_train[:, 0, 0, 0])  # no image in both
-    again = prepared.carve_validation(_labelled(20), 12, seed=0)[1][0]
+    again = splits.carve_validation(_labelled(20), 12, seed=0)[1][0]
     assert np.array_equal(again, x_val)  # reproducible from the seed
     saved = prepared.save_prepared(ds, tmp_path / "p", "src", (x_val, y_val))
     loaded = prepared.load_prepared(tmp_path / "p")
     assert np.array_equal(loaded.x_val, x_val) and loaded.has_val
     assert loaded.meta["num_val"] == 12 and loaded.meta["val_per_class"] == [4, 4, 4]
     assert loaded.mean == saved.mean  # the statistics of the training images alone
-    assert prepared.carve_validation(_labelled(20), 0, seed=0)[1] is None
+    assert splits.carve_validation(_labelled(20), 0, seed=0)[1] is None
 
 
 def test_a_validation_split_of_more_than_half_is_refused_naming_the_key():
     with pytest.raises(DataError, match=r"data.val_images=31 .* at most half \(30\)"):
-        prepared.carve_validation(_labelled(20), 31, seed=0)
+        splits.carve_validation(_labelled(20), 31, seed=0)
 
 
 def test_a_changed_validation_file_is_caught_by_the_fingerprint(tmp_path):
-    ds, val = prepared.carve_validation(_labelled(20), 12, seed=0)
+    ds, val = splits.carve_validation(_labelled(20), 12, seed=0)
     out = tmp_path / "p"
     prepared.save_prepared(ds, out, "src", val)
     resave(out, "val", x=load_arrays(out, "val")["x"][::-1].copy())

@@ -299,9 +299,9 @@ def test_a_damaged_lr_find_json_names_the_file_and_the_way_out(tmp_path):
 def test_the_validation_split_is_watched_every_epoch_and_reported(tiny_data, tiny_params, tmp_path):
     import dataclasses
 
-    from onecycle.data import prepared
+    from onecycle.data import splits
 
-    rest, (x_val, y_val) = prepared.carve_validation(tiny_data, 128, seed=0)
+    rest, (x_val, y_val) = splits.carve_validation(tiny_data, 128, seed=0)
     data = dataclasses.replace(
         tiny_data, x_train=rest.x_train, y_train=rest.y_train, x_val=x_val, y_val=y_val
     )

@@ -41,10 +41,10 @@ def params_for(scenario: lrbench_spec.Scenario, repo: Path, **overrides):
 def prepare(params, repo: Path):
     """The download stage's data/prepared, in memory (a temporary folder)."""
     from onecycle import paths
-    from onecycle.data import prepared, sources
+    from onecycle.data import prepared, sources, splits
 
     ds, source = sources.fetch(params.data, repo, repo / paths.RAW_DIR, params.base.seed)
-    ds, val = prepared.carve_validation(ds, params.data.val_images, params.base.seed)
+    ds, val = splits.carve_validation(ds, params.data.val_images, params.base.seed)
     with tempfile.TemporaryDirectory() as tmp:
         return prepared.save_prepared(ds, Path(tmp) / "prepared", source, val)
 

@@ -124,7 +124,8 @@ def load_model(spec: str) -> Model:
 
 
 def read_images(files: list[Path], image_size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    from onecycle.data.imagefolder import ImageTooLarge, decode_image, not_regular
+    from onecycle.data.imagefolder import not_regular
+    from onecycle.data.images import ImageTooLarge, decode_image
 
     images = []
     for f in files:

@@ -1,1 +1,1 @@
-"""Data in: sources and archives, image folders, the prepared form, class subsets."""
+"""Data in: sources and archives, image folders, the prepared form and its splits, class subsets."""

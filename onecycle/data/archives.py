@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
-from onecycle.data.imagefolder import Layout, Limits, Pick, assemble
+from onecycle.data.imagefolder import Layout, Pick, assemble
+from onecycle.data.images import Limits
 from onecycle.data.prepared import Dataset
 from onecycle.errors import DataError
 

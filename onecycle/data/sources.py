@@ -36,8 +36,10 @@ from onecycle.data.archives import (
     read_image_folder_zip,
     tar_members,
 )
-from onecycle.data.imagefolder import Limits, Pick, read_image_folder_dir
-from onecycle.data.prepared import Dataset, picker, take
+from onecycle.data.imagefolder import Pick, read_image_folder_dir
+from onecycle.data.images import Limits
+from onecycle.data.prepared import Dataset
+from onecycle.data.splits import picker, take
 from onecycle.errors import DataError
 
 if TYPE_CHECKING:
