@@ -51,15 +51,16 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
 def atomic_folder(out_dir: Path) -> Iterator[Path]:
     """A new folder beside ``out_dir`` to fill; once the block ends without an error it takes
     ``out_dir``'s place in one rename (the old one, if any, put aside first and removed after;
-    back in place if the rename fails). On an error nothing of it is left."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    back in place if the rename fails). On an error nothing of it is left, and a full disk or a
+    read-only folder is one :class:`WriteError` line, as for :func:`atomic_write`."""
     # Not tempfile.mkdtemp: its folder is mode 0700, and the rename would keep that mode. Named
     # like atomic_write's temporaries: git ignores them and remove_stale_temps finds them.
     tag = uuid.uuid4().hex[:8]
     tmp = out_dir.parent / f".{out_dir.name}.{tag}{TMP_SUFFIX}"
     old = out_dir.parent / f".{out_dir.name}.{tag}-old{TMP_SUFFIX}"
-    tmp.mkdir()
     try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
         yield tmp
         # Move the old output aside rather than delete it first: an interrupted rmtree would
         # leave half of it, and a failed rename puts it back.
@@ -71,6 +72,12 @@ def atomic_folder(out_dir: Path) -> Iterator[Path]:
             if old.exists() or old.is_symlink():
                 os.replace(old, out_dir)
             raise
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)  # first: the free space it reports is what is left
+        error = write_error(out_dir, exc)
+        if error is None:
+            raise
+        raise error from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if old.is_symlink():

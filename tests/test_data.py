@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import gzip
 import hashlib
@@ -40,7 +41,7 @@ from PIL import Image
 from onecycle import files
 from onecycle.config import ConfigError, DataConfig, load_params, parse_params
 from onecycle.data import archives, imagefolder, prepared, sources, splits
-from onecycle.errors import DataError
+from onecycle.errors import DataError, WriteError
 
 OFFICIAL_NAME = "cifar-10-python.tar.gz"
 CLASSES = ["ant", "cat", "dog"]  # written in another order below; labels follow sorted names
@@ -1354,3 +1355,33 @@ def test_a_subset_is_picked_before_decoding_and_equals_subsetting_after(
     picked, _ = sources.fetch(cfg, tmp_path, tmp_path / "raw", seed=5)
     assert len(decoded) == 9 + 6
     assert prepared.fingerprint(picked) == prepared.fingerprint(splits.subset(full, 9, 6, 5))
+
+
+@pytest.mark.parametrize(
+    "code, cause",
+    [
+        (errno.ENOSPC, "no space left on its file system ("),
+        (errno.EROFS, "cannot be written (read-only file system)"),
+    ],
+)
+def test_prepared_data_that_cannot_be_written_is_one_line_and_the_old_one_stays(
+    tmp_path, monkeypatch, code, cause
+):
+    """A full disk while download wrote data/prepared ended in numpy's traceback; one line now
+    names the folder, the cause and what to do, and the previous prepared data stay whole."""
+    out = tmp_path / "prepared"
+    prepared.save_prepared(stats_dataset(), out, "first")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def savez(file, **arrays):
+        Path(file).write_bytes(b"half an array")
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(prepared.np, "savez", savez)
+    with pytest.raises(WriteError) as err:
+        prepared.save_prepared(stats_dataset(), out, "second")
+    text = str(err.value)
+    assert text.startswith(f"{out}: {cause}") and "the previous prepared is unchanged" in text
+    assert len(text.splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared"]
