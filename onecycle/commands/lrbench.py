@@ -141,12 +141,6 @@ def run_grid(scenario: lrbench_spec.Scenario, repo: Path = Path(".")) -> Path:
     )
 
 
-# ---------------------------------------------------------------- scoring (offline, pure)
-
-
-# ---------------------------------------------------------------- the report
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         prog="python -m onecycle.commands.lrbench", description=__doc__.splitlines()[0]
