@@ -33,9 +33,9 @@ lint: $(STAMP)
 	ruff check .
 	ruff format --check .
 
-# Three workers (pytest-xdist), each test module on one: on the 2-core dev machine two were 1.4x
-# faster than one process, and three 270 s -> 243 s faster than two (the three long modules run
-# side by side instead of queueing behind each other; docs/development.md). TEST_WORKERS=0: one process.
+# Three workers (pytest-xdist): on the 2-core dev machine two were 1.4x faster than one process,
+# and three 270 s -> 243 s faster than two (docs/development.md). Scopes are single tests, except
+# the modules whose server is a module fixture (tests/conftest.py, ONE_WORKER). TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 3
 test: lint  ## lint, then every test (CI runs exactly this), the slowest listed
 	pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder --durations=25

@@ -73,6 +73,24 @@ def _tiny_dest(config: pytest.Config) -> Path:
     return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "tiny" / "repo"
 
 
+def _whole_suite(config: pytest.Config) -> bool:
+    """`make test` or CI: every test under testpaths, none deselected by -k or -m."""
+    return (
+        config.args_source == pytest.Config.ArgsSource.TESTPATHS
+        and not config.option.keyword
+        and not config.option.markexpr
+    )
+
+
+@pytest.hookimpl(trylast=True)  # after the tmp_path plugin set up its factory
+def pytest_configure(config):
+    """The whole suite needs the shared run: start building it now, before the ~10 s that
+    collecting (importing torch, MLflow, DVC in every xdist worker) takes. A selection waits for
+    collection to say whether it needs the run (:func:`pytest_collection_modifyitems`)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER") and _whole_suite(config):
+        tiny_repo.start_build(_tiny_dest(config))
+
+
 def _needs_the_run(item) -> bool:
     return bool({"pipeline", "fork"} & set(item.fixturenames))
 
@@ -94,6 +112,27 @@ def _order(item, sizes: dict[str, int]) -> tuple:
     if not _needs_the_run(item):
         return (1, -sizes[module], module)
     return (2, item.get_closest_marker("long") is None)
+
+
+# Under `make test` (--dist loadscope) xdist hands each worker whole scopes. A module is one
+# scope only where its tests share a module fixture built once (a server); every other test is a
+# scope of its own, so the last minute is not one worker running test_pipeline.py's tests in a
+# row while the others idle. (xdist's own --dist loadgroup would say this with marks, but with
+# pytest 9.2 it silently stops grouping: pytest-dev/pytest-xdist#1386.)
+ONE_WORKER = ("tests/test_scaleout.py", "tests/test_ui.py")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class TestOrSharedModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::")[0]
+            return module if module in ONE_WORKER else nodeid
+
+    return TestOrSharedModule(config, log)
 
 
 @pytest.hookimpl(trylast=True)  # after -m and -k deselected what they deselect
