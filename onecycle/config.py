@@ -143,6 +143,8 @@ class LRFindConfig(_Section):
     suggestion: Literal[SUGGESTIONS] = SUGGESTIONS[0]  # chosen by make bench-lr
     seeds: int = Field(3, ge=1, le=20)
     val_images: int = Field(0, ge=0)
+    refine: int = Field(0, ge=0, le=8)  # candidates probed by training (range_test/refine.py)
+    refine_epochs: float = Field(1.5, gt=0, le=100)  # the first probes' length
     momentum_grid: list[float] = Field(default_factory=list)
     weight_decay_grid: list[float] = Field(default_factory=list)
 
@@ -156,6 +158,13 @@ class LRFindConfig(_Section):
         if any(not 0 < x < 1 for x in v):
             raise ValueError(f"every value must be a {what} in (0, 1), e.g. {example}")
         return sorted(set(v))
+
+    @field_validator("refine")
+    @classmethod
+    def _refine(cls, v):
+        if v == 1:
+            raise ValueError("probes compare max LRs: 0 (off) or 2 or more (4 is usual)")
+        return v
 
     @field_validator("end_lr")
     @classmethod
@@ -307,6 +316,16 @@ def _across_sections(p: Params) -> list[str]:
                 f"  train.{key}: 'auto' takes lr_find's {grid} choice, but lr_find.{grid} is "
                 f"empty; set one (e.g. {example}) or give train.{key} a number"
             )
+    if p.lr_find.refine and not p.data.val_images:
+        problems.append(
+            "  lr_find.refine: its probes are scored on the validation split, and "
+            "data.val_images is 0; set data.val_images (e.g. 1000) or lr_find.refine: 0"
+        )
+    if p.lr_find.refine and p.train.schedule != "onecycle":
+        problems.append(
+            f"  lr_find.refine: its probes are 1cycle runs, and train.schedule is "
+            f"{p.train.schedule!r}; set lr_find.refine: 0 or train.schedule: onecycle"
+        )
     return problems
 
 

@@ -1,5 +1,7 @@
 """lr_find: Leslie Smith's LR range test; writes the chosen max LR for train (metrics/lr_find.json)."""
 
+from dataclasses import asdict
+
 from onecycle import files, paths
 from onecycle.pipeline import preamble, runner
 from onecycle.range_test import lr_finder
@@ -43,6 +45,9 @@ def main() -> None:
         first_seed = [r for r in rows if r["seed"] == params.base.seed]
         run.log_series(first_seed, ["lr", "loss", "smooth_loss", "val_loss"], prefix="lr_find/")
         run.log_metrics(found.result | {k: metrics[k] for k in metrics["grids"]}, prefix="lr_find/")
+        if found.refined:  # each probe's LR and validation accuracy, at the probe's number
+            probes = [asdict(p) | {"step": i} for i, p in enumerate(found.refined.probes)]
+            run.log_series(probes, ["max_lr", "steps", "val_acc", "val_loss"], prefix="refine/")
         run.log_files("params.yaml", paths.LR_FIND_METRICS, paths.LR_FIND_CURVE, paths.LR_FIND_GRID)
         lifecycle.write_run_ref(paths.LR_FIND_RUN, run)
     print(f"lr_find: {found.describe(cfg.suggestion)}")

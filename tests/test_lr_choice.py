@@ -156,6 +156,17 @@ def test_a_scenario_file_becomes_a_study_of_its_grid(tmp_path):
         assert str(path) in str(err.value)
 
 
+def test_the_refine_confirmation_probes_a_sixteenth_of_the_scenarios_training():
+    scenario = lrbench_spec.Scenario(
+        name="quick", common={"train.epochs": 5}, grid=[0.1, 0.2], sweeps={"lengths": [50, 150]}
+    )
+    plain, probed = scenario.confirm_study(), scenario.confirm_study(refine=4)
+    assert (plain.name, probed.name) == ("lrc-quick-auto", "lrc-quick-refine")
+    assert probed.common == plain.common | {"lr_find.refine": 4, "lr_find.refine_epochs": 5 / 16}
+    assert plain.common["lr_find.num_iter"] == 150 and "lr_find.refine" not in plain.common
+    assert list(probed.settings) == ["refine"] and probed.seeds == [0, 1, 2]
+
+
 def test_the_report_is_written_from_stored_grids_and_sweeps(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     scenario = lrbench_spec.Scenario(

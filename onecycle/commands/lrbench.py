@@ -100,13 +100,16 @@ def run_sweeps(scenario: lrbench_spec.Scenario, repo: Path = Path(".")) -> list[
 # ---------------------------------------------------------------- the grid (through DVC)
 
 
-def run_confirm(scenario: lrbench_spec.Scenario, repo: Path = Path(".")) -> Path:
-    """The default's pick trained over 3 seeds (a study; resumes), reported into ``out/confirm``."""
+def run_confirm(scenario: lrbench_spec.Scenario, repo: Path = Path("."), refine: int = 0) -> Path:
+    """The default's pick trained over 3 seeds (a study; resumes), reported into
+    ``out/confirm``; with ``refine``, checked by that many probes first, into
+    ``out/confirm-refine``."""
     from onecycle.commands import study, study_report
 
-    s = scenario.confirm_study()
+    s = scenario.confirm_study(refine)
     failed = study.run(s, repo)
-    report = study_report.report(s, repo, out=repo / scenario.out / "confirm")
+    folder = lrbench_report.CONFIRM[bool(refine)]
+    report = study_report.report(s, repo, out=repo / scenario.out / folder)
     if failed:
         raise lrbench_spec.BenchError(f"{scenario.name}: confirm runs failed: {', '.join(failed)}")
     return report
@@ -152,6 +155,12 @@ def main(argv: list[str] | None = None) -> None:
         "report (score what is stored)",
     )
     ap.add_argument("scenarios", nargs="+", type=Path, help="studies/lr-choice/<name>.yaml")
+    ap.add_argument(
+        "--refine",
+        type=int,
+        default=0,
+        help="confirm: the pick checked by this many lr_find.refine probes (into confirm-refine/)",
+    )
     args = ap.parse_args(argv)
     if args.action == "report":
         print(f"bench-lr: {lrbench_report.report([lrbench_spec.load(p) for p in args.scenarios])}")
@@ -170,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.action in ("grid", "run"):
             progress.say(f"{scenario.name}: {run_grid(scenario)}")
         if args.action == "confirm":
-            progress.say(f"{scenario.name}: {run_confirm(scenario)}")
+            progress.say(f"{scenario.name}: {run_confirm(scenario, refine=args.refine)}")
 
 
 if __name__ == "__main__":

@@ -36,10 +36,15 @@ def collect(
     return found
 
 
-def confirmations(scenarios: list[lrbench_spec.Scenario], found: dict) -> dict[str, dict]:
+CONFIRM = {False: "confirm", True: "confirm-refine"}  # each scenario's folder, by lr_find.refine
+
+
+def confirmations(
+    scenarios: list[lrbench_spec.Scenario], found: dict, folder: str = CONFIRM[False]
+) -> dict[str, dict]:
     out = {}
     for sc in scenarios:
-        path = sc.out / "confirm" / "results.json"
+        path = sc.out / folder / "results.json"
         if sc.name in found and path.exists():
             results = [r for r in json.loads(path.read_text()) if r.get("val_accuracy") is not None]
             grid = json.loads((sc.out / "grid" / "results.json").read_text())
@@ -49,7 +54,7 @@ def confirmations(scenarios: list[lrbench_spec.Scenario], found: dict) -> dict[s
 
 
 def markdown(scores: dict, found: dict, best: str, held_out: dict, machine: str, top: int = 12,
-             confirm: dict | None = None):  # fmt: skip
+             confirm: dict | None = None, refined: dict | None = None):  # fmt: skip
     """report.md: the scenarios' grids, the rules ranked by worst-case regret, what each
     scenario left out would have chosen, and the default's confirmation runs."""
     default, limit = lrbench_score.PIPELINE_DEFAULT, lrbench_score.SPREAD_LIMIT
@@ -89,8 +94,24 @@ def markdown(scores: dict, found: dict, best: str, held_out: dict, machine: str,
             f"(tolerance {lrbench_score.tolerance(found[sc][0]):.2f})"
         )
     if confirm:
-        lines += ["", *_confirm_table(confirm)]
+        lines += ["", *_confirm_table(confirm, CONFIRM_TITLE)]
+    if refined:
+        lines += ["", *_confirm_table(refined, REFINE_TITLE)]
     return "\n".join(lines) + "\n"
+
+
+CONFIRM_TITLE = (
+    "Confirmed by training (`python -m onecycle.commands.lrbench confirm`): the pipeline's "
+    "own default (`train.max_lr: auto`) on the scenario's longest sweep, 3 seeds:"
+)
+REFINE_TITLE = (
+    "The same pick checked by `lr_find.refine: 4` (`lrbench confirm --refine 4`): short 1cycle "
+    "probes at 2x, 1x, 1/2x and 1/4x the curve's pick on the validation split, the better half "
+    "probed twice as long (range_test/refine.py), then trained, 3 seeds. The first probes train "
+    "1/16 of the scenario's epochs (`lr_find.refine_epochs`), so the probes cost half of "
+    "training's steps; `other s` is the wall time besides training (stage start-ups, the "
+    "sweeps, the probes, evaluation):"
+)
 
 
 def _grid_table(found: dict) -> list[str]:
@@ -133,14 +154,13 @@ def _rule_table(scores: dict, names: list[str], top: int) -> list[str]:
     return lines
 
 
-def _confirm_table(confirm: dict) -> list[str]:
+def _confirm_table(confirm: dict, title: str) -> list[str]:
     lines = [
-        "Confirmed by training (`python -m onecycle.commands.lrbench confirm`): the pipeline's "
-        "own default (`train.max_lr: auto`) on the scenario's longest sweep, 3 seeds:",
+        title,
         "",
         "| scenario | picks | val. accuracy | grid interpolated at the picks | regret | "
-        "paired regret (seeds) | test accuracy |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "paired regret (seeds) | test accuracy | training s, other s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for sc, c in confirm.items():
         paired = (
@@ -149,7 +169,8 @@ def _confirm_table(confirm: dict) -> list[str]:
         lines.append(
             f"| {sc} | {', '.join(f'{lr:.3g}' for lr in c['picks'])} | "
             f"{c['val_mean']:.2f} ± {c['val_std']:.2f} % | {c['interpolated']:.2f} % | "
-            f"{c['regret']:.2f} | {paired} | {c['test_mean']:.2f} ± {c['test_std']:.2f} % |"
+            f"{c['regret']:.2f} | {paired} | {c['test_mean']:.2f} ± {c['test_std']:.2f} % | "
+            f"{_seconds(c)} |"
         )
     return lines + [
         "",
@@ -158,6 +179,13 @@ def _confirm_table(confirm: dict) -> list[str]:
         "carves its own validation split, so a seed the grid never ran is compared on "
         "other images).",
     ]
+
+
+def _seconds(c: dict) -> str:
+    if c.get("train_seconds") is None:
+        return "n/a"
+    other = "n/a" if c.get("other_seconds") is None else f"{c['other_seconds']:.0f}"
+    return f"{c['train_seconds']:.0f}, {other}"
 
 
 def report(scenarios: list[lrbench_spec.Scenario], out: Path = lrbench_spec.OUT) -> Path:
@@ -187,6 +215,7 @@ def report(scenarios: list[lrbench_spec.Scenario], out: Path = lrbench_spec.OUT)
         )  # fmt: skip
         figures.save({out / f"{sc}.png": fig}, dpi=110)
     confirm = confirmations(scenarios, found)
+    refined = confirmations(scenarios, found, CONFIRM[True])
     (out / "scores.json").write_text(
         json.dumps(
             {
@@ -194,13 +223,16 @@ def report(scenarios: list[lrbench_spec.Scenario], out: Path = lrbench_spec.OUT)
                 "lowest_worst_case": best,
                 "held_out": held_out,
                 "confirmed": confirm,
+                "confirmed_refine": refined,
                 "scores": scores,
             },
             indent=1,
         )
         + "\n"
     )
-    text = markdown(scores, found, best, held_out, provenance.cpu_name(), confirm=confirm)
+    text = markdown(
+        scores, found, best, held_out, provenance.cpu_name(), confirm=confirm, refined=refined
+    )
     (out / "report.md").write_text(text)
     return out / "report.md"
 

@@ -243,8 +243,17 @@ def confirmed(curve: Curve, results: list[dict], grid: list[dict] | None = None)
         "interpolated": float(np.mean([100 * curve.at(lr) for lr in lrs])),
         "regret": best - float(np.mean(val)),
         "runs": len(results),
+        "train_seconds": _mean_of(results, "seconds"),
+        "other_seconds": _mean_of(
+            [{"x": r["wall_seconds"] - r["seconds"]} for r in results if r.get("wall_seconds")], "x"
+        ),
         **_paired(curve, results, grid or []),
     }
+
+
+def _mean_of(rows: list[dict], key: str) -> float | None:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return float(np.mean(values)) if values else None
 
 
 def _paired(curve: Curve, results: list[dict], grid: list[dict]) -> dict:

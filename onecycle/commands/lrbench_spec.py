@@ -63,23 +63,34 @@ class Scenario(study_spec.StrictModel):
             source=self.source,
         )
 
-    def confirm_study(self) -> study_spec.Study:
+    def confirm_study(self, refine: int = 0) -> study_spec.Study:
         """The pipeline's own default (``train.max_lr: auto``: lr_find's defaults, median of
         its seeds' picks) on the scenario's longest sweep, over 3 seeds: the scoring's
-        interpolation checked by training."""
+        interpolation checked by training. With ``refine``, that pick checked by
+        ``lr_find.refine: refine`` probes (range_test/refine.py) before training."""
+        label = "refine" if refine else "auto"
         return study_spec.Study(
-            name=f"lrc-{self.name}-auto",
-            description=f"{self.description} The default rule's own pick, trained.",
+            name=f"lrc-{self.name}-{label}",
+            description=f"{self.description} The default rule's own pick"
+            + (f", refined by {refine} probes," if refine else "")
+            + " trained.",
             common={
                 **self.common,
                 "lr_find.num_iter": max(self.sweeps.lengths),
                 "train.max_lr": "auto",
+                **(self._refine(refine) if refine else {}),
             },
-            settings={"auto": {}},
+            settings={label: {}},
             seeds=[0, 1, 2],
             jobs=self.jobs,
             source=self.source,
         )
+
+    def _refine(self, count: int) -> dict:
+        """lr_find.refine at ``count`` candidates, its first probes 1/16 of the scenario's
+        training (params.yaml's 1.5 of 24 epochs), so that they cost half of it everywhere."""
+        epochs = self.common.get("train.epochs", 24)
+        return {"lr_find.refine": count, "lr_find.refine_epochs": epochs / 16}
 
     @property
     def out(self) -> Path:

@@ -7,6 +7,7 @@ What is read off a curve lives in :mod:`onecycle.range_test.curves`; this module
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ from onecycle import progress
 from onecycle.config import Params
 from onecycle.data.prepared import Prepared
 from onecycle.data.preprocess import normalize
+from onecycle.range_test import handoff, refine
 from onecycle.range_test.curves import (
     SUGGESTERS,
     LRFindError,
@@ -26,6 +28,7 @@ from onecycle.range_test.curves import (
     suggestions,
     window,
 )
+from onecycle.range_test.refine import Refinement
 from onecycle.training import init_weights
 from onecycle.training.distributed import ONE, Ranks
 from onecycle.training.runtime import Device, predict
@@ -186,6 +189,7 @@ class Finding:
     per_seed: list[dict[str, float]]
     result: dict  # choose()'s: max_lr, and every method's median, min and max
     grids: list[Grid]  # the momentum and weight-decay grids that ran (none by default)
+    refined: Refinement | None = None  # lr_find.refine's probes; result's max_lr is its choice
 
     def curve_rows(self) -> list[dict]:
         """metrics/lr_find_curve.csv: one row per step of every seed's sweep."""
@@ -211,6 +215,7 @@ class Finding:
             "seeds": len(self.seeds),
             **{name: summary["chosen"] for name, summary in chosen.items()},
             "grids": chosen,
+            **({"refine": self.refined.summary()} if self.refined else {}),
         }
 
     def describe(self, method: str) -> str:
@@ -218,7 +223,13 @@ class Finding:
         r = self.result
         spread = f" (seeds: {r[method + '_min']:.3g}..{r[method + '_max']:.3g})"
         picks = ", ".join(f"{m} {self.per_seed[0][m]:.3g}" for m in SUGGESTERS)
-        return f"max_lr = {r['max_lr']:.4g} by {method}{spread if len(self.seeds) > 1 else ''}; {picks}"
+        by = f"by {method}{spread if len(self.seeds) > 1 else ''}"
+        if self.refined:
+            by = (
+                f"refined from {method}'s {r['curve_max_lr']:.4g}"
+                f"{spread if len(self.seeds) > 1 else ''} by {self.refined.describe()}"
+            )
+        return f"max_lr = {r['max_lr']:.4g} {by}; {picks}"
 
 
 def find(
@@ -252,4 +263,12 @@ def find(
         sweeps.append(sweep)
     per_seed = [suggestions(sweep) for sweep in sweeps]
     swept = (lr_cfg.start_lr, min(sweep.lrs[-1] for sweep in sweeps))
-    return Finding(seeds, sweeps, per_seed, choose(per_seed, lr_cfg.suggestion, swept), grids)
+    result = choose(per_seed, lr_cfg.suggestion, swept)
+    refined = None
+    if lr_cfg.refine:  # the curve's pick checked by short training runs (range_test/refine.py)
+        chosen = {g.name: g.summary()["chosen"] for g in grids}
+        train = handoff.resolve(params.train, {**chosen, **result}, Path("lr_find")).cfg
+        probed = params.model_copy(update={"train": train})
+        refined = refine.refine(probed, data, dev, result["max_lr"], weights, ranks)
+        result = result | {"curve_max_lr": result["max_lr"], "max_lr": refined.chosen}
+    return Finding(seeds, sweeps, per_seed, result, grids, refined)

@@ -26,7 +26,10 @@ def lr_find_figure(
     chosen: str,
     val_losses: Sequence[float] | None = None,
     log_x: bool = True,
+    refined: float | None = None,
 ) -> Figure:
+    """The sweep, every suggestion, and the max LR used: ``chosen``'s suggestion, or
+    ``refined`` where lr_find.refine's probes moved it."""
     fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
     ax.plot(lrs, losses, color="0.7", lw=1, label="mini-batch loss")
     ax.plot(lrs, smooth, color="C0", lw=2, label="smoothed loss (what the suggestions read)")
@@ -37,8 +40,10 @@ def lr_find_figure(
         if name not in styles or not np.isfinite(lr):
             continue
         lw, ls = (2.5, "-") if name == chosen else (1.2, "--")
-        tag = " (chosen)" if name == chosen else ""
+        tag = (" (probed around)" if refined else " (chosen)") if name == chosen else ""
         ax.axvline(lr, color=styles[name], lw=lw, ls=ls, label=f"{name}: {lr:.3g}{tag}")
+    if refined:
+        ax.axvline(refined, color="k", lw=2.5, label=f"refined by probes: {refined:.3g} (chosen)")
     if log_x:
         ax.set_xscale("log")
     finite = np.asarray(smooth)[np.isfinite(smooth)]
@@ -213,6 +218,7 @@ def lr_find_figure_from_rows(rows: Sequence[dict], lr_find: dict, log_x: bool = 
         lr_find["method"],
         _column(rows, "val_loss") if rows and "val_loss" in rows[0] else None,
         log_x=log_x,
+        refined=lr_find["refine"]["chosen"] if "refine" in lr_find else None,
     )
 
 
