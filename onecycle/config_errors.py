@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import difflib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
 from onecycle.redact import redact
+
+if TYPE_CHECKING:
+    from onecycle.config import Params
 
 
 def _key(loc: tuple, root: type[BaseModel]) -> tuple[str, type[BaseModel] | None]:
@@ -72,3 +75,28 @@ def lines(errors: list[dict[str, Any]], root: type[BaseModel]) -> list[str]:
         if msg not in msgs:
             msgs.append(msg)
     return [f"  {key}: {', or '.join(msgs)}{shown}" for (key, shown), msgs in grouped.items()]
+
+
+def across_sections(p: Params) -> list[str]:
+    """Checks that tie keys of two sections together (each names the key to change)."""
+    problems = []
+    for key, grid, example in (
+        ("weight_decay", "weight_decay_grid", "[1.0e-4, 5.0e-4, 1.0e-3]"),
+        ("max_momentum", "momentum_grid", "[0.85, 0.9, 0.95]"),
+    ):
+        if getattr(p.train, key) == "auto" and not getattr(p.lr_find, grid):
+            problems.append(
+                f"  train.{key}: 'auto' takes lr_find's {grid} choice, but lr_find.{grid} is "
+                f"empty; set one (e.g. {example}) or give train.{key} a number"
+            )
+    if p.lr_find.refine and not p.data.val_images:
+        problems.append(
+            "  lr_find.refine: its probes are scored on the validation split, and "
+            "data.val_images is 0; set data.val_images (e.g. 1000) or lr_find.refine: 0"
+        )
+    if p.lr_find.refine and p.train.schedule != "onecycle":
+        problems.append(
+            f"  lr_find.refine: its probes are 1cycle runs, and train.schedule is "
+            f"{p.train.schedule!r}; set lr_find.refine: 0 or train.schedule: onecycle"
+        )
+    return problems
