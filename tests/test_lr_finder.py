@@ -201,12 +201,30 @@ def test_reread_smooths_the_raw_losses_and_cuts_where_that_curve_diverges():
     losses = [2.0, 1.8, 1.6, 1.4, 1.2, 1.0, 1.2, 3.0, 9.0, 20.0]
     sweep = curves.Sweep(list(range(1, 11)), losses, [0.0] * 10, [], "completed")
     centered = curves.centered(losses, 1.0)
-    cut = next(i + 1 for i, v in enumerate(centered) if v > 4.0 * min(centered[: i + 1]))
+    assert 9.0 > 4.0 * min(centered[:9])  # 9.0 and 20.0 blew up: left out of the curve read
     read = sweep.reread("centered", 0.2, 4.0)
-    assert read.smooth == pytest.approx(centered[:cut]) and read.lrs == list(range(1, cut + 1))
-    assert read.stop == "diverged" and read.losses == losses[:cut] and cut < 10
+    assert read.smooth == pytest.approx(curves.centered(losses[:8], 1.0))
+    assert read.lrs == list(range(1, 9)) and read.losses == losses[:8]
+    assert read.stop == "diverged"
+    ema_cut = curves.Sweep(list(range(1, 11)), losses).reread("ema", 0.2, 4.0)
+    ema = curves.ema(losses, 0.5)  # causal: nothing leaks back; cut after the first step past 4x
+    first = next(i for i, v in enumerate(ema) if v > 4.0 * min(ema[: i + 1]))
+    assert ema_cut.smooth == pytest.approx(ema[: first + 1])
     assert sweep.reread("ema", 0.2, 100.0).smooth == pytest.approx(curves.ema(losses, 0.5))
     assert sweep.reread("ema", 0.2, 100.0).stop == "completed"
+
+
+def test_a_blown_up_last_loss_does_not_move_the_centered_minimum():
+    # a flat V with its minimum at step 60 of 101, then the step that blew up: 2,000, as on
+    # mobilenet_v3_small. Smoothed with it, the window (sigma 10) carries it back and the
+    # minimum moves left; smoothed without it, it stays at 60.
+    losses = [1.9 + 0.005 * abs(i - 60) for i in range(101)] + [2000.0]
+    lrs = list(np.geomspace(1e-4, 10, 102))
+    assert int(np.argmin(curves.centered(losses, curves.window(102, 0.2) / 2))) == 56
+    read = curves.Sweep(lrs, losses).reread("centered", 0.2, 4.0)
+    assert read.stop == "diverged" and read.losses == losses[:101]
+    assert read.smooth == pytest.approx(curves.centered(losses[:101], curves.window(101, 0.2) / 2))
+    assert curves.suggest_min(read.lrs, read.smooth) == lrs[60]
 
 
 def test_min_picks_the_minimum_itself():
