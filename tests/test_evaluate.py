@@ -98,6 +98,9 @@ def _write(kind: str, path):
         path.write_bytes(pickle.dumps({"model": {}}, protocol=4))
     elif kind == "code":
         torch.save({"model": _Code()}, path)
+    elif kind == "truncated":  # a copy that stopped: torch.save's zip without its end
+        torch.save({"model": {"w": torch.zeros(1000)}}, path)
+        path.write_bytes(path.read_bytes()[:2000])
     else:
         with zipfile.ZipFile(path, "w") as z:
             z.writestr("a", "b")
@@ -111,7 +114,9 @@ def _write(kind: str, path):
         ("pickle", "(a pickle, but not one torch.save wrote)"),
         ("code", "it holds more than tensors and plain containers: Trying to load unsupported "
                  "GLOBAL posix.getcwd"),
-        ("zip", "(a zip archive, but not one torch.save wrote (RuntimeError))"),
+        ("zip", "(a zip archive, but not one torch.save wrote (it has no data.pkl))"),
+        ("truncated", "(cut short: a zip archive without its end (2,000 bytes), as a copy or "
+                      "download that stopped leaves it; copy the file again)"),
     ],
 )  # fmt: skip
 def test_a_file_that_is_not_a_weights_only_checkpoint_is_refused_saying_what_it_is(

@@ -5,6 +5,7 @@ can never run code)."""
 from __future__ import annotations
 
 import pickle
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,10 +73,31 @@ def why_unloadable(path: Path, exc: BaseException) -> str:
             "loads no other way: save the model's state_dict() instead"
         )
     if head.startswith(b"PK"):
-        return f"a zip archive, but not one torch.save wrote ({type(exc).__name__})"
+        return _why_zip(path)
     if head.startswith(b"\x80"):
         return "a pickle, but not one torch.save wrote"
     return "not a torch.save file: neither torch's zip format nor a pickle"
+
+
+def _why_zip(path: Path) -> str:
+    """A zip that torch refused: cut short, damaged, or not torch's layout."""
+    size = path.stat().st_size
+    if not zipfile.is_zipfile(path):  # no end-of-archive record: the file stops early
+        return (
+            f"cut short: a zip archive without its end ({size:,} bytes), as a copy or download "
+            "that stopped leaves it; copy the file again"
+        )
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError) as err:
+        return f"a damaged zip archive ({err}); copy the file again"
+    if bad is not None:
+        return f"a damaged zip archive: {bad} fails its checksum; copy the file again"
+    if not any(n.endswith("data.pkl") for n in names):
+        return "a zip archive, but not one torch.save wrote (it has no data.pkl)"
+    return "a zip archive from torch.save that torch cannot read (another torch version's?)"
 
 
 # ---------------------------------------------------------------- resume state
