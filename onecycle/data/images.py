@@ -53,9 +53,9 @@ class Limits:
             raise DataError(
                 f"{archive}: its image files declare over {total:,} bytes in all, over "
                 f"data.max_total_mb={self.max_total_mb:g} ({int(self.max_total_mb * MB):,} "
-                "bytes); refused before reading past the limit (an archive is held in memory "
-                "while it is decoded). If the dataset is this large, raise it: dvc exp run -S "
-                "data.max_total_mb=<MiB>"
+                "bytes); refused from its headers, before reading (an archive is held in "
+                "memory while it is decoded). If the dataset is this large, raise it: dvc exp "
+                "run -S data.max_total_mb=<MiB>"
             )
 
 
