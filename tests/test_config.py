@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import math
+import tarfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -366,6 +369,16 @@ def test_zero_devices_is_refused():
             "raise it or set null",
         ),
         (
+            {"source": "set.tar.gz", "train_subset": 2},  # its tar headers: 3 class folders
+            "params.yaml: data.train_subset=2 is smaller than the 3 classes of data.source; "
+            "raise it or set null",
+        ),
+        (
+            {"source": "set.zip", "test_subset": 1},
+            "params.yaml: data.test_subset=1 is smaller than the 3 classes of data.source; "
+            "raise it or set null",
+        ),
+        (
             {"source": "cifar10", "train_subset": 100, "val_images": 60},
             "params.yaml: data.val_images=60 would leave 40 of data.train_subset=100 images to "
             "train on; keep it at most half (50), or raise data.train_subset",
@@ -382,6 +395,16 @@ def test_check_params_refuses_subsets_that_download_would_refuse(
 
     for cls in ("a", "b", "c", ".hidden"):
         (tmp_path / "folder" / "train" / cls).mkdir(parents=True)
+    names = [f"{split}/{c}/1.png" for split in ("train", "test") for c in "abc"] + ["README"]
+    with (
+        tarfile.open(tmp_path / "set.tar.gz", "w:gz") as tar,
+        zipfile.ZipFile(tmp_path / "set.zip", "w") as zf,
+    ):
+        for name in names:
+            info = tarfile.TarInfo(name)
+            info.size = 4
+            tar.addfile(info, io.BytesIO(b"fake"))
+            zf.writestr(name, b"fake")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"data": data}))
     with pytest.raises(DataError) as err:
@@ -392,6 +415,43 @@ def test_check_params_refuses_subsets_that_download_would_refuse(
         yaml.safe_dump({"data": {**data, "train_subset": 30, "test_subset": 30, "val_images": 10}})
     )
     check_params.main()  # 30 images of 10 classes, 10 held out: accepted
+
+
+def test_the_class_count_of_an_archive_comes_from_data_prepared_made_from_it(tmp_path):
+    """No header walk when data/prepared's meta.json names the same file and is newer; a
+    changed archive is walked again."""
+    import json
+    import os
+
+    from onecycle.data import archives
+    from onecycle.pipeline import precheck
+
+    archive = tmp_path / "set.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name in ("train/a/1.png", "train/b/1.png", "test/a/1.png", "test/b/1.png"):
+            info = tarfile.TarInfo(name)
+            info.size = 4
+            tar.addfile(info, io.BytesIO(b"fake"))
+    meta = tmp_path / paths.PREPARED_DIR / "meta.json"
+    meta.parent.mkdir(parents=True)
+    meta.write_text(json.dumps({"source": f"{archive} (md5 0)", "classes": list("abcde")}))
+    cfg = parse_params({"data": {"source": str(archive)}}).data
+    assert precheck.known_class_count(cfg, tmp_path) == 5  # meta.json's, not the headers' 2
+    os.utime(archive, (meta.stat().st_mtime + 10,) * 2)  # the archive changed since
+    assert precheck.known_class_count(cfg, tmp_path) == archives.class_count(archive) == 2
+
+
+def test_check_params_refuses_a_local_source_that_does_not_exist(tmp_path, monkeypatch):
+    """Download would refuse it after DVC removed data/prepared."""
+    from onecycle.errors import DataError
+    from stages import check_params
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"data": {"source": "gone.tar.gz"}}))
+    with pytest.raises(DataError) as err:
+        check_params.main()
+    assert str(err.value).startswith(f"data.source: {tmp_path / 'gone.tar.gz'} does not exist; ")
+    assert not (tmp_path / paths.PARAMS_CHECKED).exists()
 
 
 @pytest.mark.parametrize(

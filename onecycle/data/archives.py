@@ -183,6 +183,29 @@ def _check_declared_total(path: Path, limits: Limits) -> None:
                 limits.check_total(path, total)
 
 
+def class_count(path: Path) -> int | None:
+    """The classes (``train/<class>/`` folders holding a file) of an image-folder archive,
+    from its names alone: a zip's central directory, a tar's headers (read through, nothing
+    kept). None where it holds no such layout (an official archive) or cannot be read: the
+    download stage says why."""
+    layout = Layout(str(path))
+    try:
+        if path.name.lower().endswith(".zip"):
+            with zipfile.ZipFile(path) as zf:
+                names = [i.filename for i in zf.infolist() if not i.is_dir()]
+        else:
+            with tarfile.open(path, "r:*") as tar:
+                names = [m.name for m in tar if m.isfile()]
+    except ARCHIVE_ERRORS:
+        return None
+    classes = {
+        placed[1]
+        for n in names
+        if (placed := layout.place(n, is_dir=False)) and placed[0] == "train"
+    }
+    return len(classes) or None
+
+
 def read_image_folder_tar(
     path: Path, image_size: int, limits: Limits, pick: Pick | None = None
 ) -> Dataset:
