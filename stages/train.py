@@ -82,16 +82,16 @@ def _write_outputs(stage: preamble.TrainingStage, hyper, plan, session, result, 
     checkpoint.save_weights(
         result.model, params.model, data.classes, paths.MODEL, checkpoint.inputs_of(data)
     )
+    metrics = outputs.summary(result, hyper)  # written before the upload, which may wait
+    files.write_json(paths.TRAIN_METRICS, metrics)
+    files.write_csv(paths.TRAIN_HISTORY, outputs.history_rows(result.history))
+    files.write_csv(paths.TRAIN_SCHEDULE, outputs.schedule_rows(plan, session.steps_per_epoch))
     model_id = run.call_now(
         "the model",
         lambda: mlmodel.log(
             result.model, data.classes, data.mean, data.std, data.x_test, run.run_id
         ),
     )
-    metrics = outputs.summary(result, hyper)
-    files.write_json(paths.TRAIN_METRICS, metrics)
-    files.write_csv(paths.TRAIN_HISTORY, outputs.history_rows(result.history))
-    files.write_csv(paths.TRAIN_SCHEDULE, outputs.schedule_rows(plan, session.steps_per_epoch))
     run.log_files("params.yaml", paths.TRAIN_METRICS, paths.TRAIN_HISTORY)
     lifecycle.write_run_ref(paths.TRAIN_RUN, run, model_id=model_id)
     return metrics

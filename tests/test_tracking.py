@@ -277,6 +277,29 @@ def test_a_run_left_running_by_a_killed_process_is_closed_by_the_next_run(store)
         assert _status(run.info.run_id) == "RUNNING"
 
 
+def test_a_run_whose_work_ended_is_closed_finished_not_killed(store, capsys):
+    """The server hung at train's end, so its run stayed RUNNING; the next train run closed it
+    as KILLED although runs/train.json names it (issue 26, item 3, on a fresh clone)."""
+    from onecycle import paths
+
+    exp_id = connect.setup()
+    client = mlflow.MlflowClient()
+    tags = {"dvc.stage": "train", **provenance.here(), "onecycle.pid": str(_dead_pid())}
+    ended, killed = client.create_run(exp_id, tags=tags), client.create_run(exp_id, tags=tags)
+    paths.TRAIN_RUN.parent.mkdir(exist_ok=True)
+    lifecycle.write_run_ref(
+        paths.TRAIN_RUN, lifecycle.Recorder(ended.info.run_id, exp_id, mlflow.get_tracking_uri())
+    )
+    with lifecycle.stage_run("train"):
+        pass
+    assert _status(ended.info.run_id) == "FINISHED" and _status(killed.info.run_id) == "KILLED"
+    out = "".join(capsys.readouterr())
+    assert (
+        f"train: marked run {ended.info.run_id} FINISHED (the store was away when it ended)" in out
+    )
+    assert "train: closed 1 run(s) left RUNNING by a killed process" in out
+
+
 def test_a_finished_run_the_store_missed_ending_is_finished_by_the_next_stage(store, tmp_path):
     # train wrote runs/train.json (its last act) while the server was away, so its run stayed
     # RUNNING; evaluate, logging into it later, marks it FINISHED
@@ -399,6 +422,35 @@ def test_a_store_that_hangs_mid_run_never_holds_up_the_work(store, monkeypatch, 
     text = "".join(capsys.readouterr())
     assert f"run {run.run_id} is missing:\n  - metrics loss, lr at steps 1..5 (5 batches)\n" in text
     assert _status(run.run_id) == "FINISHED"
+
+
+def test_a_wait_for_the_store_says_what_it_waits_for(store, monkeypatch, capsys):
+    """The stage's end waited for a hung server in silence: 78 s after train's last epoch, the
+    model's upload (issue 26, item 3, on a fresh clone). A wait past SAY_WAITING_SECONDS prints
+    one line: the store, the call, how many are left and for how long at most."""
+    import threading
+
+    release = threading.Event()
+    real = mlflow.MlflowClient.log_batch
+
+    def hang(self, *args, **kwargs):
+        release.wait(60)  # then taken, quietly, after the test
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(recorder, "FLUSH_SECONDS", 1.0)
+    monkeypatch.setattr(recorder, "SAY_WAITING_SECONDS", 0.2)
+    try:
+        with lifecycle.stage_run("train") as run:
+            monkeypatch.setattr(mlflow.MlflowClient, "log_batch", hang)
+            run.log_metrics({"loss": 1.0}, step=1)
+            assert not run.flush()
+    finally:
+        release.set()
+        monkeypatch.setattr(mlflow.MlflowClient, "log_batch", real)
+    out = "".join(capsys.readouterr())
+    uri = mlflow.get_tracking_uri()
+    assert f"waiting for MLflow at {uri} to take metrics" in out, out
+    assert "call(s) left), up to 1 s more; the stage's outputs are written" in out, out
 
 
 @pytest.mark.parametrize(

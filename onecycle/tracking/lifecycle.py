@@ -17,8 +17,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from onecycle import files, progress
-from onecycle.errors import MissingInput
+from onecycle import files, paths, progress
+from onecycle.errors import MissingInput, UserError
 from onecycle.redact import redact, redact_values
 from onecycle.tracking import connect, provenance
 from onecycle.tracking.recorder import Recorder, report_unlogged, short_error
@@ -38,9 +38,23 @@ def _alive(pid: int) -> bool:
     return True
 
 
+RUN_REFS = {"lr_find": paths.LR_FIND_RUN, "train": paths.TRAIN_RUN}  # each run's last act
+
+
+def _ended_run(stage: str) -> str | None:
+    """The run whose stage wrote its run reference: its work ended, whatever the store heard."""
+    ref = RUN_REFS.get(stage)
+    try:
+        return files.read_json(ref).get("run_id") if ref is not None and ref.exists() else None
+    except (OSError, ValueError, AttributeError, UserError):
+        return None
+
+
 def close_stale_runs(stage: str, keep: str | None = None) -> list[str]:
-    """Mark KILLED the RUNNING runs of ``stage`` that this workspace started on this host from a
-    process that is gone (SIGKILL, a power cut): MLflow never heard they ended."""
+    """Close the RUNNING runs of ``stage`` that this workspace started on this host from a
+    process that is gone: KILLED (SIGKILL, a power cut: MLflow never heard they ended), or
+    FINISHED where the stage's run reference names the run (its work ended while the store
+    was away, and nothing later logged into it)."""
     import mlflow
 
     here = provenance.here()
@@ -51,16 +65,21 @@ def close_stale_runs(stage: str, keep: str | None = None) -> list[str]:
         f"tags.`onecycle.workspace` = '{here['onecycle.workspace']}' and "
         f"tags.`onecycle.host` = '{here['onecycle.host']}'"
     )
-    closed = []
+    closed, ended = [], _ended_run(stage)
     for run in client.search_runs([exp.experiment_id], query):
         pid = run.data.tags.get("onecycle.pid", "")
         if run.info.run_id == keep or not pid.isdigit() or _alive(int(pid)):
             continue
         client.set_tag(run.info.run_id, "onecycle.closed_as_stale", "true")
-        client.set_terminated(run.info.run_id, "KILLED")
+        finished = run.info.run_id == ended
+        client.set_terminated(run.info.run_id, "FINISHED" if finished else "KILLED")
         closed.append(run.info.run_id)
-    if closed:
-        progress.say(f"{stage}: closed {len(closed)} run(s) left RUNNING by a killed process")
+        if finished:
+            progress.say(f"{stage}: marked run {ended} FINISHED (the store was away when it ended)")
+    if len(closed) > (ended in closed):
+        progress.say(
+            f"{stage}: closed {len(closed) - (ended in closed)} run(s) left RUNNING by a killed process"
+        )
     return closed
 
 

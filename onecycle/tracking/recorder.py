@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import math
 import tempfile
 import threading
 import time
@@ -21,6 +22,7 @@ from onecycle.redact import redact, redact_values
 
 RETRY_SECONDS = 60  # after a failed call, how long the sender waits before trying again
 FLUSH_SECONDS = 30  # how long a stage's end waits for the queue to empty
+SAY_WAITING_SECONDS = 5  # a wait longer than this says what it waits for
 CALL_NOW_SECONDS = 120  # how long a call whose value the stage needs (the model's id) may take
 MAX_PENDING = 10_000  # calls kept while the store is away; the oldest beyond are given up
 TEXT_SUFFIXES = (".yaml", ".yml", ".json", ".csv", ".txt", ".md")  # logged redacted
@@ -124,10 +126,19 @@ class Recorder:
             if self._pending:
                 self._retry_now.set()
             deadline = time.monotonic() + timeout
+            say_at = time.monotonic() + SAY_WAITING_SECONDS
             while self._pending and self._failed_try <= begun:
                 if self._sent != sent:  # progress: the time limit counts from the last call
                     sent, deadline = self._sent, time.monotonic() + timeout
-                left = deadline - time.monotonic()
+                now = time.monotonic()
+                if now >= say_at:  # never a silent wait: what is left, and for how long
+                    say_at = math.inf
+                    progress.say(
+                        f"waiting for MLflow at {self.shown_uri} to take "
+                        f"{self._pending[0].what} ({len(self._pending)} call(s) left), up to "
+                        f"{deadline - now:.0f} s more; the stage's outputs are written"
+                    )
+                left = min(deadline, say_at) - now
                 if left <= 0:
                     break
                 self._cond.wait(left)
