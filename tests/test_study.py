@@ -300,9 +300,11 @@ def test_runs_left_running_by_dead_workers_are_stopped_and_queued_again(tmp_path
     monkeypatch.setattr(study_queue, "finished", lambda repo: set())
     monkeypatch.setattr(study_queue, "start_queue", lambda repo, jobs: None)
     monkeypatch.setattr(study_queue.time, "sleep", lambda s: None)
+    closed = []
+    monkeypatch.setattr(study_queue, "close_runs", lambda names, repo: closed.extend(names))
     s = study_spec.load_text("name: t\nseeds: [0]\nsettings:\n  a: {}\n  b: {}\n")
     waiting = study_queue.enqueue(s, [("a", 0, {}), ("b", 0, {})], tmp_path)
-    assert ("queue", "kill", "t-a-s0") in calls
+    assert ("queue", "kill", "t-a-s0") in calls and closed == ["t-a-s0"]
     assert ("exp", "run", "--queue", "-n", "t-a-s0", "-S", "base.seed=0", "evaluate") in calls
     assert waiting == ["t-a-s0", "t-b-s0"] and not any(
         c[:1] == ("exp",) and "t-b-s0" in c for c in calls

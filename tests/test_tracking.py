@@ -1,6 +1,7 @@
 import contextlib
 import threading
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -298,6 +299,22 @@ def test_a_run_whose_work_ended_is_closed_finished_not_killed(store, capsys):
         f"train: marked run {ended.info.run_id} FINISHED (the store was away when it ended)" in out
     )
     assert "train: closed 1 run(s) left RUNNING by a killed process" in out
+
+
+def test_the_runs_of_a_killed_queued_experiment_are_closed_when_it_is_requeued(store, tmp_path):
+    """A study whose queue workers were SIGKILLed requeues the experiment; its lr_find run,
+    tagged with the queue's temporary copy as its workspace, stayed RUNNING for good (issue
+    26, item 5, on a fresh clone)."""
+    exp_id = connect.setup()
+    client = mlflow.MlflowClient()
+    here = provenance.here() | {"onecycle.workspace": "/repo/.dvc/tmp/exps/tmpab12"}
+    dead = {**here, "dvc.stage": "lr_find", "onecycle.pid": str(_dead_pid())}
+    killed = client.create_run(exp_id, tags={**dead, "dvc.exp_name": "s-a-s0"})
+    other = client.create_run(exp_id, tags={**dead, "dvc.exp_name": "s-b-s0"})
+    alive = client.create_run(exp_id, tags={**here, "dvc.stage": "train", "dvc.exp_name": "s-a-s0"})
+    closed = lifecycle.close_killed_experiments(["s-a-s0"], Path.cwd())
+    assert closed == [killed.info.run_id] and _status(killed.info.run_id) == "KILLED"
+    assert _status(other.info.run_id) == _status(alive.info.run_id) == "RUNNING"
 
 
 def test_a_finished_run_the_store_missed_ending_is_finished_by_the_next_stage(store, tmp_path):

@@ -80,7 +80,14 @@ def requeue_orphans(names: list[str], repo: Path) -> list[str]:
         f"study: {', '.join(orphans)} were left Running by queue workers that are gone; "
         "stopped (`dvc queue kill`) and queued again"
     )
+    close_runs(orphans, repo)  # their stages' MLflow runs, left RUNNING
     return orphans
+
+
+def close_runs(names: list[str], repo: Path) -> None:
+    from onecycle.tracking import lifecycle
+
+    lifecycle.close_killed_experiments(names, repo.resolve())
 
 
 def live_workers(repo: Path) -> int:

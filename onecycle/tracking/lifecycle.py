@@ -83,6 +83,31 @@ def close_stale_runs(stage: str, keep: str | None = None) -> list[str]:
     return closed
 
 
+def close_killed_experiments(names: list[str], root: Path) -> list[str]:
+    """Mark KILLED the RUNNING runs of the queued experiments ``names`` (``dvc.exp_name``) that
+    this host started from a process that is gone: a study requeues them after their queue
+    workers were killed, and the temporary copy they ran in is never used again, so
+    :func:`close_stale_runs` (keyed to the workspace) never reaches them."""
+    import mlflow
+
+    exp_id = connect.setup(root)
+    client, host, closed = mlflow.MlflowClient(), provenance.here()["onecycle.host"], []
+    for name in names:
+        query = (
+            f"tags.`dvc.exp_name` = '{name}' and attributes.status = 'RUNNING' and "
+            f"tags.`onecycle.host` = '{host}'"
+        )
+        for run in client.search_runs([exp_id], query):
+            pid = run.data.tags.get("onecycle.pid", "")
+            if pid.isdigit() and not _alive(int(pid)):
+                client.set_tag(run.info.run_id, "onecycle.closed_as_stale", "true")
+                client.set_terminated(run.info.run_id, "KILLED")
+                closed.append(run.info.run_id)
+    if closed:
+        progress.say(f"study: closed {len(closed)} run(s) of those experiments as KILLED")
+    return closed
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so the same clean-up runs."""
 
