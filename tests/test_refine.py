@@ -139,6 +139,20 @@ def test_refine_needs_a_validation_split(tiny_data):
         rf.refine(_params(refine=2), tiny_data, select_device("cpu", 0), 0.2)
 
 
+def test_batchnorm_statistics_are_re_estimated_from_training_batches():
+    """After a short probe, BatchNorm's running statistics (momentum 0.01, as torchvision's
+    mobilenet_v3) are still near their start; the probe is scored on the batches' own."""
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(3, momentum=0.01))
+    batches = iter([(torch.full((4, 3, 2, 2), v), None) for v in (1.0, 3.0, 5.0)])
+    model.eval()
+    rf.recalibrate_batchnorm(model, batches, 3)
+    bn = model[0]
+    assert bn.running_mean.tolist() == pytest.approx([3.0] * 3)  # the plain average, not 0.01 of it
+    assert bn.momentum == 0.01 and not model.training  # put back as they were
+
+
 def test_the_lr_find_figure_marks_the_refined_lr():
     lrs = list(np.geomspace(1e-3, 1, 30))
     rows = [{"lr": lr, "loss": 2 - lr, "smooth_loss": 2 - lr} for lr in lrs]
