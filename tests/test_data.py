@@ -732,6 +732,7 @@ def test_unreadable_image(kind, folder, tmp_path):
     source = _as(kind, folder.root, tmp_path)
     msg = assert_refused(source, tmp_path, "unreadable image")
     assert "test/cat/broken.png" in msg
+    assert msg.endswith("; replace it with a good copy or delete it from the dataset, then rerun")
 
 
 def test_no_image_folder_layout(tmp_path):

@@ -511,6 +511,20 @@ def test_a_read_only_or_full_store_is_one_line_naming_it(
     assert f"evaluate: the MLflow store {db} {cause} (make it and its folder writable" in out
 
 
+def test_a_full_disk_under_the_store_says_to_free_space(tmp_path):
+    """Starting a run on an mlflow.db whose disk is full said to move it aside or make it
+    writable, never to free space (issue 26, item 4, on a fresh clone)."""
+    db = tmp_path / "mlflow.db"
+    full = Exception("(sqlite3.OperationalError) database or disk is full")
+    assert connect.way_out(f"sqlite:///{db}", full) == (
+        f"free space on its disk (df -h {tmp_path}), or set MLFLOW_TRACKING_URI to a store on "
+        "another disk"
+    )
+    assert connect.way_out(f"sqlite:///{db}").startswith(
+        f"move it aside to start a new store (mv {db}"
+    )
+
+
 def test_a_slow_store_that_keeps_taking_calls_is_waited_for(store, monkeypatch):
     """The stage's end gives up on a store that takes no call for FLUSH_SECONDS (it hangs), not
     on one that is slow but keeps going: five calls of 0.3 s each are all sent under a 0.5 s

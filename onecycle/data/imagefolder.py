@@ -132,7 +132,15 @@ def assemble(
             xs = []
             for i in keep:
                 name, data = load(items[i][1])
-                xs.append(decode(data, name, image_size, limits.max_image_pixels))
+                try:
+                    xs.append(decode(data, name, image_size, limits.max_image_pixels))
+                except DataError as exc:
+                    if "unreadable image" not in str(exc):
+                        raise
+                    raise DataError(
+                        f"{exc}; replace it with a good copy or delete it from the dataset, "
+                        "then rerun"
+                    ) from None
                 bar.update()
             out[split] = (np.stack(xs), y[keep])
     return Dataset(*out["train"], *out["test"], classes)

@@ -46,9 +46,15 @@ def tracking_uri(root: Path | None = None) -> str:
     return f"sqlite:///{(root or repo_root()) / paths.MLFLOW_DB}"
 
 
-def way_out(uri: str) -> str:
+def way_out(uri: str, error: BaseException | None = None) -> str:
+    """What to do about a store that cannot be used; ``error``, what it said."""
     if uri.startswith("sqlite:///"):
         db = uri.removeprefix("sqlite:///")
+        if error is not None and "disk is full" in str(error):  # SQLite's words for ENOSPC
+            return (
+                f"free space on its disk (df -h {Path(db).parent}), or set MLFLOW_TRACKING_URI "
+                "to a store on another disk"
+            )
         return (
             f"move it aside to start a new store (mv {db} {db}.broken), make it and its folder "
             "writable, or set MLFLOW_TRACKING_URI to another store"
@@ -111,7 +117,7 @@ def within(seconds: float, what: str, uri: str, fn: Callable):
     if "error" in box:
         raise access_error(box["error"], uri, what) or TrackingError(
             f"MLflow store {shown} cannot be used ({what}: {redact(short_error(box['error']))}): "
-            f"{way_out(uri)}"
+            f"{way_out(uri, box['error'])}"
         )
     return box.get("value")
 

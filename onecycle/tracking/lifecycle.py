@@ -176,7 +176,7 @@ def _start_run(stage: str, run_id: str | None, tags: dict, uri: str):
     except Exception as exc:
         raise connect.access_error(exc, uri, "starting a run") or connect.TrackingError(
             f"MLflow store {redact(uri)} cannot be used (starting a run: "
-            f"{redact(short_error(exc))}): {connect.way_out(uri)}"
+            f"{redact(short_error(exc))}): {connect.way_out(uri, exc)}"
         ) from None
 
 
