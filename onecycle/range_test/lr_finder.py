@@ -241,7 +241,8 @@ def find(
 ) -> Finding:
     """The grids first (weight decay, then momentum), each choice taken where the train params
     say ``auto``; then the range test once per seed (``lr_find.seeds`` of them from
-    ``base.seed`` on), each curve checked, and the median of ``lr_find.suggestion`` chosen."""
+    ``base.seed`` on), each curve checked, and the median of ``lr_find.suggestion`` chosen;
+    with ``lr_find.refine``, that pick checked by short training probes (:mod:`refine`)."""
     lr_cfg = params.lr_find
     grids = []
     if lr_cfg.weight_decay_grid:
