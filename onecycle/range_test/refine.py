@@ -151,6 +151,50 @@ class Refinement:
         return f"{len(s['probes'])} probes ({s['epochs']:.2f} epochs; last round, val. accuracy: {last})"
 
 
+class _Prober:
+    """Short 1cycle runs of ``params.train`` from the same initial weights and batches, each
+    scored on the validation split with BatchNorm's statistics re-estimated."""
+
+    def __init__(self, params: Params, data: Prepared, dev: Device, weights, ranks: Ranks):
+        self.params, self.data, self.dev, self.weights, self.ranks = (
+            params,
+            data,
+            dev,
+            weights,
+            ranks,
+        )
+        self.x_val, self.y_val = split_tensors(data, dev, "val")
+        self.steps_per_epoch = self._session().steps_per_epoch
+
+    def _session(self):
+        p = self.params
+        return build_session(
+            p.model, p.train, self.data, self.dev, p.base.seed, p.train.base_momentum,
+            weights=self.weights, ranks=self.ranks,
+        )  # fmt: skip
+
+    def run(self, lr: float, steps: int, round_: int, bar) -> Probe:
+        t0 = time.perf_counter()
+        s = self._session()
+        sched = schedule.for_training(self.params.train.model_copy(update={"epochs": 1}), lr, steps)
+        batches = s.stream()
+        s.model.train()
+        for step in range(steps):
+            s.step(*next(batches), *sched(step))
+            bar.set_postfix(round=round_, lr=f"{lr:.3g}", refresh=False)
+            bar.update()
+        recalibrate_batchnorm(s.model, batches, BN_BATCHES)
+        loss, acc = evaluate(s.model, self.x_val, self.y_val, self.dev)
+        # rank 0's score on every rank (each re-estimated BatchNorm on its own shard), so that
+        # all ranks keep the same candidates and train them in step
+        loss, acc = (
+            s.ranks.main_value(torch.tensor(v, device=self.dev.device)) for v in (loss, acc)
+        )
+        if not math.isfinite(loss):
+            loss, acc = math.inf, 0.0
+        return Probe(lr, round_, steps, acc, loss, time.perf_counter() - t0)
+
+
 def refine(
     params: Params,
     data: Prepared,
@@ -163,48 +207,16 @@ def refine(
     ``params.train`` (its batch, weight decay, momentum, augmentation, pct_start; every ``auto``
     already made a number) cut to the probe's steps, scored on the validation split
     (``data.val_images``). The first round's probes are ``lr_find.refine_epochs`` long."""
-    cfg, train = params.lr_find, params.train
     if not data.has_val:
         raise LRFindError(
             "lr_find.refine scores its probes on the validation split, and data/prepared has "
             "none: set data.val_images (e.g. 1000), or lr_find.refine: 0"
         )
-    x_val, y_val = split_tensors(data, dev, "val")
-
-    def session():
-        return build_session(
-            params.model, train, data, dev, params.base.seed, train.base_momentum,
-            weights=weights, ranks=ranks,
-        )  # fmt: skip
-
-    spe = session().steps_per_epoch
-    first = max(MIN_PROBE_STEPS, round(cfg.refine_epochs * spe))
-    lrs = candidates(pick, cfg.refine)
+    prober = _Prober(params, data, dev, weights, ranks)
+    first = max(MIN_PROBE_STEPS, round(params.lr_find.refine_epochs * prober.steps_per_epoch))
+    lrs = candidates(pick, params.lr_find.refine)
     with progress.bar(probe_cost(len(lrs), first), "lr_find refine") as bar:
-
-        def run(lr: float, steps: int, round_: int) -> Probe:
-            t0 = time.perf_counter()
-            s = session()  # the same initial weights and batches for every probe
-            sched = schedule.for_training(train.model_copy(update={"epochs": 1}), lr, steps)
-            batches = s.stream()
-            s.model.train()
-            for step in range(steps):
-                s.step(*next(batches), *sched(step))
-                bar.set_postfix(round=round_, lr=f"{lr:.3g}", refresh=False)
-                bar.update()
-            recalibrate_batchnorm(s.model, batches, BN_BATCHES)
-            loss, acc = evaluate(s.model, x_val, y_val, dev)
-            # rank 0's score on every rank (each re-estimated BatchNorm on its own shard), so
-            # that all ranks keep the same candidates and train them in step
-            loss, acc = (
-                s.ranks.main_value(torch.tensor(v, device=dev.device)) for v in (loss, acc)
-            )
-            if not math.isfinite(loss):
-                loss, acc = math.inf, 0.0
-            return Probe(lr, round_, steps, acc, loss, time.perf_counter() - t0)
-
-        rounds = halve(lrs, first, run)
-    found = Refinement(pick, rounds, spe)
+        rounds = halve(lrs, first, lambda lr, steps, round_: prober.run(lr, steps, round_, bar))
     if not math.isfinite(rank(rounds[-1])[0].val_loss):
         raise LRFindError(
             f"every lr_find.refine probe's loss went non-finite (max LRs "
@@ -212,4 +224,4 @@ def refine(
             "the curve's pick is far too high; lower lr_find.end_lr or choose another "
             "lr_find.suggestion"
         )
-    return found
+    return Refinement(pick, rounds, prober.steps_per_epoch)
