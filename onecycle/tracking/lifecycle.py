@@ -21,7 +21,8 @@ from onecycle import files, paths, progress
 from onecycle.errors import MissingInput, UserError
 from onecycle.redact import redact, redact_values
 from onecycle.tracking import connect, provenance
-from onecycle.tracking.recorder import Recorder, report_unlogged, short_error
+from onecycle.tracking.recorder import Recorder, short_error
+from onecycle.tracking.unlogged import report_unlogged
 
 # How long a stage's end waits for each call that marks its run ended once the store did not take
 # the queue (it hangs or is away): one try, not MLflow's three of 15 s for each of two calls.

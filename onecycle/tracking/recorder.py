@@ -6,7 +6,6 @@ stage waits for the queue); what could not be logged is summed up at the end."""
 from __future__ import annotations
 
 import collections
-import errno
 import math
 import tempfile
 import threading
@@ -16,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from onecycle import progress
-from onecycle.files import CANNOT_WRITE, NO_SPACE
 from onecycle.params_file import flatten
 from onecycle.redact import redact, redact_values
 
@@ -48,7 +46,7 @@ class Call:
     file: str | None = None
 
 
-def _some(names: Sequence[str], shown: int = 4) -> str:
+def some_names(names: Sequence[str], shown: int = 4) -> str:
     more = f" and {len(names) - shown} more" if len(names) > shown else ""
     return ", ".join(names[:shown]) + more
 
@@ -203,7 +201,7 @@ class Recorder:
             steps = f"{chunk[0].step}..{chunk[-1].step}" if len(rows) > 1 else f"{chunk[0].step}"
             names = tuple(sorted({m.key for m in chunk}))
             self._call(
-                f"metrics {_some(names)} at step {steps}",
+                f"metrics {some_names(names)} at step {steps}",
                 lambda c=chunk: self._client().log_batch(self.run_id, metrics=c),
                 metrics=names,
                 steps=(chunk[0].step, chunk[-1].step),
@@ -249,61 +247,3 @@ class Recorder:
             copy = Path(tmp) / path.name
             copy.write_text(redact(text))
             self._client().log_artifact(self.run_id, str(copy), artifact_path)
-
-
-LOCAL_ERRNOS = NO_SPACE | set(CANNOT_WRITE) | {errno.ENOTDIR}  # a folder this machine cannot write
-
-
-def _cause(recorder: Recorder) -> str:
-    """Why the store failed, as the closing line says it: a folder this machine cannot write
-    (the local artifact store: permissions, read-only, full), else the store unreachable."""
-    exc = recorder.last_error
-    text = str(exc) if exc is not None else ""
-    if recorder.uri.startswith("sqlite:///") and (
-        "readonly database" in text or "database or disk is full" in text
-    ):
-        db = recorder.uri.removeprefix("sqlite:///")
-        cause = "is read-only" if "readonly" in text else "has no space left on its disk"
-        return (
-            f"the MLflow store {db} {cause} (make it and its folder writable, free space, or set "
-            "MLFLOW_TRACKING_URI to another store)"
-        )
-    if isinstance(exc, OSError) and exc.errno in LOCAL_ERRNOS:
-        where = redact(str(exc.filename)) if exc.filename else "its artifact folder"
-        return (
-            f"MLflow could not write {where} ({exc.strerror or short_error(exc)}: make the folder "
-            "writable or free space, or set MLFLOW_TRACKING_URI to another store)"
-        )
-    return f"MLflow at {recorder.shown_uri} is unreachable"
-
-
-def summarize(calls: list[Call], files_shown: int = 5) -> list[str]:
-    """What a run lacks in a few lines: the metric batches as one line (their names, the step
-    range, how many batches), the files as one, the rest as they are."""
-    batches = [c for c in calls if c.metrics]
-    files = [c.file for c in calls if c.file]
-    lines = [c.what for c in calls if not c.metrics and not c.file]
-    if len(batches) == 1:
-        lines.append(batches[0].what)
-    elif batches:
-        names = sorted({n for c in batches for n in c.metrics})
-        low = min(c.steps[0] for c in batches)
-        high = max(c.steps[1] for c in batches)
-        lines.append(f"metrics {_some(names)} at steps {low}..{high} ({len(batches)} batches)")
-    if files:
-        more = f", and {len(files) - files_shown} more" if len(files) > files_shown else ""
-        lines.append(f"{len(files)} file(s): {', '.join(files[:files_shown])}{more}")
-    return lines
-
-
-def report_unlogged(recorder: Recorder, stage: str) -> bool:
-    """At a stage's end: send what waits (True), or say in a few lines what the run lacks and
-    why (False)."""
-    if recorder.flush():
-        return True
-    lines = "\n".join(f"  - {what}" for what in summarize(recorder.unlogged()))
-    progress.say(
-        f"{stage}: {_cause(recorder)}; run {recorder.run_id} is missing:\n"
-        f"{lines}\nThe stage's own outputs hold all of it (metrics/, plots/, models/)."
-    )
-    return False
