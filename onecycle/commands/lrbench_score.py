@@ -245,7 +245,8 @@ def confirmed(curve: Curve, results: list[dict], grid: list[dict] | None = None)
         "runs": len(results),
         "train_seconds": _mean_of(results, "seconds"),
         "other_seconds": _mean_of(
-            [{"x": r["wall_seconds"] - r["seconds"]} for r in results if r.get("wall_seconds")], "x"
+            [{"other": r["wall_seconds"] - r["seconds"]} for r in results if r.get("wall_seconds")],
+            "other",
         ),
         **_paired(curve, results, grid or []),
     }

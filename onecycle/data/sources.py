@@ -211,6 +211,14 @@ def _fetch_url(
         raise DataError(f"{exc}\n(downloaded from {source})") from None
 
 
+def missing_source(path: Path) -> DataError:
+    """The error for a local ``data.source`` that does not exist (download and check_params)."""
+    return DataError(
+        f"data.source: {path} does not exist; give cifar10, cifar100, the official archive's "
+        "path or URL, or an image-folder dataset (directory or .tar.gz/.zip)"
+    )
+
+
 def _read_local(
     path: Path, image_size: int, limits: Limits, pick: Pick, label: str | None = None
 ) -> tuple[Dataset, str]:
@@ -219,10 +227,7 @@ def _read_local(
     ``label`` names the source in the description (a URL the file was downloaded from).
     """
     if not path.exists():
-        raise DataError(
-            f"data.source: {path} does not exist; give cifar10, cifar100, the official archive's "
-            "path or URL, or an image-folder dataset (directory or .tar.gz/.zip)"
-        )
+        raise missing_source(path)
     if path.is_dir():
         return read_image_folder_dir(path, image_size, limits, pick), str(path)
     digest = download.md5sum(path)

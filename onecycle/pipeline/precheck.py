@@ -24,10 +24,9 @@ def local_source(cfg: DataConfig, root: Path) -> Path | None:
     path = Path(cfg.source).expanduser()
     path = path if path.is_absolute() else root / path
     if not path.exists():
-        raise DataError(
-            f"data.source: {path} does not exist; give cifar10, cifar100, the official "
-            "archive's path or URL, or an image-folder dataset (directory or .tar.gz/.zip)"
-        )
+        from onecycle.data.sources import missing_source
+
+        raise missing_source(path)
     return path
 
 

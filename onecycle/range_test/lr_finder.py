@@ -223,12 +223,10 @@ class Finding:
         r = self.result
         spread = f" (seeds: {r[method + '_min']:.3g}..{r[method + '_max']:.3g})"
         picks = ", ".join(f"{m} {self.per_seed[0][m]:.3g}" for m in SUGGESTERS)
-        by = f"by {method}{spread if len(self.seeds) > 1 else ''}"
+        spread = spread if len(self.seeds) > 1 else ""
+        by = f"by {method}{spread}"
         if self.refined:
-            by = (
-                f"refined from {method}'s {r['curve_max_lr']:.4g}"
-                f"{spread if len(self.seeds) > 1 else ''} by {self.refined.describe()}"
-            )
+            by = f"refined from {method}'s {r['curve_max_lr']:.4g}{spread} by {self.refined.describe()}"
         return f"max_lr = {r['max_lr']:.4g} {by}; {picks}"
 
 
@@ -268,6 +266,8 @@ def find(
     refined = None
     if lr_cfg.refine:  # the curve's pick checked by short training runs (range_test/refine.py)
         chosen = {g.name: g.summary()["chosen"] for g in grids}
+        # every auto of train made a number, as train will (the path only names the file in
+        # errors, which the config checks rule out here)
         train = handoff.resolve(params.train, {**chosen, **result}, Path("lr_find")).cfg
         probed = params.model_copy(update={"train": train})
         refined = refine.refine(probed, data, dev, result["max_lr"], weights, ranks)
