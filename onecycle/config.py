@@ -208,23 +208,15 @@ class TrainConfig(_Section):
     compile: Literal["auto"] | bool = "auto"
     augment: AugmentConfig = AugmentConfig()
 
-    @field_validator("max_lr")
+    @field_validator("max_lr", "base_lr")
     @classmethod
-    def _max_lr(cls, v):
+    def _lr(cls, v, info: ValidationInfo):
         if isinstance(v, float) and not (0 < v < float("inf")):
             raise ValueError("must be 'auto' or a finite number > 0")
-        return v
-
-    @field_validator("base_lr")
-    @classmethod
-    def _base_lr(cls, v, info: ValidationInfo):
-        if isinstance(v, float):
-            if not (0 < v < float("inf")):
-                raise ValueError("must be 'auto' or a finite number > 0")
-            max_lr = info.data.get("max_lr")
-            cyclic = info.data.get("schedule") == "cyclic"
-            if cyclic and isinstance(max_lr, float) and v >= max_lr:
-                raise ValueError(f"must be below train.max_lr ({max_lr}): the cycle runs up to it")
+        max_lr = info.data.get("max_lr")
+        cyclic = info.field_name == "base_lr" and info.data.get("schedule") == "cyclic"
+        if cyclic and isinstance(v, float) and isinstance(max_lr, float) and v >= max_lr:
+            raise ValueError(f"must be below train.max_lr ({max_lr}): the cycle runs up to it")
         return v
 
     @field_validator("cycle_epochs")
