@@ -41,13 +41,21 @@ def shared_cifar() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_data(shared_cifar, tmp_path_factory):
+def tiny_data(shared_cifar, pytestconfig):
     """A stratified 640-train / 200-test slice of real CIFAR-10 (only those images decoded),
-    saved and loaded like the download stage does."""
-    cfg = DataConfig(source=str(shared_cifar), train_subset=640, test_subset=200)
-    ds, _ = sources.fetch(cfg, ROOT, ROOT / "data" / "raw", seed=0)
-    out = tmp_path_factory.mktemp("prepared") / "prepared"
-    prepared.save_prepared(ds, out, "test slice of cifar10-jpg")
+    saved and loaded like the download stage does. Made once per test run: the first xdist
+    worker to ask reads the archive (5 s of CPU), the others wait on its lock and load it."""
+    import fcntl
+
+    out = _run_dir(pytestconfig) / "tiny-data" / "prepared"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not out.exists():
+            cfg = DataConfig(source=str(shared_cifar), train_subset=640, test_subset=200)
+            ds, _ = sources.fetch(cfg, ROOT, ROOT / "data" / "raw", seed=0)
+            prepared.save_prepared(ds, out.with_name("partial"), "test slice of cifar10-jpg")
+            out.with_name("partial").rename(out)
     return prepared.load_prepared(out)
 
 
@@ -67,10 +75,15 @@ def tiny_params():
 # ---------------------------------------------------------------- the shared tiny pipeline run
 
 
-def _tiny_dest(config: pytest.Config) -> Path:
-    """Where the shared run is built: one folder for the whole test run, xdist workers included."""
+def _run_dir(config: pytest.Config) -> Path:
+    """One folder for the whole test run, xdist workers included."""
     base = config._tmp_path_factory.getbasetemp()  # the tmp_path_factory fixture's own
-    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "tiny" / "repo"
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def _tiny_dest(config: pytest.Config) -> Path:
+    """Where the shared run is built."""
+    return _run_dir(config) / "tiny" / "repo"
 
 
 def _whole_suite(config: pytest.Config) -> bool:

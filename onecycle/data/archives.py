@@ -170,17 +170,17 @@ def _link_target(
     return target
 
 
-def _check_declared_total(path: Path, limits: Limits) -> None:
-    """The image files' sizes summed from the member headers alone and refused past
-    ``data.max_total_mb`` before any file is read. tarfile walks a compressed stream through
-    and keeps nothing (about a second for the 60,000 members of CIFAR-10 as JPEGs); checked
-    while reading instead, 40 members of 63 MiB of zeros held 2.1 GB before the refusal."""
+def _check_declared_total(path: Path, members: list[tarfile.TarInfo], limits: Limits) -> None:
+    """The image files' sizes summed from the member headers alone (``tar.getmembers()``: one
+    walk through the stream, no file read) and refused past ``data.max_total_mb`` before any
+    file is read: checked while reading instead, 40 members of 63 MiB of zeros held 2.1 GB
+    before the refusal. The reader then goes over the same headers, not a second walk (that
+    took half of the 8 s a 640-image subset of CIFAR-10's tar.gz cost)."""
     layout, total = Layout(str(path)), 0
-    with tarfile.open(path, "r:*") as tar:
-        for member in tar:
-            if member.isfile() and layout.place(member.name, is_dir=False):
-                total += member.size
-                limits.check_total(path, total)
+    for member in members:
+        if member.isfile() and layout.place(member.name, is_dir=False):
+            total += member.size
+            limits.check_total(path, total)
 
 
 def class_count(path: Path) -> int | None:
@@ -215,8 +215,8 @@ def read_image_folder_tar(
     files: dict[str, tarfile.TarInfo] = {}  # file members so far, for the hardlinks that follow
     total = 0  # bytes read into blobs
     try:
-        _check_declared_total(path, limits)
         with tarfile.open(path, "r:*") as tar:
+            _check_declared_total(path, tar.getmembers(), limits)
             for member in tar_members(tar, path):
                 if member.isdir():
                     layout.place(member.name, is_dir=True)
