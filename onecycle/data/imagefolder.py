@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from onecycle.data.images import Limits, decode, pixel_limit
+from onecycle.data.images import Limits, UnreadableImage, decode, pixel_limit
 from onecycle.data.prepared import Dataset
 from onecycle.errors import DataError
 
@@ -134,9 +134,7 @@ def assemble(
                 name, data = load(items[i][1])
                 try:
                     xs.append(decode(data, name, image_size, limits.max_image_pixels))
-                except DataError as exc:
-                    if "unreadable image" not in str(exc):
-                        raise
+                except UnreadableImage as exc:
                     raise DataError(
                         f"{exc}; replace it with a good copy or delete it from the dataset, "
                         "then rerun"

@@ -104,6 +104,10 @@ def _too_large(name: str, data: bytes, max_pixels: int, exc: Exception) -> DataE
     return ImageTooLarge(name, size, max_pixels)
 
 
+class UnreadableImage(DataError):
+    """A file that does not decode as an image (a dataset's reader adds what to do about it)."""
+
+
 def decode(data: bytes, name: str, image_size: int, max_pixels: int) -> np.ndarray:
     """Decode one image to RGB at ``image_size``; call it inside :func:`pixel_limit`."""
     try:
@@ -115,9 +119,9 @@ def decode(data: bytes, name: str, image_size: int, max_pixels: int) -> np.ndarr
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         raise _too_large(name, data, max_pixels, exc) from None
     except UnidentifiedImageError:  # its text names the in-memory buffer, not the file
-        raise DataError(f"{name}: unreadable image (not a format PIL can identify)") from None
+        raise UnreadableImage(f"{name}: unreadable image (not a format PIL can identify)") from None
     except Exception as exc:
-        raise DataError(f"{name}: unreadable image ({type(exc).__name__}: {exc})") from None
+        raise UnreadableImage(f"{name}: unreadable image ({type(exc).__name__}: {exc})") from None
 
 
 def decode_image(data: bytes, name: str, image_size: int, max_pixels: int) -> np.ndarray:

@@ -156,13 +156,8 @@ class _Prober:
     scored on the validation split with BatchNorm's statistics re-estimated."""
 
     def __init__(self, params: Params, data: Prepared, dev: Device, weights, ranks: Ranks):
-        self.params, self.data, self.dev, self.weights, self.ranks = (
-            params,
-            data,
-            dev,
-            weights,
-            ranks,
-        )
+        self.params, self.data, self.dev = params, data, dev
+        self.weights, self.ranks = weights, ranks
         self.x_val, self.y_val = split_tensors(data, dev, "val")
         self.steps_per_epoch = self._session().steps_per_epoch
 

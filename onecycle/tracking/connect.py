@@ -46,11 +46,20 @@ def tracking_uri(root: Path | None = None) -> str:
     return f"sqlite:///{(root or repo_root()) / paths.MLFLOW_DB}"
 
 
+def sqlite_trouble(error: BaseException | None) -> str | None:
+    """ "full" or "read-only" where SQLite said so (its words for ENOSPC and a file it may not
+    write, through SQLAlchemy), else None."""
+    text = str(error) if error is not None else ""
+    if "database or disk is full" in text:
+        return "full"
+    return "read-only" if "readonly database" in text else None
+
+
 def way_out(uri: str, error: BaseException | None = None) -> str:
     """What to do about a store that cannot be used; ``error``, what it said."""
     if uri.startswith("sqlite:///"):
         db = uri.removeprefix("sqlite:///")
-        if error is not None and "disk is full" in str(error):  # SQLite's words for ENOSPC
+        if sqlite_trouble(error) == "full":
             return (
                 f"free space on its disk (df -h {Path(db).parent}), or set MLFLOW_TRACKING_URI "
                 "to a store on another disk"

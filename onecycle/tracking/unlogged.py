@@ -9,6 +9,7 @@ import errno
 from onecycle import progress
 from onecycle.files import CANNOT_WRITE, NO_SPACE
 from onecycle.redact import redact
+from onecycle.tracking.connect import sqlite_trouble
 from onecycle.tracking.recorder import Call, Recorder, short_error, some_names
 
 LOCAL_ERRNOS = NO_SPACE | set(CANNOT_WRITE) | {errno.ENOTDIR}  # a folder this machine cannot write
@@ -18,12 +19,10 @@ def _cause(recorder: Recorder) -> str:
     """Why the store failed, as the closing line says it: a folder this machine cannot write
     (the local artifact store: permissions, read-only, full), else the store unreachable."""
     exc = recorder.last_error
-    text = str(exc) if exc is not None else ""
-    if recorder.uri.startswith("sqlite:///") and (
-        "readonly database" in text or "database or disk is full" in text
-    ):
+    trouble = sqlite_trouble(exc)
+    if recorder.uri.startswith("sqlite:///") and trouble:
         db = recorder.uri.removeprefix("sqlite:///")
-        cause = "is read-only" if "readonly" in text else "has no space left on its disk"
+        cause = "is read-only" if trouble == "read-only" else "has no space left on its disk"
         return (
             f"the MLflow store {db} {cause} (make it and its folder writable, free space, or set "
             "MLFLOW_TRACKING_URI to another store)"
