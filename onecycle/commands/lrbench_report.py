@@ -11,7 +11,6 @@ from onecycle.tracking import provenance
 SHOWN = {  # the rules drawn on each scenario's figure
     "the old default": "min_div10 (ema 0.98)",
     "fastai valley": "valley (ema 0.98)",
-    "the minimum (the default before min_safe)": "min/1 (centered 0.2), long sweep, median of 3",
 }
 
 
