@@ -22,7 +22,7 @@ from onecycle.redact import has_credentials, redact
 
 # lr_find.suggestion's choices (curves.SUGGESTERS reads each); the first is the default, chosen
 # by make bench-lr (docs/method.md)
-SUGGESTIONS = ("min_safe", "min", "min_div10", "valley", "steepest")
+SUGGESTIONS = ("min", "min_div10", "valley", "steepest")
 RESNET9 = "resnet9"  # model.arch's default, the custom ResNet (training/model.py)
 
 

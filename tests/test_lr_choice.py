@@ -20,45 +20,6 @@ def test_min_is_the_extremum_and_divides_by_k():
     assert curves.suggest_min(LRS, _curve(), divisor=3) == pytest.approx(LRS[75] / 3, rel=1e-12)
 
 
-def _cliff(rise: float = 0.0) -> list[float]:
-    """_curve's tanh fall cut at index 80, where the sweep broke off still falling (its minimum
-    at the trimmed curve's end, index 75); with ``rise``, the loss turns at index 70 and climbs
-    back, by index 75, that share of its fall (about 1.0)."""
-    i = np.arange(81)
-    loss = 2.0 - 0.5 * np.tanh((i - 55) / 5.0)
-    if rise:
-        loss[71:] = loss[70] + rise * (i[71:] - 70) / 5
-    return list(loss)
-
-
-def test_min_safe_reads_the_minimum_unless_the_sweep_broke_off_still_falling():
-    # A valley (the loss turned up before the end) is read at its minimum however it stopped.
-    for stop in ("completed", "diverged", "non-finite"):
-        assert curves.suggest_min_safe(LRS, _curve(), stop) == LRS[75]
-    # A cliff: diverged while the curve was still falling. Trimmed (n = 81: indices 8..75), it
-    # falls from 2.5 to 1.50034 at 75; 80 % of that fall is 1.70027, first reached where
-    # tanh((i - 55) / 5) >= 0.59946, i >= 55 + 5 atanh(0.59946) = 58.46: index 59.
-    assert curves.broke_off(LRS[:81], _cliff(), "diverged")
-    assert curves.suggest_min_safe(LRS[:81], _cliff(), "diverged") == LRS[59]
-    assert curves.suggest_min_safe(LRS[:81], _cliff(), "non-finite") == LRS[59]
-    # The same curve from a sweep that ran to its end LR: the end of the range, read as min.
-    assert not curves.broke_off(LRS[:81], _cliff(), "completed")
-    assert curves.suggest_min_safe(LRS[:81], _cliff(), "completed") == LRS[75]
-    # Past its minimum (index 70 now) the curve climbed back 5 % of its fall before the blow-up:
-    # still a cliff (below CLIFF_RISE, 10 %); 20 %: a valley, read at its minimum.
-    assert curves.broke_off(LRS[:81], _cliff(rise=0.05), "diverged")
-    assert not curves.broke_off(LRS[:81], _cliff(rise=0.2), "diverged")
-    assert curves.suggest_min_safe(LRS[:81], _cliff(rise=0.2), "diverged") == LRS[70]
-    assert curves.suggest_min_safe(LRS[:81], _cliff(), "diverged", fall=0.5) == LRS[55]
-
-
-def test_the_pipeline_reads_min_safe_with_how_the_sweep_stopped():
-    sweep = curves.Sweep(LRS[:81], _cliff(), _cliff(), stop="diverged")
-    assert curves.suggestions(sweep)["min_safe"] == LRS[59]
-    assert curves.suggestions(sweep)["min"] == LRS[75]
-    assert curves.read(curves.suggest_min_safe, sweep, fall=0.5) == LRS[55]
-
-
 def test_blowup_is_where_the_loss_climbs_back_above_its_start():
     # Trimmed, the curve starts at index 10 (2.5 - 1.5e-8). Past the minimum (75) the loss is
     # 1.5 + 0.2 (i - 75) give or take the tanh's last 1e-4: 2.30 at 79, 2.50005 at 80.
@@ -257,7 +218,6 @@ def test_the_rule_the_report_calls_the_default_is_params_yamls():
 
     d = LRFindConfig()
     seeds = "median of 3" if d.seeds == 3 else f"{d.seeds} seeds"
-    reader = f"{d.suggestion}/1" if d.suggestion == "min" else d.suggestion  # min/k names a k
-    want = f"{reader} ({d.smooth} {d.smooth_window:g}), long sweep, {seeds}"
+    want = f"{d.suggestion}/1 ({d.smooth} {d.smooth_window:g}), long sweep, {seeds}"
     assert lrbench_score.PIPELINE_DEFAULT == want
     assert want.rsplit(", ", 2)[0] in lrbench_score.candidates()

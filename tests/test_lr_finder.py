@@ -99,30 +99,9 @@ def test_valley_ignores_a_noisy_early_dip():
 
 def test_choose_reports_median_min_and_max_over_seeds():
     per_seed = [
-        {
-            "min_safe": 0.5,
-            "min": 0.5,
-            "valley": 0.1,
-            "steepest": 0.3,
-            "min_div10": 0.05,
-            "lower_bound": 0.01,
-        },
-        {
-            "min_safe": 0.6,
-            "min": 0.6,
-            "valley": 0.3,
-            "steepest": 0.2,
-            "min_div10": 0.06,
-            "lower_bound": 0.02,
-        },
-        {
-            "min_safe": 0.7,
-            "min": 0.7,
-            "valley": 0.2,
-            "steepest": 0.1,
-            "min_div10": 0.07,
-            "lower_bound": 0.03,
-        },
+        {"min": 0.5, "valley": 0.1, "steepest": 0.3, "min_div10": 0.05, "lower_bound": 0.01},
+        {"min": 0.6, "valley": 0.3, "steepest": 0.2, "min_div10": 0.06, "lower_bound": 0.02},
+        {"min": 0.7, "valley": 0.2, "steepest": 0.1, "min_div10": 0.07, "lower_bound": 0.03},
     ]
     out = curves.choose(per_seed, "valley", (1e-4, 10))
     assert out["max_lr"] == out["valley"] == pytest.approx(0.2)
@@ -133,31 +112,13 @@ def test_choose_reports_median_min_and_max_over_seeds():
 def test_choose_refuses_a_value_outside_the_swept_range():
     with pytest.raises(curves.LRFindError, match="outside the swept range"):
         curves.choose(
-            [
-                {
-                    "min_safe": 1.0,
-                    "min": 1.0,
-                    "valley": 50.0,
-                    "steepest": 1.0,
-                    "min_div10": 1.0,
-                    "lower_bound": 0.1,
-                }
-            ],
+            [{"min": 1.0, "valley": 50.0, "steepest": 1.0, "min_div10": 1.0, "lower_bound": 0.1}],
             "valley",
             (1e-4, 10),
         )
     with pytest.raises(curves.LRFindError):
         curves.choose(
-            [
-                {
-                    "min_safe": 1,
-                    "min": 1,
-                    "valley": float("nan"),
-                    "steepest": 1,
-                    "min_div10": 1,
-                    "lower_bound": 0.1,
-                }
-            ],
+            [{"min": 1, "valley": float("nan"), "steepest": 1, "min_div10": 1, "lower_bound": 0.1}],
             "valley",
             (1e-4, 10),
         )

@@ -49,7 +49,7 @@ def test_a_study_file_is_read_with_its_runs_named_for_finding_them_again(tmp_pat
         (("name: lr", "name: LR study"), "name: 'LR study' must be"),
         (("seeds: [0, 1, 2]", "seeds: []"), "seeds: List should have at least 1 item"),
         (("seeds: [0, 1, 2]", "seeds: [0, true]"), "seeds.1: Input should be a valid integer"),
-        (("picks: [valley]", "picks: [fastest]"), "picks.0: Input should be 'min_safe', 'min'"),
+        (("picks: [valley]", "picks: [fastest]"), "picks.0: Input should be 'min', 'min_div10'"),
         (("figure: max_lr", "figure: pie"), "figure: Input should be 'epochs' or 'max_lr'"),
         (("  lr-0.1:", "  lr..1:"), r"settings: labels \['lr..1'\]"),
         (("figure: max_lr", "figur: max_lr"), "figur: unknown key; the keys here are name, desc"),

@@ -52,8 +52,7 @@ class Curve:
         return 100 * (self.val_mean[self.best] - self.at(lr))
 
 
-# (lrs, losses, held-out losses, how the sweep stopped) -> lr
-Rule = Callable[[list[float], list[float], list[float], str], float]
+Rule = Callable[[list[float], list[float], list[float]], float]  # (lrs, losses, val) -> lr
 
 
 STOP = 4.0  # lr_find.diverge_factor: the stored sweeps ran on to 10, cut here when read
@@ -63,10 +62,10 @@ def rule(reader: Callable, how: str, fraction: float, on: str = "train", **kw) -
     """A suggestion rule: the curve (training or held-out loss) smoothed by ``how`` over
     ``fraction`` of the sweep, then read by ``reader`` (a ``curves.suggest_*``)."""
 
-    def pick(lrs, losses, val_losses, stop="completed"):
+    def pick(lrs, losses, val_losses):
         raw = val_losses if on == "val" else losses
-        read = curves.Sweep(lrs, raw, stop=stop).reread(how, fraction, STOP)  # as lr_finder does
-        return curves.read(reader, read, **kw)
+        read = curves.Sweep(lrs, raw).reread(how, fraction, STOP)  # as lr_finder.range_test
+        return reader(read.lrs, read.smooth, **kw)
 
     return pick
 
@@ -74,7 +73,7 @@ def rule(reader: Callable, how: str, fraction: float, on: str = "train", **kw) -
 def legacy(reader: Callable, beta: float = 0.98, **kw) -> Rule:
     """The old rules: the EMA at a fixed ``beta`` (the former lr_find.smooth_beta, 0.98)."""
 
-    def pick(lrs, losses, val_losses, stop="completed"):
+    def pick(lrs, losses, val_losses):
         smoothed = curves.ema(losses, beta)
         n = next((i + 1 for i, v in enumerate(smoothed) if v > STOP * min(smoothed[: i + 1])), None)
         return reader(lrs[:n], smoothed[:n], **kw)
@@ -95,9 +94,6 @@ def candidates() -> dict[str, Rule]:
             tag = f"{how} {frac:g}"
             for k in (1, 2, 3, 4, 10):
                 out[f"min/{k} ({tag})"] = rule(curves.suggest_min, how, frac, divisor=k)
-            for fall in (0.7, 0.8, 0.9):  # the share of the fall read where a sweep broke off
-                name = "min_safe" if fall == curves.CLIFF_FALL else f"min_safe, fall {fall:g}"
-                out[f"{name} ({tag})"] = rule(curves.suggest_min_safe, how, frac, fall=fall)
             out[f"steepest ({tag})"] = rule(curves.suggest_steepest, how, frac)
             out[f"valley ({tag})"] = rule(curves.suggest_valley, how, frac)
             for k in (3, 10):
@@ -117,7 +113,7 @@ def picks(sweeps: list[dict], fn: Rule, num_iter: int, median_of: int = 1) -> li
     out = []
     for s in chosen:
         try:
-            lr = fn(s["lrs"], s["losses"], s["val_losses"], s.get("stop", "completed"))
+            lr = fn(s["lrs"], s["losses"], s["val_losses"])
         except (ValueError, IndexError, curves.LRFindError):
             lr = float("nan")
         out.append(lr if np.isfinite(lr) and lr > 0 else float("nan"))
@@ -195,10 +191,10 @@ def tolerance(curve: Curve) -> float:
     return max(0.5, 100 * float(curve.val_std[curve.best]))
 
 
-# What params.yaml's lr_find defaults read as a rule here (suggestion min_safe, smooth centered,
+# What params.yaml's lr_find defaults read as a rule here (suggestion min, smooth centered,
 # smooth_window 0.2, seeds 3, the scenario's longer sweep); tests/test_lr_choice.py holds it to
 # config.py's defaults. The report marks it apart from the rule the scores rank first.
-PIPELINE_DEFAULT = "min_safe (centered 0.2), long sweep, median of 3"
+PIPELINE_DEFAULT = "min/1 (centered 0.2), long sweep, median of 3"
 
 
 SPREAD_LIMIT = 1.5  # the acceptance bound on a rule's pick spread over the sweeps

@@ -183,32 +183,6 @@ def suggest_min(lrs, losses, divisor: float = 1.0) -> float:
     return float(lr[int(np.argmin(loss))] / divisor)
 
 
-CLIFF_RISE = 0.1  # past a cliff's minimum the curve climbs back less than this share of its fall
-CLIFF_FALL = 0.8  # min_safe on a cliff: the LR where the curve has made this share of its fall
-
-
-def broke_off(lrs, losses, stop: str) -> bool:
-    """Whether the sweep blew up before its loss turned up: a cliff, not a valley. It stopped
-    early (``stop`` diverged or non-finite) and, past its minimum, the curve (after fastai's
-    trim) climbed back less than CLIFF_RISE of its fall. Its minimum is then where training
-    broke, not the bottom of a valley (mobilenet_v3_small, docs/method.md)."""
-    if stop == "completed":
-        return False
-    _, loss = _trim(lrs, losses)
-    low = int(np.argmin(loss))
-    fall = loss[0] - loss[low]
-    return bool(fall > 0 and loss[low:].max() - loss[low] < CLIFF_RISE * fall)
-
-
-def suggest_min_safe(lrs, losses, stop: str = "completed", fall: float = CLIFF_FALL) -> float:
-    """The LR at the loss minimum (:func:`suggest_min`) where the curve turned up before the
-    sweep ended; where the sweep broke off still falling (:func:`broke_off`), the first LR at
-    which the loss has made ``fall`` of its fall from start to minimum instead."""
-    if broke_off(lrs, losses, stop):
-        return suggest_lower_bound(lrs, losses, fraction=fall)
-    return suggest_min(lrs, losses)
-
-
 def suggest_slide(lrs, losses, lr_diff: int = 15, thresh: float = 0.005) -> float:
     """fastai's slide rule (Andrew Chang): walking left from the end, the first LR where the
     loss's gradient (per step) differs by at most ``thresh`` from ``lr_diff`` steps to its right."""
@@ -268,7 +242,6 @@ def smooth(losses: list[float], how: str, fraction: float) -> list[float]:
 
 
 SUGGESTERS = {  # config.SUGGESTIONS' readers, and the lower bound
-    "min_safe": suggest_min_safe,  # also reads how the sweep stopped (read())
     "min": suggest_min,
     "min_div10": suggest_min_div10,
     "valley": suggest_valley,
@@ -302,16 +275,8 @@ def check_curve(sweep: Sweep, start_lr: float, num_iter: int) -> None:
     )
 
 
-def read(reader: Callable, sweep: Sweep, **kw) -> float:
-    """``reader``'s suggestion off ``sweep``'s curve; :func:`suggest_min_safe` also reads how
-    the sweep stopped."""
-    if reader is suggest_min_safe:
-        kw = {"stop": sweep.stop, **kw}
-    return reader(sweep.lrs, sweep.smooth, **kw)
-
-
 def suggestions(sweep: Sweep) -> dict[str, float]:
-    return {name: read(fn, sweep) for name, fn in SUGGESTERS.items()}
+    return {name: fn(sweep.lrs, sweep.smooth) for name, fn in SUGGESTERS.items()}
 
 
 def choose(per_seed: list[dict[str, float]], method: str, lr_range: tuple[float, float]) -> dict:
