@@ -159,6 +159,20 @@ def test_range_test_on_real_cifar_gives_a_sane_suggestion(tiny_data, tiny_params
     assert 1e-3 <= chosen <= 10
 
 
+def test_the_sweep_as_it_ran_reads_as_the_pipelines_curve(tiny_data, tiny_params):
+    """What make bench-lr stores (read=False: every raw loss up to the stop) is what the
+    pipeline reads once reread: the same steps, losses and curve."""
+    cfg = tiny_params.lr_find.model_copy(update={"num_iter": 40, "end_lr": 100.0})
+    params = tiny_params.model_copy(update={"lr_find": cfg})
+    dev = select_device("cpu", 0)
+    read = lf.range_test(params, tiny_data, dev, seed=0)
+    ran = lf.range_test(params, tiny_data, dev, seed=0, read=False)
+    assert len(ran.losses) >= len(read.losses) and ran.losses[: len(read.losses)] == read.losses
+    again = ran.reread(cfg.smooth, cfg.smooth_window, cfg.diverge_factor)
+    assert (again.lrs, again.losses, again.stop) == (read.lrs, read.losses, read.stop)
+    assert again.smooth == pytest.approx(read.smooth, rel=1e-12)
+
+
 def test_find_sweeps_every_seed_and_records_each_curve(tiny_data, tiny_params):
     params = tiny_params.model_copy(
         update={

@@ -51,7 +51,9 @@ def prepare(params, repo: Path):
 
 def run_sweeps(scenario: lrbench_spec.Scenario, repo: Path = Path(".")) -> list[dict]:
     """``sweeps.seeds`` range tests per length, each stored as it ends (resumable). They run to
-    a wide divergence factor (10): a rule's own stop is applied when it is scored."""
+    a wide divergence factor (10): a rule's own stop is applied when it is scored. Stored as
+    they ran, every raw loss up to the stop, not as the pipeline reads them: mobilenet's first
+    sweeps, stored as read, had been cut 40 steps short by a smoothing bug (docs/method.md)."""
     from onecycle.range_test import lr_finder
     from onecycle.training import init_weights
     from onecycle.training.runtime import select_device
@@ -80,7 +82,7 @@ def run_sweeps(scenario: lrbench_spec.Scenario, repo: Path = Path(".")) -> list[
             data, data_seed = weights.normalize(prepare(params, repo)), seed
         dev = select_device(params.base.device, params.base.num_workers)
         sweep = lr_finder.range_test(
-            params, data, dev, seed, f"{scenario.name} sweep {seed}/{n}", weights
+            params, data, dev, seed, f"{scenario.name} sweep {seed}/{n}", weights, read=False
         )
         done.append(
             {

@@ -63,13 +63,16 @@ def range_test(
     desc: str = "lr_find",
     weights: init_weights.InitialWeights = init_weights.RANDOM,
     ranks: Ranks = ONE,
+    read: bool = True,
 ) -> Sweep:
     """Sweep the LR over ``lr_find.num_iter`` mini-batches of the training data, in the session
     that training builds (same model, initial weights, optimizer, loss and augmentation as
     ``params.train``: the LR swept is the head's, the backbone's is ``model.backbone_lr_mult``
     times it). The sweep stops on an EMA of the loss over ``lr_find.smooth_window`` of its steps
     (all that is known while it runs); the curve returned is smoothed by ``lr_find.smooth``
-    over the same window, centered by default so its minimum does not lag."""
+    over the same window, centered by default so its minimum does not lag. With ``read``
+    False, the sweep as it ran (every raw loss up to its stop): what the LR-choice benchmark
+    stores, so that a change in how curves are read never alters stored data."""
     lr_cfg = params.lr_find
     train_idx, val = _held_out(data, lr_cfg.val_images, seed)
     session = build_session(
@@ -104,7 +107,9 @@ def range_test(
 
         beta = 1 - 1 / window(lr_cfg.num_iter, lr_cfg.smooth_window)
         sweep = run_sweep(step, lrs, beta, lr_cfg.diverge_factor, val_loss if val else None, show)
-    return sweep.reread(lr_cfg.smooth, lr_cfg.smooth_window, lr_cfg.diverge_factor)
+    return (
+        sweep.reread(lr_cfg.smooth, lr_cfg.smooth_window, lr_cfg.diverge_factor) if read else sweep
+    )
 
 
 def _curve_rows(sweep: Sweep, **keys) -> list[dict]:
