@@ -65,7 +65,8 @@ def markdown(scores: dict, found: dict, best: str, held_out: dict, machine: str,
         "Regret = the best grid point's mean validation accuracy minus the accuracy at the "
         "rule's pick (interpolated on log LR), in points, averaged over the stored sweeps; "
         "spread = largest pick / smallest. Chosen on validation accuracy; test accuracy is "
-        f"reported in scores.json. Measured on {machine}.",
+        f"reported in scores.json. Scored offline on {machine}; the CPUs that ran the grids, "
+        "sweeps and confirmation runs are named in docs/method.md.",
         "",
         "Each rule is read four ways: on one sweep of the pipeline's length, on the longest "
         "stored sweep (`long sweep`), and as the median of three sweeps (`median of 3`, the "
