@@ -141,6 +141,8 @@ class LRFindConfig(_Section):
     smooth_window: float = Field(0.2, gt=0, le=0.5)  # a fraction of the sweep's steps
     diverge_factor: float = Field(4.0, gt=1)
     suggestion: Literal[SUGGESTIONS] = SUGGESTIONS[0]  # chosen by make bench-lr
+    # the pick at most the LR where the loss climbed back above its start over this; 0 = off
+    blowup_margin: float = Field(12.0, ge=0)
     seeds: int = Field(3, ge=1, le=20)
     val_images: int = Field(0, ge=0)
     refine: int = Field(0, ge=0, le=8)  # candidates probed by training (range_test/refine.py)
@@ -158,6 +160,13 @@ class LRFindConfig(_Section):
         if any(not 0 < x < 1 for x in v):
             raise ValueError(f"every value must be a {what} in (0, 1), e.g. {example}")
         return sorted(set(v))
+
+    @field_validator("blowup_margin")
+    @classmethod
+    def _margin(cls, v):
+        if 0 < v < 1:
+            raise ValueError("a factor below the blow-up LR: 0 (off) or 1 or more (12 is usual)")
+        return v
 
     @field_validator("refine")
     @classmethod

@@ -4,6 +4,7 @@ log LR, spread, the median of several sweeps, the choice and its leave-one-scena
 The benchmark itself (hours of CPU) is `make bench-lr`, never run here."""
 
 import json
+import math
 import re
 
 import numpy as np
@@ -26,6 +27,31 @@ def test_blowup_is_where_the_loss_climbs_back_above_its_start():
     assert curves.suggest_blowup(LRS, _curve(), divisor=1) == LRS[80]
     with pytest.raises(curves.LRFindError, match="never climbed back.*lr_find.end_lr"):
         curves.suggest_blowup(LRS, list(np.linspace(3, 2, 101)), divisor=1)
+
+
+def test_the_cap_keeps_a_pick_its_margin_below_the_blowup():
+    # The curve climbs back above its start at LRS[80] (see above); LRS[75] / LRS[80] = 10^-0.25
+    blowup = curves.blowup_lr(LRS, _curve())
+    assert blowup == LRS[80]
+    assert curves.cap(LRS[75], blowup, 12) == pytest.approx(LRS[80] / 12, rel=1e-12)
+    assert curves.cap(LRS[75], blowup, 1.5) == LRS[75]  # 1.5 x LRS[75] is below LRS[80]
+    assert curves.cap(LRS[75], blowup, 0) == LRS[75]  # 0: off
+    never = list(np.linspace(3, 2, 101))  # still falling at the end: no blow-up, no cap
+    assert np.isnan(curves.blowup_lr(LRS, never))
+    assert curves.cap(0.5, curves.blowup_lr(LRS, never), 12) == 0.5
+
+
+def test_suggestions_cap_every_max_lr_but_not_the_floor():
+    sweep = curves.Sweep(LRS, _curve(), _curve())
+    plain, capped = curves.suggestions(sweep), curves.suggestions(sweep, margin=12)
+    assert capped["blowup"] == plain["blowup"] == LRS[80]
+    assert capped["min"] == pytest.approx(LRS[80] / 12, rel=1e-12) and plain["min"] == LRS[75]
+    assert capped["min_div10"] == plain["min_div10"]  # LRS[75] / 10 is below LRS[80] / 12
+    assert capped["lower_bound"] == plain["lower_bound"]
+    out = curves.choose([capped, plain | {"blowup": math.nan}], "min", (1e-4, 10))
+    assert out["blowup"] == LRS[80]  # the median of the sweeps that climbed back
+    none = curves.choose([plain | {"blowup": math.nan}], "min", (1e-4, 10))
+    assert none["blowup"] is None and none["blowup_min"] is None  # null in the JSON, not NaN
 
 
 def test_slide_follows_fastai():
@@ -129,6 +155,15 @@ def test_the_default_is_the_lowest_worst_case_regret_and_each_scenario_is_held_o
     assert held_out == {"s1": "b", "s2": "a", "s3": "b"}
 
 
+def test_a_tie_on_the_worst_case_goes_to_the_lower_mean_not_the_name():
+    scores = {  # both lose 0.6 on s2, where they read alike; "b" loses less elsewhere
+        "a": {"s1": {"regret_mean": 0.5}, "s2": {"regret_mean": 0.6}, "s3": {"regret_mean": 0.4}},
+        "b": {"s1": {"regret_mean": 0.1}, "s2": {"regret_mean": 0.6}, "s3": {"regret_mean": 0.2}},
+    }
+    best, held_out = lrbench_score.choose_default(scores)
+    assert best == "b" and held_out == {"s1": "b", "s2": "b", "s3": "b"}
+
+
 def test_a_scenario_file_becomes_a_study_of_its_grid(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text(
@@ -213,11 +248,13 @@ def test_a_grid_report_comes_from_stored_results_and_lists_what_is_missing(tmp_p
 
 def test_the_rule_the_report_calls_the_default_is_params_yamls():
     """The report marks PIPELINE_DEFAULT as the pipeline's default: it must read lr_find's
-    defaults (suggestion, smoothing, window, seeds), whatever the scores rank first."""
+    defaults (suggestion, smoothing, window, blow-up margin, seeds), whatever the scores rank
+    first."""
     from onecycle.config import LRFindConfig
 
     d = LRFindConfig()
     seeds = "median of 3" if d.seeds == 3 else f"{d.seeds} seeds"
-    want = f"{d.suggestion}/1 ({d.smooth} {d.smooth_window:g}), long sweep, {seeds}"
+    cap = f" capped at blowup/{d.blowup_margin:g}" if d.blowup_margin else ""
+    want = f"{d.suggestion}/1 ({d.smooth} {d.smooth_window:g}){cap}, long sweep, {seeds}"
     assert lrbench_score.PIPELINE_DEFAULT == want
     assert want.rsplit(", ", 2)[0] in lrbench_score.candidates()

@@ -194,6 +194,27 @@ def test_find_sweeps_every_seed_and_records_each_curve(tiny_data, tiny_params):
     assert "max_lr = " in found.describe("steepest") and "seeds: " in found.describe("steepest")
 
 
+def test_a_pick_stays_its_margin_below_where_the_sweep_blew_up(tiny_data, tiny_params):
+    """Run on to LR 100 the tiny model's loss climbs back above its start; the default pick (the
+    minimum) is then at most that LR / lr_find.blowup_margin, and says so."""
+    cfg = tiny_params.lr_find.model_copy(update={"num_iter": 40, "end_lr": 100.0, "seeds": 1})
+    dev = select_device("cpu", 0)
+    runs = {
+        m: lf.find(
+            tiny_params.model_copy(update={"lr_find": cfg.model_copy(update={"blowup_margin": m})}),
+            tiny_data,
+            dev,
+        )
+        for m in (0, 100)
+    }
+    off, on = (runs[m].metrics("min") for m in (0, 100))
+    assert off["blowup"] == on["blowup"] is not None  # the same sweep, read alike
+    assert off["min"] > on["blowup"] / 100  # uncapped, the minimum lies within 100x of it
+    assert on["max_lr"] == on["min"] == pytest.approx(on["blowup"] / 100, rel=1e-12)
+    assert "capped at blow-up" in runs[100].describe("min")
+    assert "capped" not in runs[0].describe("min")
+
+
 def test_a_short_sweep_is_smoothed_to_fit_not_refused():
     # 30 steps: the raw loss falls 9% over six steps, then rises. The old fixed EMA (beta 0.98,
     # a 50-step average) showed a 1% fall and refused the curve; a window of 0.2 of the sweep

@@ -58,14 +58,18 @@ Rule = Callable[[list[float], list[float], list[float]], float]  # (lrs, losses,
 STOP = 4.0  # lr_find.diverge_factor: the stored sweeps ran on to 10, cut here when read
 
 
-def rule(reader: Callable, how: str, fraction: float, on: str = "train", **kw) -> Rule:
+def rule(
+    reader: Callable, how: str, fraction: float, on: str = "train", margin: float = 0, **kw
+) -> Rule:
     """A suggestion rule: the curve (training or held-out loss) smoothed by ``how`` over
-    ``fraction`` of the sweep, then read by ``reader`` (a ``curves.suggest_*``)."""
+    ``fraction`` of the sweep, then read by ``reader`` (a ``curves.suggest_*``); with
+    ``margin``, capped at the curve's blow-up over it (``curves.cap``, lr_find.blowup_margin)."""
 
     def pick(lrs, losses, val_losses):
         raw = val_losses if on == "val" else losses
         read = curves.Sweep(lrs, raw).reread(how, fraction, STOP)  # as lr_finder.range_test
-        return reader(read.lrs, read.smooth, **kw)
+        lr = reader(read.lrs, read.smooth, **kw)
+        return curves.cap(lr, curves.blowup_lr(read.lrs, read.smooth), margin)
 
     return pick
 
@@ -81,6 +85,9 @@ def legacy(reader: Callable, beta: float = 0.98, **kw) -> Rule:
     return pick
 
 
+MARGINS = (8, 10, 12, 14, 16)  # lr_find.blowup_margin's candidates
+
+
 def candidates() -> dict[str, Rule]:
     """Every rule the benchmark scores (name -> rule)."""
     out: dict[str, Rule] = {
@@ -94,6 +101,10 @@ def candidates() -> dict[str, Rule]:
             tag = f"{how} {frac:g}"
             for k in (1, 2, 3, 4, 10):
                 out[f"min/{k} ({tag})"] = rule(curves.suggest_min, how, frac, divisor=k)
+            for m in MARGINS:
+                out[f"min/1 ({tag}) capped at blowup/{m}"] = rule(
+                    curves.suggest_min, how, frac, margin=m
+                )
             out[f"steepest ({tag})"] = rule(curves.suggest_steepest, how, frac)
             out[f"valley ({tag})"] = rule(curves.suggest_valley, how, frac)
             for k in (3, 10):
@@ -194,7 +205,7 @@ def tolerance(curve: Curve) -> float:
 # What params.yaml's lr_find defaults read as a rule here (suggestion min, smooth centered,
 # smooth_window 0.2, seeds 3, the scenario's longer sweep); tests/test_lr_choice.py holds it to
 # config.py's defaults. The report marks it apart from the rule the scores rank first.
-PIPELINE_DEFAULT = "min/1 (centered 0.2), long sweep, median of 3"
+PIPELINE_DEFAULT = "min/1 (centered 0.2) capped at blowup/12, long sweep, median of 3"
 
 
 SPREAD_LIMIT = 1.5  # the acceptance bound on a rule's pick spread over the sweeps
@@ -210,18 +221,30 @@ def stable(scores: dict, leave_out: str | None = None) -> dict:
     return ok or scores
 
 
+def mean_regret(scores: dict, leave_out: str | None = None) -> dict[str, float]:
+    """Per rule, its mean regret over the scenarios (``leave_out`` left out)."""
+    return {
+        rule_: float(np.mean([v["regret_mean"] for sc, v in per.items() if sc != leave_out]))
+        for rule_, per in scores.items()
+    }
+
+
+def _lowest(scores: dict, leave_out: str | None = None) -> str:
+    """The stable rule of lowest worst-case regret; on a tie, of lowest mean regret. Ties are
+    common: the worst case is often one scenario that many rules read alike (plain ``min`` and
+    every capped ``min`` agree wherever no sweep climbed back)."""
+    ok = stable(scores, leave_out)
+    worst, mean = worst_case(ok, leave_out), mean_regret(ok, leave_out)
+    return min(worst, key=lambda r: (round(worst[r], 9), mean[r], r))
+
+
 def choose_default(scores: dict) -> tuple[str, dict[str, str]]:
-    """Among the stable rules, the one of lowest worst-case mean regret over all scenarios; and
-    for each scenario left out, the rule that the others would have chosen (leave one scenario
-    out: the choice made without it, then scored on it)."""
-    worst = worst_case(stable(scores))
-    best = min(worst, key=lambda r: (worst[r], r))
+    """Among the stable rules, the one of lowest worst-case mean regret over all scenarios (then
+    of lowest mean); and for each scenario left out, the rule that the others would have chosen
+    (leave one scenario out: the choice made without it, then scored on it)."""
     scenarios = list(next(iter(scores.values())))
-    held_out = {}
-    for sc in scenarios if len(scenarios) > 1 else []:
-        others = worst_case(stable(scores, leave_out=sc), leave_out=sc)
-        held_out[sc] = min(others, key=lambda r: (others[r], r))
-    return best, held_out
+    held_out = {sc: _lowest(scores, sc) for sc in (scenarios if len(scenarios) > 1 else [])}
+    return _lowest(scores), held_out
 
 
 def confirmed(curve: Curve, results: list[dict], grid: list[dict] | None = None) -> dict:

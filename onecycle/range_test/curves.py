@@ -213,6 +213,23 @@ def suggest_blowup(lrs, losses, divisor: float = 10.0) -> float:
     return float(lr[low + above[0]]) / divisor
 
 
+def blowup_lr(lrs, losses) -> float:
+    """:func:`suggest_blowup`'s divergence point itself, NaN where the loss never climbed back."""
+    try:
+        return suggest_blowup(lrs, losses, divisor=1.0)
+    except LRFindError:
+        return math.nan
+
+
+def cap(pick: float, blowup: float, margin: float) -> float:
+    """``pick``, at most ``blowup / margin`` (``lr_find.blowup_margin``): a max LR at least that
+    factor below where the sweep's loss climbed back above its start. As it is where the loss
+    never did (``blowup`` NaN) or the margin is 0 (off)."""
+    if margin and math.isfinite(blowup):
+        return min(pick, blowup / margin)
+    return pick
+
+
 def centered(losses: Iterable[float], sigma: float) -> list[float]:
     """A Gaussian-weighted moving average centred on each step (``sigma`` in steps): unlike the
     EMA it does not lag, so the minimum it shows sits where the raw loss's minimum is. The
@@ -275,19 +292,26 @@ def check_curve(sweep: Sweep, start_lr: float, num_iter: int) -> None:
     )
 
 
-def suggestions(sweep: Sweep) -> dict[str, float]:
-    return {name: fn(sweep.lrs, sweep.smooth) for name, fn in SUGGESTERS.items()}
+def suggestions(sweep: Sweep, margin: float = 0.0) -> dict[str, float]:
+    """Every suggester's reading of the curve, each max-LR suggestion capped at the blow-up
+    over ``margin`` (:func:`cap`; the floor, ``lower_bound``, is not), and ``blowup`` itself."""
+    blowup = blowup_lr(sweep.lrs, sweep.smooth)
+    out = {name: fn(sweep.lrs, sweep.smooth) for name, fn in SUGGESTERS.items()}
+    capped = {k: cap(v, blowup, margin) for k, v in out.items() if k != "lower_bound"}
+    return out | capped | {"blowup": blowup}
 
 
 def choose(per_seed: list[dict[str, float]], method: str, lr_range: tuple[float, float]) -> dict:
     """Median (and min/max) of each method over the seeds; the chosen one is checked for range."""
     out: dict = {}
-    for name in SUGGESTERS:
-        vals = np.asarray([s[name] for s in per_seed], float)
+    for name in (*SUGGESTERS, "blowup"):
+        vals = np.asarray([s.get(name, math.nan) for s in per_seed], float)
         vals = vals[np.isfinite(vals)]
         out[name] = float(np.median(vals)) if len(vals) else float("nan")
         out[f"{name}_min"] = float(vals.min()) if len(vals) else float("nan")
         out[f"{name}_max"] = float(vals.max()) if len(vals) else float("nan")
+    for key in ("blowup", "blowup_min", "blowup_max"):  # no sweep climbed back: none, not NaN
+        out[key] = out[key] if math.isfinite(out[key]) else None
     chosen = out[method]
     lo, hi = lr_range
     if not (math.isfinite(chosen) and lo <= chosen <= hi):

@@ -195,6 +195,7 @@ class Finding:
     result: dict  # choose()'s: max_lr, and every method's median, min and max
     grids: list[Grid]  # the momentum and weight-decay grids that ran (none by default)
     refined: Refinement | None = None  # lr_find.refine's probes; result's max_lr is its choice
+    margin: float = 0.0  # lr_find.blowup_margin: the picks were capped at the blow-up over it
 
     def curve_rows(self) -> list[dict]:
         """metrics/lr_find_curve.csv: one row per step of every seed's sweep."""
@@ -230,6 +231,8 @@ class Finding:
         picks = ", ".join(f"{m} {self.per_seed[0][m]:.3g}" for m in SUGGESTERS)
         spread = spread if len(self.seeds) > 1 else ""
         by = f"by {method}{spread}"
+        if self.margin and r.get("blowup") is not None:
+            by += f", capped at blow-up {r['blowup']:.3g} / {self.margin:g}"
         if self.refined:
             by = f"refined from {method}'s {r['curve_max_lr']:.4g}{spread} by {self.refined.describe()}"
         return f"max_lr = {r['max_lr']:.4g} {by}; {picks}"
@@ -265,7 +268,7 @@ def find(
         sweep = range_test(params, data, dev, s, desc, weights, ranks)
         check_curve(sweep, lr_cfg.start_lr, lr_cfg.num_iter)
         sweeps.append(sweep)
-    per_seed = [suggestions(sweep) for sweep in sweeps]
+    per_seed = [suggestions(sweep, lr_cfg.blowup_margin) for sweep in sweeps]
     swept = (lr_cfg.start_lr, min(sweep.lrs[-1] for sweep in sweeps))
     result = choose(per_seed, lr_cfg.suggestion, swept)
     refined = None
@@ -277,4 +280,4 @@ def find(
         probed = params.model_copy(update={"train": train})
         refined = refine.refine(probed, data, dev, result["max_lr"], weights, ranks)
         result = result | {"curve_max_lr": result["max_lr"], "max_lr": refined.chosen}
-    return Finding(seeds, sweeps, per_seed, result, grids, refined)
+    return Finding(seeds, sweeps, per_seed, result, grids, refined, lr_cfg.blowup_margin)

@@ -35,7 +35,8 @@ def lr_find_figure(
     ax.plot(lrs, smooth, color="C0", lw=2, label="smoothed loss (what the suggestions read)")
     if val_losses:
         ax.plot(lrs, val_losses, color="C2", lw=1.5, label="held-out loss")
-    styles = {"min": "C6", "valley": "C3", "steepest": "C1", "min_div10": "C4", "lower_bound": "C5"}
+    styles = {"min": "C6", "valley": "C3", "steepest": "C1", "min_div10": "C4", "lower_bound": "C5",
+              "blowup": "0.3"}  # fmt: skip
     for name, lr in suggestions.items():
         if name not in styles or not np.isfinite(lr):
             continue
@@ -214,7 +215,7 @@ def lr_find_figure_from_rows(rows: Sequence[dict], lr_find: dict, log_x: bool = 
         _column(rows, "lr"),
         _column(rows, "loss"),
         _column(rows, "smooth_loss"),
-        {m: lr_find[m] for m in (*SUGGESTIONS, "lower_bound") if m in lr_find},
+        {m: lr_find[m] for m in (*SUGGESTIONS, "lower_bound", "blowup") if lr_find.get(m)},
         lr_find["method"],
         _column(rows, "val_loss") if rows and "val_loss" in rows[0] else None,
         log_x=log_x,

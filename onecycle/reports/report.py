@@ -31,7 +31,11 @@ def render(
         f"| max LR used | {train['max_lr']:.4g} (from {train['max_lr_source']}) |",
         f"| lr_find suggestion ({lr_find['method']}) | {lr_find['max_lr']:.4g} |",
         "| lr_find, every method | "
-        + ", ".join(f"{m} {lr_find[m]:.3g}" for m in (*SUGGESTIONS, "lower_bound") if m in lr_find)
+        + ", ".join(
+            f"{m} {lr_find[m]:.3g}"
+            for m in (*SUGGESTIONS, "lower_bound", "blowup")
+            if lr_find.get(m) is not None
+        )
         + " |",
         f"| epochs | {train['epochs']} ({train['train_seconds']:.0f} s of training, {train['images_per_sec']:.0f} img/s) |",
         f"| final train accuracy | {_pct(train['train_acc'])} (on augmented images) |",
