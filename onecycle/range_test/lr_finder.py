@@ -216,6 +216,7 @@ class Finding:
         return {
             **self.result,
             "method": method,
+            "blowup_margin": self.margin,
             "steps": len(first.lrs),
             "stop": first.stop,
             "seeds": len(self.seeds),

@@ -27,9 +27,11 @@ def lr_find_figure(
     val_losses: Sequence[float] | None = None,
     log_x: bool = True,
     refined: float | None = None,
+    margin: float = 0.0,
 ) -> Figure:
     """The sweep, every suggestion, and the max LR used: ``chosen``'s suggestion, or
-    ``refined`` where lr_find.refine's probes moved it."""
+    ``refined`` where lr_find.refine's probes moved it. ``suggestions`` may hold ``blowup``,
+    drawn with its cap (over ``margin``, lr_find.blowup_margin)."""
     fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
     ax.plot(lrs, losses, color="0.7", lw=1, label="mini-batch loss")
     ax.plot(lrs, smooth, color="C0", lw=2, label="smoothed loss (what the suggestions read)")
@@ -42,6 +44,9 @@ def lr_find_figure(
             continue
         lw, ls = (2.5, "-") if name == chosen else (1.2, "--")
         tag = (" (probed around)" if refined else " (chosen)") if name == chosen else ""
+        if name == "blowup":
+            ls, tag = ":", " (loss back above its start)"
+            tag += f"; cap / {margin:g}: {lr / margin:.3g}" if margin else ""
         ax.axvline(lr, color=styles[name], lw=lw, ls=ls, label=f"{name}: {lr:.3g}{tag}")
     if refined:
         ax.axvline(refined, color="k", lw=2.5, label=f"refined by probes: {refined:.3g} (chosen)")
@@ -220,6 +225,7 @@ def lr_find_figure_from_rows(rows: Sequence[dict], lr_find: dict, log_x: bool = 
         _column(rows, "val_loss") if rows and "val_loss" in rows[0] else None,
         log_x=log_x,
         refined=lr_find["refine"]["chosen"] if "refine" in lr_find else None,
+        margin=lr_find.get("blowup_margin") or 0.0,
     )
 
 
