@@ -39,6 +39,10 @@ def test_the_cap_keeps_a_pick_its_margin_below_the_blowup():
     never = list(np.linspace(3, 2, 101))  # still falling at the end: no blow-up, no cap
     assert np.isnan(curves.blowup_lr(LRS, never))
     assert curves.cap(0.5, curves.blowup_lr(LRS, never), 12) == 0.5
+    # the same curve where the sweep stopped on a blown-up loss after step 60: the losses that
+    # blew up are not in the curve read, so the blow-up is its last LR
+    assert curves.blowup_lr(LRS[:61], never[:61], "diverged") == LRS[60]
+    assert curves.blowup_lr(LRS[:61], never[:61], "non-finite") == LRS[60]
 
 
 def test_suggestions_cap_every_max_lr_but_not_the_floor():
@@ -50,6 +54,9 @@ def test_suggestions_cap_every_max_lr_but_not_the_floor():
     assert capped["lower_bound"] == plain["lower_bound"]
     out = curves.choose([capped, plain | {"blowup": math.nan}], "min", (1e-4, 10))
     assert out["blowup"] == LRS[80]  # the median of the sweeps that climbed back
+    falling = list(np.linspace(3, 2, 61))  # stopped on a blow-up the curve read leaves out
+    cut = curves.suggestions(curves.Sweep(LRS[:61], falling, falling, stop="diverged"), 12)
+    assert cut["blowup"] == LRS[60] and cut["min"] == pytest.approx(LRS[60] / 12, rel=1e-12)
     none = curves.choose([plain | {"blowup": math.nan}], "min", (1e-4, 10))
     assert none["blowup"] is None and none["blowup_min"] is None  # null in the JSON, not NaN
 

@@ -52,7 +52,8 @@ class Curve:
         return 100 * (self.val_mean[self.best] - self.at(lr))
 
 
-Rule = Callable[[list[float], list[float], list[float]], float]  # (lrs, losses, val) -> lr
+# (lrs, losses, val, stop) -> lr; stop is the sweep's own: completed | diverged | non-finite
+Rule = Callable[[list[float], list[float], list[float], str], float]
 
 
 STOP = 4.0  # lr_find.diverge_factor: the stored sweeps ran on to 10, cut here when read
@@ -65,11 +66,11 @@ def rule(
     ``fraction`` of the sweep, then read by ``reader`` (a ``curves.suggest_*``); with
     ``margin``, capped at the curve's blow-up over it (``curves.cap``, lr_find.blowup_margin)."""
 
-    def pick(lrs, losses, val_losses):
+    def pick(lrs, losses, val_losses, stop="completed"):
         raw = val_losses if on == "val" else losses
-        read = curves.Sweep(lrs, raw).reread(how, fraction, STOP)  # as lr_finder.range_test
+        read = curves.Sweep(lrs, raw, stop=stop).reread(how, fraction, STOP)  # as range_test
         lr = reader(read.lrs, read.smooth, **kw)
-        return curves.cap(lr, curves.blowup_lr(read.lrs, read.smooth), margin)
+        return curves.cap(lr, curves.blowup_lr(read.lrs, read.smooth, read.stop), margin)
 
     return pick
 
@@ -77,7 +78,7 @@ def rule(
 def legacy(reader: Callable, beta: float = 0.98, **kw) -> Rule:
     """The old rules: the EMA at a fixed ``beta`` (the former lr_find.smooth_beta, 0.98)."""
 
-    def pick(lrs, losses, val_losses):
+    def pick(lrs, losses, val_losses, stop="completed"):
         smoothed = curves.ema(losses, beta)
         n = next((i + 1 for i, v in enumerate(smoothed) if v > STOP * min(smoothed[: i + 1])), None)
         return reader(lrs[:n], smoothed[:n], **kw)
@@ -124,7 +125,7 @@ def picks(sweeps: list[dict], fn: Rule, num_iter: int, median_of: int = 1) -> li
     out = []
     for s in chosen:
         try:
-            lr = fn(s["lrs"], s["losses"], s["val_losses"])
+            lr = fn(s["lrs"], s["losses"], s["val_losses"], s.get("stop", "completed"))
         except (ValueError, IndexError, curves.LRFindError):
             lr = float("nan")
         out.append(lr if np.isfinite(lr) and lr > 0 else float("nan"))

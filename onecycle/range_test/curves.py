@@ -213,12 +213,15 @@ def suggest_blowup(lrs, losses, divisor: float = 10.0) -> float:
     return float(lr[low + above[0]]) / divisor
 
 
-def blowup_lr(lrs, losses) -> float:
-    """:func:`suggest_blowup`'s divergence point itself, NaN where the loss never climbed back."""
+def blowup_lr(lrs, losses, stop: str = "completed") -> float:
+    """Where the sweep blew up: :func:`suggest_blowup`'s divergence point, where the loss climbed
+    back above its start; where it did not, but the sweep stopped on a diverged or non-finite
+    loss (``stop``), the last LR it kept (the curve read leaves out the losses that blew up, so
+    it seldom climbs back before its end). NaN where the sweep ran to its end without either."""
     try:
         return suggest_blowup(lrs, losses, divisor=1.0)
     except LRFindError:
-        return math.nan
+        return float(lrs[-1]) if stop != "completed" and len(lrs) else math.nan
 
 
 def cap(pick: float, blowup: float, margin: float) -> float:
@@ -295,7 +298,7 @@ def check_curve(sweep: Sweep, start_lr: float, num_iter: int) -> None:
 def suggestions(sweep: Sweep, margin: float = 0.0) -> dict[str, float]:
     """Every suggester's reading of the curve, each max-LR suggestion capped at the blow-up
     over ``margin`` (:func:`cap`; the floor, ``lower_bound``, is not), and ``blowup`` itself."""
-    blowup = blowup_lr(sweep.lrs, sweep.smooth)
+    blowup = blowup_lr(sweep.lrs, sweep.smooth, sweep.stop)
     out = {name: fn(sweep.lrs, sweep.smooth) for name, fn in SUGGESTERS.items()}
     capped = {k: cap(v, blowup, margin) for k, v in out.items() if k != "lower_bound"}
     return out | capped | {"blowup": blowup}
