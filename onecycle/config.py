@@ -141,7 +141,7 @@ class LRFindConfig(_Section):
     smooth_window: float = Field(0.2, gt=0, le=0.5)  # a fraction of the sweep's steps
     diverge_factor: float = Field(4.0, gt=1)
     suggestion: Literal[SUGGESTIONS] = SUGGESTIONS[0]  # chosen by make bench-lr
-    # the pick at most the LR where the loss climbed back above its start over this; 0 = off
+    # the pick at most the blow-up LR (curves.blowup_lr) over this; 0 = off
     blowup_margin: float = Field(12.0, ge=0)
     seeds: int = Field(3, ge=1, le=20)
     val_images: int = Field(0, ge=0)

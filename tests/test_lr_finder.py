@@ -211,8 +211,8 @@ def test_a_pick_stays_its_margin_below_where_the_sweep_blew_up(tiny_data, tiny_p
     assert off["blowup"] == on["blowup"] is not None  # the same sweep, read alike
     assert off["min"] > on["blowup"] / 100  # uncapped, the minimum lies within 100x of it
     assert on["max_lr"] == on["min"] == pytest.approx(on["blowup"] / 100, rel=1e-12)
-    assert "capped at blow-up" in runs[100].describe("min")
-    assert "capped" not in runs[0].describe("min")
+    assert f"cap {on['blowup'] / 100:.3g} (blow-up / 100)" in runs[100].describe("min")
+    assert "cap" not in runs[0].describe("min")
 
 
 def test_a_short_sweep_is_smoothed_to_fit_not_refused():

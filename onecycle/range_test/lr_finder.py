@@ -232,8 +232,9 @@ class Finding:
         picks = ", ".join(f"{m} {self.per_seed[0][m]:.3g}" for m in SUGGESTERS)
         spread = spread if len(self.seeds) > 1 else ""
         by = f"by {method}{spread}"
-        if self.margin and r.get("blowup") is not None:
-            by += f", capped at blow-up {r['blowup']:.3g} / {self.margin:g}"
+        if self.margin and r.get("blowup") is not None:  # the cap, whether it bound or not
+            b = r["blowup"]
+            by += f"; blow-up {b:.3g}, cap {b / self.margin:.3g} (blow-up / {self.margin:g})"
         if self.refined:
             by = f"refined from {method}'s {r['curve_max_lr']:.4g}{spread} by {self.refined.describe()}"
         return f"max_lr = {r['max_lr']:.4g} {by}; {picks}"

@@ -45,7 +45,7 @@ def lr_find_figure(
         lw, ls = (2.5, "-") if name == chosen else (1.2, "--")
         tag = (" (probed around)" if refined else " (chosen)") if name == chosen else ""
         if name == "blowup":
-            ls, tag = ":", " (loss back above its start)"
+            ls, tag = ":", " (where the loss blew up)"
             tag += f"; cap / {margin:g}: {lr / margin:.3g}" if margin else ""
         ax.axvline(lr, color=styles[name], lw=lw, ls=ls, label=f"{name}: {lr:.3g}{tag}")
     if refined:
