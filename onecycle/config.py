@@ -56,6 +56,9 @@ class DataConfig(_Section):
     train_subset: int | None = Field(None, ge=1)
     test_subset: int | None = Field(None, ge=1)
     val_images: int = Field(0, ge=0)  # carved from the training images: what choices are made on
+    # the seed the subsets and the validation split are drawn with; None: base.seed, so each seed
+    # of a study also trains and validates on other images
+    split_seed: int | None = Field(None, ge=0)
     timeout: float = Field(60.0, gt=0)
     # Checked on what a header declares, before reading or decoding: a small archive must not
     # make the stage allocate gigabytes (a 1 GiB zero file compresses to 1 MB).
@@ -285,6 +288,12 @@ class Params(_Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     plots: PlotsConfig = PlotsConfig()
+
+    @property
+    def split_seed(self) -> int:
+        """What ``data.train_subset``, ``data.test_subset`` and ``data.val_images`` are drawn
+        with: ``data.split_seed``, else ``base.seed``."""
+        return self.base.seed if self.data.split_seed is None else self.data.split_seed
 
 
 def parse_params(raw: Any, source: str = "params.yaml") -> Params:

@@ -11,8 +11,8 @@ def main() -> None:
     params = load_params()
     cfg = params.data
     root = repo_root()
-    ds, source = sources.fetch(cfg, root, root / paths.RAW_DIR, params.base.seed)
-    ds, val = splits.carve_validation(ds, cfg.val_images, params.base.seed)
+    ds, source = sources.fetch(cfg, root, root / paths.RAW_DIR, params.split_seed)
+    ds, val = splits.carve_validation(ds, cfg.val_images, params.split_seed)
     meta = prepared.save_prepared(ds, paths.PREPARED_DIR, source, val).meta
     counts = {k: meta.get(k, 0) for k in ("num_train", "num_val", "num_test")}
     files.write_json(paths.DATA_METRICS, counts | {"num_classes": len(ds.classes)})

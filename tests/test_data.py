@@ -375,6 +375,44 @@ def test_image_folder_sources(kind, folder, tmp_path):
     assert desc.startswith(str(source))
 
 
+def _download_stage(repo: Path, monkeypatch, seed: int, **data) -> prepared.Prepared:
+    """stages/download.py run in ``repo`` with base.seed ``seed`` and this data section."""
+    from stages import download
+
+    repo.mkdir()
+    (repo / "dvc.yaml").write_text("stages: {}\n")
+    params = {"base": {"seed": seed}, "data": data}
+    (repo / "params.yaml").write_text(json.dumps(params))  # JSON is YAML
+    monkeypatch.chdir(repo)
+    download.main()
+    return prepared.load_prepared(repo / "data" / "prepared")
+
+
+def test_split_seed_holds_the_subsets_and_validation_split_fixed_across_base_seeds(
+    tmp_path, monkeypatch
+):
+    make_image_folder(tmp_path / "imgs", counts={"train": 8, "test": 4})
+    data = {"source": str(tmp_path / "imgs"), "train_subset": 18, "test_subset": 6,
+            "val_images": 6}  # fmt: skip
+
+    def run(name, seed, **more):
+        got = _download_stage(tmp_path / name, monkeypatch, seed, **data, **more)
+        return [got.x_train, got.x_val, got.x_test]
+
+    same = run("fixed-0", 0, split_seed=5), run("fixed-1", 1, split_seed=5)
+    assert all(np.array_equal(a, b) for a, b in zip(*same, strict=True))
+    assert same[0][1].shape[0] == 6 and same[0][0].shape[0] == 12
+    apart = run("seed-0", 0), run("seed-1", 1)  # null: each base.seed draws its own images
+    assert not np.array_equal(apart[0][1], apart[1][1])
+    follows = run("seed-5", 5)  # null is base.seed
+    assert all(np.array_equal(a, b) for a, b in zip(follows, same[0], strict=True))
+
+
+def test_a_negative_split_seed_is_refused_naming_the_key():
+    with pytest.raises(ConfigError, match=r"data\.split_seed"):
+        parse_params({"data": {"split_seed": -1}})
+
+
 def test_image_folder_classes_are_sorted_folder_names(tmp_path):
     root = tmp_path / "imgs"
     for split in ("train", "test"):

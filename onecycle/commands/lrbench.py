@@ -43,8 +43,8 @@ def prepare(params, repo: Path):
     from onecycle import paths
     from onecycle.data import prepared, sources, splits
 
-    ds, source = sources.fetch(params.data, repo, repo / paths.RAW_DIR, params.base.seed)
-    ds, val = splits.carve_validation(ds, params.data.val_images, params.base.seed)
+    ds, source = sources.fetch(params.data, repo, repo / paths.RAW_DIR, params.split_seed)
+    ds, val = splits.carve_validation(ds, params.data.val_images, params.split_seed)
     with tempfile.TemporaryDirectory() as tmp:
         return prepared.save_prepared(ds, Path(tmp) / "prepared", source, val)
 
