@@ -198,6 +198,54 @@ def test_a_scenario_file_becomes_a_study_of_its_grid(tmp_path):
         assert str(path) in str(err.value)
 
 
+def test_more_seeds_run_at_their_grid_points_only_and_resume(tmp_path, monkeypatch):
+    """``more_seeds`` added to a grid already run: only the new seeds at those LRs are queued
+    (and the LRs not yet run), each part with plain overrides; the report counts them."""
+    from onecycle.commands import lrbench, study, study_report
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "s.yaml"
+    path.write_text("name: peak\ngrid: [0.1, 0.2, 0.4]\nmore_seeds: {seeds: [2], at: [0.2]}\n")
+    scenario = lrbench_spec.load(path)
+    assert scenario.study().runs() == [
+        ("lr-0.1", 0), ("lr-0.1", 1), ("lr-0.2", 0), ("lr-0.2", 1), ("lr-0.2", 2),
+        ("lr-0.4", 0), ("lr-0.4", 1),
+    ]  # fmt: skip
+
+    def result(label, seed):
+        lr = float(label[3:])
+        return study_report.RunResult(label, seed, "r", 0.7, lr, 10.0, [0.7], [1], 0.7, 100.0)
+
+    before = [result(f"lr-{lr}", seed) for lr in (0.1, 0.2) for seed in (0, 1)]
+    (scenario.out / "grid").mkdir(parents=True)
+    (scenario.out / "grid" / "results.json").write_text(json.dumps([r.__dict__ for r in before]))
+    queued = []
+
+    def run(part, repo):
+        queued.append((part.settings, part.seeds))
+        return []
+
+    def collect(part, repo):
+        return [result(label, seed) for label in part.settings for seed in part.seeds], []
+
+    monkeypatch.setattr(study, "run", run)
+    monkeypatch.setattr(study_report, "collect", collect)
+    text = lrbench.run_grid(scenario, tmp_path).read_text()
+    assert queued == [
+        ({"lr-0.2": {"train.max_lr": 0.2}}, [2]),
+        ({"lr-0.4": {"train.max_lr": 0.4}}, [0, 1]),
+    ]
+    assert "seeds [0, 1]; seeds [0, 1, 2] at lr-0.2. Measured on" in text
+    assert "| lr-0.2 | 3 |" in text and "| lr-0.4 | 2 |" in text
+    for more, message in (
+        ("{seeds: [2], at: [0.3]}", "more_seeds.at: [0.3] not in the grid [0.1, 0.2, 0.4]"),
+        ("{seeds: [1, 2], at: [0.2]}", "more_seeds.seeds: repeat some of seeds [0, 1]"),
+    ):
+        path.write_text(f"name: peak\ngrid: [0.1, 0.2, 0.4]\nmore_seeds: {more}\n")
+        with pytest.raises(lrbench_spec.BenchError, match=re.escape(message)):
+            lrbench_spec.load(path)
+
+
 def test_the_refine_confirmation_probes_a_sixteenth_of_the_scenarios_training():
     scenario = lrbench_spec.Scenario(
         name="quick", common={"train.epochs": 5}, grid=[0.1, 0.2], sweeps={"lengths": [50, 150]}

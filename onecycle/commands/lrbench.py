@@ -130,10 +130,11 @@ def run_grid(scenario: lrbench_spec.Scenario, repo: Path = Path(".")) -> Path:
     failed = []
     for label, overrides in s.settings.items():
         have = {r["seed"] for r in stored if r["label"] == label}
-        seeds = [x for x in s.seeds if x not in have]
+        seeds = [x for x in s.setting_seeds.get(label, s.seeds) if x not in have]
         if not seeds:
             continue
-        part = s.model_copy(update={"settings": {label: overrides}, "seeds": seeds})
+        plain = {k: v for k, v in overrides.items() if k != "seeds"}
+        part = s.model_copy(update={"settings": {label: plain}, "seeds": seeds})
         failed += study.run(part, repo)
         found, _ = study_report.collect(part, repo)
         stored += [r.__dict__ for r in found]

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from onecycle.commands import study_spec
 from onecycle.errors import UserError
@@ -27,12 +27,21 @@ class Sweeps(study_spec.StrictModel):
     val_images: int = Field(512, ge=0)  # held-out loss per step, from the validation split
 
 
+class MoreSeeds(study_spec.StrictModel):
+    """``more_seeds:``: seeds run at some grid LRs only, beside ``seeds``: around the peak,
+    where the best point's mean and its seed std (the tolerance) are read."""
+
+    seeds: study_spec.Seeds
+    at: list[float] = Field(min_length=1)  # grid LRs
+
+
 class Scenario(study_spec.StrictModel):
     name: str
     description: str = ""
     common: dict[str, Any] = {}  # params overrides for every run and sweep
     grid: list[float] = Field(min_length=2)  # fixed max LRs, increasing
     seeds: study_spec.Seeds = [0, 1]  # of the grid runs
+    more_seeds: MoreSeeds | None = None
     sweeps: Sweeps = Sweeps()
     source: study_spec.Source | None = None  # as a study's: trained first
     jobs: int = Field(2, ge=1)
@@ -50,13 +59,33 @@ class Scenario(study_spec.StrictModel):
             raise ValueError(f"{v}: list the max LRs in increasing order")
         return [float(x) if isinstance(x, int) else x for x in v] if isinstance(v, list) else v
 
+    @model_validator(mode="after")
+    def _more_at_grid_points(self) -> Scenario:
+        if self.more_seeds:
+            off = [lr for lr in self.more_seeds.at if lr not in self.grid]
+            if off:
+                raise ValueError(f"more_seeds.at: {off} not in the grid {self.grid}")
+            if set(self.more_seeds.seeds) & set(self.seeds):
+                raise ValueError(f"more_seeds.seeds: repeat some of seeds {self.seeds}")
+        return self
+
+    def seeds_at(self, lr: float) -> list[int]:
+        """The grid's seeds at ``lr``: ``seeds``, and ``more_seeds`` where it lists ``lr``."""
+        more = self.more_seeds
+        return self.seeds + (more.seeds if more and lr in more.at else [])
+
     def study(self) -> study_spec.Study:
-        """The grid: one setting per max LR over the scenario's seeds."""
+        """The grid: one setting per max LR over its seeds (``seeds_at``)."""
+        settings = {}
+        for lr in self.grid:
+            seeds = self.seeds_at(lr)
+            own = {"seeds": seeds} if seeds != self.seeds else {}
+            settings[f"lr-{lr:g}"] = {"train.max_lr": lr, **own}
         return study_spec.Study(
             name=f"lrc-{self.name}",
             description=self.description,
             common=self.common,
-            settings={f"lr-{lr:g}": {"train.max_lr": lr} for lr in self.grid},
+            settings=settings,
             seeds=self.seeds,
             jobs=self.jobs,
             figure="max_lr",

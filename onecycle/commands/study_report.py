@@ -135,6 +135,15 @@ def _num(value: float | None, fmt: str) -> str:
     return "n/a" if value is None else format(value, fmt)
 
 
+def _own_seeds(study: study_spec.Study) -> str:
+    """Where settings give seeds of their own: "; seeds [0, 1, 2] at lr-0.1, lr-0.2 and lr-0.4"."""
+    by_seeds: dict[str, list[str]] = {}
+    for label, seeds in study.setting_seeds.items():
+        by_seeds.setdefault(str(seeds), []).append(label)
+    listed = {k: ", ".join(v[:-1]) + " and " * (len(v) > 1) + v[-1] for k, v in by_seeds.items()}
+    return "".join(f"; seeds {k} at {labels}" for k, labels in listed.items())
+
+
 def markdown(
     study: study_spec.Study,
     rows: list[dict],
@@ -150,7 +159,7 @@ def markdown(
         study.description.strip(),
         "",
         f"Every run: {', '.join(f'`{k}={v}`' for k, v in study.common.items()) or 'the defaults'}; "
-        f"seeds {study.seeds}. Measured on {machine}.",
+        f"seeds {study.seeds}{_own_seeds(study)}. Measured on {machine}.",
         "",
         *([source, ""] if source else []),
     ]
