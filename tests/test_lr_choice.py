@@ -131,6 +131,7 @@ def test_the_defaults_own_runs_are_set_against_the_grid():
     assert got["test_mean"] == pytest.approx(79.333, abs=1e-3)
     assert got["interpolated"] == pytest.approx((76.5 + 82 + 82) / 3)  # at 0.2: half-way
     assert got["regret"] == pytest.approx(82.0 - 80.0)
+    assert got["test_regret"] == pytest.approx(81.0 - 79.333, abs=1e-3)  # 0.4's test: val - 1
     # seeds 0 and 1 ran in the grid too: 0.80 - 0.78 and 0.84 - 0.82 at its best LR, 0.4
     assert got["paired_regret"] == pytest.approx(2.0) and got["paired_seeds"] == 2
 

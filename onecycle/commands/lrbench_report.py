@@ -160,8 +160,8 @@ def _confirm_table(confirm: dict, title: str) -> list[str]:
         title,
         "",
         "| scenario | picks | val. accuracy | grid interpolated at the picks | regret | "
-        "paired regret (seeds) | test accuracy | training s, other s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "paired regret (seeds) | test accuracy | test regret | training s, other s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for sc, c in confirm.items():
         paired = (
@@ -171,15 +171,21 @@ def _confirm_table(confirm: dict, title: str) -> list[str]:
             f"| {sc} | {', '.join(f'{lr:.3g}' for lr in c['picks'])} | "
             f"{c['val_mean']:.2f} ± {c['val_std']:.2f} % | {c['interpolated']:.2f} % | "
             f"{c['regret']:.2f} | {paired} | {c['test_mean']:.2f} ± {c['test_std']:.2f} % | "
-            f"{_seconds(c)} |"
+            f"{_test_regret(c)} | {_seconds(c)} |"
         )
     return lines + [
         "",
         "Regret: the best grid point's validation accuracy (its seeds' mean) minus the runs' "
         "mean; paired: the same, seed by seed, on the seeds the grid ran too (each seed "
         "carves its own validation split, so a seed the grid never ran is compared on "
-        "other images).",
+        "other images). Test regret: the test accuracy of the grid LR best on validation minus "
+        "the runs'; the test images are the same for every seed, so the split's sampling (about "
+        "1.3 points on 1,000 validation images at 78 %) is not in it. Nothing is chosen on it.",
     ]
+
+
+def _test_regret(c: dict) -> str:
+    return "n/a" if c.get("test_regret") is None else f"{c['test_regret']:.2f}"
 
 
 def _seconds(c: dict) -> str:

@@ -250,10 +250,11 @@ def choose_default(scores: dict) -> tuple[str, dict[str, str]]:
 
 def confirmed(curve: Curve, results: list[dict], grid: list[dict] | None = None) -> dict:
     """The default's own runs against the grid: its picks, measured validation and test
-    accuracy (mean, sample std), the grid's interpolation at those picks, and the regret; with
-    the grid's results, also the paired regret: on the seeds the grid ran too (each seed
-    carves its own validation split), the best grid LR's accuracy minus the pick's, seed by
-    seed."""
+    accuracy (mean, sample std), the grid's interpolation at those picks, and the regret; the
+    test regret beside it: the test accuracy of the grid LR best on validation minus the runs'
+    (reported, never chosen on; the test images are the same for every seed, where each seed
+    carves its own validation split); with the grid's results, also the paired regret: on the
+    seeds the grid ran too, the best grid LR's accuracy minus the pick's, seed by seed."""
     val = [100 * r["val_accuracy"] for r in results]
     test = [100 * r["accuracy"] for r in results]
     lrs = [float(r["max_lr"]) for r in results]
@@ -266,6 +267,7 @@ def confirmed(curve: Curve, results: list[dict], grid: list[dict] | None = None)
         "test_std": float(np.std(test, ddof=1)) if len(test) > 1 else 0.0,
         "interpolated": float(np.mean([100 * curve.at(lr) for lr in lrs])),
         "regret": best - float(np.mean(val)),
+        "test_regret": 100 * float(curve.test_mean[curve.best]) - float(np.mean(test)),
         "runs": len(results),
         "train_seconds": _mean_of(results, "seconds"),
         "other_seconds": _mean_of(
