@@ -98,10 +98,22 @@ CURVE = lrbench_score.Curve.from_results(
 )
 
 
+def test_a_grid_with_more_seeds_at_some_lrs_says_where_in_the_report():
+    from onecycle.commands import lrbench_report
+
+    curve = lrbench_score.Curve.from_results(
+        _results({0.1: [0.70, 0.72], 0.2: [0.8, 0.8, 0.9, 0.7], 0.4: [0.8, 0.8, 0.9, 0.7]})
+    )
+    assert curve.seeds == 2 and curve.runs.tolist() == [2, 4, 4]
+    assert curve.val_mean[1] == pytest.approx(0.8)  # the mean of its 4 seeds
+    assert lrbench_report._runs(curve) == "3 LRs x 2; x 4 at 0.2, 0.4"
+    assert lrbench_report._runs(CURVE) == "3 LRs x 2"
+
+
 def test_the_grid_curve_is_the_mean_over_seeds_interpolated_on_log_lr():
     assert CURVE.val_mean.tolist() == pytest.approx([0.71, 0.82, 0.60])
     assert CURVE.val_std[1] == pytest.approx(np.std([0.80, 0.84], ddof=1))
-    assert CURVE.best == 1 and CURVE.seeds == 2
+    assert CURVE.best == 1 and CURVE.seeds == 2 and CURVE.runs.tolist() == [2, 2, 2]
     assert CURVE.at(0.2) == pytest.approx((0.71 + 0.82) / 2)  # half-way on a log axis
     assert CURVE.at(0.8, "test") == pytest.approx((0.81 + 0.59) / 2)
     assert CURVE.at(0.01) == pytest.approx(0.71)  # beyond the grid: its end point

@@ -123,11 +123,22 @@ def _grid_table(found: dict) -> list[str]:
     for sc, (curve, _, _) in found.items():
         b = curve.best
         lines.append(
-            f"| {sc} | {len(curve.lrs)} LRs x {curve.seeds} | {curve.lrs[b]:g} | "
+            f"| {sc} | {_runs(curve)} | {curve.lrs[b]:g} | "
             f"{100 * curve.val_mean[b]:.2f} ± {100 * curve.val_std[b]:.2f} % | "
             f"{lrbench_score.tolerance(curve):.2f} |"
         )
     return lines
+
+
+def _runs(curve: lrbench_score.Curve) -> str:
+    """ "9 LRs x 2", and where some LRs have more seeds: "9 LRs x 2; x 4 at 0.0707, 0.1"."""
+    more = {}
+    for lr, n in zip(curve.lrs, curve.runs, strict=True):
+        if n > curve.seeds:
+            more.setdefault(int(n), []).append(f"{lr:g}")
+    return f"{len(curve.lrs)} LRs x {curve.seeds}" + "".join(
+        f"; x {n} at {', '.join(lrs)}" for n, lrs in more.items()
+    )
 
 
 def _rule_table(scores: dict, names: list[str], top: int) -> list[str]:

@@ -19,7 +19,7 @@ class Curve:
     val_mean: np.ndarray
     val_std: np.ndarray
     test_mean: np.ndarray
-    seeds: int
+    runs: np.ndarray  # per LR: its seeds (more around the peak where the scenario asks)
 
     @classmethod
     def from_results(cls, results: list[dict]) -> Curve:
@@ -34,8 +34,13 @@ class Curve:
             np.array([np.mean(v) for v in val]),
             np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in val]),
             np.array([np.mean(t) for t in test]),
-            min(len(v) for v in val),
+            np.array([len(v) for v in val]),
         )
+
+    @property
+    def seeds(self) -> int:
+        """The seeds every grid LR has."""
+        return int(self.runs.min())
 
     @property
     def best(self) -> int:
