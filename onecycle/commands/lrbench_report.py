@@ -103,7 +103,8 @@ def markdown(scores: dict, found: dict, best: str, held_out: dict, machine: str,
 
 CONFIRM_TITLE = (
     "Confirmed by training (`python -m onecycle.commands.lrbench confirm`): the pipeline's "
-    "own default (`train.max_lr: auto`) on the scenario's longest sweep, 3 seeds:"
+    "own default (`train.max_lr: auto`) on the scenario's longest sweep, 3 seeds or more (a "
+    "pick per seed):"
 )
 REFINE_TITLE = (
     "The same pick checked by `lr_find.refine: 4` (`lrbench confirm --refine 4`): short 1cycle "
