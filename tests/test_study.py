@@ -336,6 +336,38 @@ def test_runs_left_running_by_dead_workers_are_stopped_and_queued_again(tmp_path
     assert started == [1]  # one run, one worker: never a worker with nothing to run
 
 
+def test_a_study_whose_workers_stop_mid_run_queues_its_runs_again_once(monkeypatch, capsys):
+    """DVC's monitor shut a worker down while its run was under way (dvc-task#77; seen in stop 43
+    on a grid step of two runs on two workers): the study queues the runs again by itself, once,
+    and says so; stopped twice, it stops with the way out."""
+    from onecycle.commands import study
+
+    enqueued, waits = [], iter(["gone", []])
+
+    def wait(names, repo, jobs):
+        outcome = next(waits)
+        if outcome == "gone":
+            raise study_queue.WorkersGone("the queue has no worker left (...)", "t-a-s0")
+        return outcome
+
+    monkeypatch.setattr(study, "check_overrides", lambda s, repo: None)
+    monkeypatch.setattr(
+        study_queue, "enqueue", lambda s, grid, repo: enqueued.append(grid) or ["t-a-s0"]
+    )
+    monkeypatch.setattr(study_queue, "wait", wait)
+    s = study_spec.load_text("name: t\nseeds: [0]\nsettings:\n  a: {}\n")
+    assert study.run(s) == []
+    assert len(enqueued) == 2
+    assert (
+        "the queue's workers stopped while its runs waited (t-a-s0); queueing them again, once"
+        in (capsys.readouterr().out)
+    )
+
+    waits = iter(["gone", "gone"])
+    with pytest.raises(study_queue.WorkersGone, match="no worker left"):
+        study.run(s)
+
+
 def test_a_name_queued_again_counts_by_its_live_task(tmp_path, monkeypatch):
     """A run stopped and queued again is listed twice by `dvc queue status`, its old task
     Failed: the live one counts, or the study took it for failed and moved on (seen on the

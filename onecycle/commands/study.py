@@ -72,7 +72,16 @@ def run(study: study_spec.Study, repo: Path = Path(".")) -> list[str]:
         progress.say(f"study {study.name}: source model {study.source_name} -> {path}")
     settings = study.all_settings()
     grid = [(label, seed, settings[label]) for label, seed in study.runs()]
-    return study_queue.wait(study_queue.enqueue(study, grid, repo), repo, study.jobs)
+    try:
+        return study_queue.wait(study_queue.enqueue(study, grid, repo), repo, study.jobs)
+    except study_queue.WorkersGone as gone:
+        # once: a worker stopped by DVC's monitor mid-run (seen on a 2-run grid step, stop 43)
+        # would otherwise end a benchmark of hours; twice in a row is the user's or the machine's
+        progress.say(
+            f"study {study.name}: the queue's workers stopped while its runs waited ({gone.names}); "
+            "queueing them again, once"
+        )
+        return study_queue.wait(study_queue.enqueue(study, grid, repo), repo, study.jobs)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -60,6 +60,15 @@ def queue_status(repo: Path) -> tuple[dict[str, str], int | None]:
     return states, workers
 
 
+class WorkersGone(study_spec.StudyError):
+    """The queue's workers stopped while some of the study's runs waited (killed, or a worker
+    shut down by DVC's own monitor mid-run: dvc-task#77); ``names``: those runs."""
+
+    def __init__(self, message: str, names: str):
+        super().__init__(message)
+        self.names = names
+
+
 def _rank(state: str | None) -> int:
     """A name queued again lists its older, Failed task too: the live or newer one counts."""
     order = ("Running", "Queued", "Success")
@@ -203,10 +212,11 @@ def wait(names: list[str], repo: Path, jobs: int) -> list[str]:
                 gone = stuck and workers == 0 and not live_workers(repo)
                 dead_looks = dead_looks + 1 if gone else 0
                 if dead_looks >= DEAD_LOOKS:
-                    raise study_spec.StudyError(
+                    raise WorkersGone(
                         f"the queue has no worker left (`dvc queue status`: 0 active, 0 idle) "
                         f"while {', '.join(stuck)} wait: its workers were stopped. Start the "
-                        "study again: it stops those runs (`dvc queue kill`) and queues them anew"
+                        "study again: it stops those runs (`dvc queue kill`) and queues them anew",
+                        ", ".join(stuck),
                     )
                 done = ok | {n for n in names if states.get(n) not in ("Queued", "Running")}
                 failed = [n for n in names if n not in ok and states.get(n) == "Failed"]
